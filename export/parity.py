@@ -1,0 +1,61 @@
+"""Parity: every profile run through the real runtime path against the reference model."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from mrl.runtime.backends.onnxruntime import OnnxRuntimeBackend
+from mrl.runtime.embedder import truncate_normalize
+from mrl.runtime.errors import ExportError
+from mrl.runtime.manifest import Parity
+from mrl.runtime.tokenize import TextTokenizer
+
+# (statistic, minimum) per precision: fp32 and fp16 must match every text, int8 on average.
+THRESHOLDS = {"fp32": ("min_cosine", 0.9999), "fp16": ("min_cosine", 0.999), "int8": ("mean_cosine", 0.99)}
+
+
+def validation_texts() -> list[str]:
+    """The fixed real sentences of varied length (one longer than 256 tokens) parity runs on."""
+    text = resources.files("mrl.export").joinpath("data/validation.txt").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def embed_graph(graph: Path, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 8) -> np.ndarray:
+    """Embed texts with one profile graph through the runtime's tokenizer and ONNX Runtime CPU."""
+    backend = OnnxRuntimeBackend(graph, providers=["CPUExecutionProvider"])
+    encoded = tokenizer.encode(texts)
+    # Batches mix lengths on purpose, so padding is part of what parity checks.
+    out = [backend.run(tokenizer.pad(encoded[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
+    backend.close()
+    return np.concatenate(out)
+
+
+def compare(
+    candidate: np.ndarray, reference_full: np.ndarray, dims: int, precision: str, reference: str
+) -> Parity:
+    """Parity of unit vectors `candidate` against the reference truncated and re-normalised to dims."""
+    ref = truncate_normalize(reference_full, dims)
+    if candidate.shape != ref.shape:
+        raise ExportError(f"the graph returned shape {candidate.shape}, expected {ref.shape}")
+    # NaN (fp16 overflow) counts as the worst possible result for unit vectors, so it fails.
+    diff = np.nan_to_num(np.abs(candidate - ref), nan=2.0)
+    cosine = np.nan_to_num(np.sum(candidate * ref, axis=1), nan=-1.0)
+    stat, minimum = THRESHOLDS[precision]
+    values = {"min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
+    return Parity(
+        reference=reference,
+        n_texts=len(ref),
+        max_abs_diff=float(diff.max()),
+        min_cosine=values["min_cosine"],
+        mean_cosine=values["mean_cosine"],
+        threshold=_threshold_text(precision),
+        passed=values[stat] >= minimum,
+    )
+
+
+def _threshold_text(precision: str) -> str:
+    stat, minimum = THRESHOLDS[precision]
+    return f"{stat} >= {minimum}"

@@ -1,0 +1,3 @@
+"""mrl-toolkit: deploy Matryoshka embedding models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""Run exported Matryoshka artifacts: manifest, tokenisation, backends and the `Embedder` API.
+
+Never imports torch or transformers: a serving image needs numpy, tokenizers and onnxruntime only.
+"""
+
+from mrl.runtime.embedder import Embedder, choose_profile, truncate_normalize
+from mrl.runtime.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    DimsError,
+    ExportError,
+    InputTooLongError,
+    IntegrityError,
+    InvalidInputError,
+    MrlError,
+    NotFoundError,
+    ParityError,
+    SchemaVersionError,
+    UnknownPromptError,
+)
+from mrl.runtime.manifest import Manifest, Profile, load_manifest
+
+__all__ = [
+    "ArtifactError",
+    "BackendUnavailableError",
+    "DimsError",
+    "Embedder",
+    "ExportError",
+    "InputTooLongError",
+    "IntegrityError",
+    "InvalidInputError",
+    "Manifest",
+    "MrlError",
+    "NotFoundError",
+    "ParityError",
+    "Profile",
+    "SchemaVersionError",
+    "UnknownPromptError",
+    "choose_profile",
+    "load_manifest",
+    "truncate_normalize",
+]

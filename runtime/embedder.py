@@ -1,0 +1,184 @@
+"""The `Embedder` API: texts in, unit-norm Matryoshka embeddings of the requested dims out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.runtime.backends import Backend, create_backend
+from mrl.runtime.errors import DimsError, NotFoundError, UnknownPromptError
+from mrl.runtime.manifest import Manifest, Profile, load_manifest
+from mrl.runtime.tokenize import Encoded, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def choose_profile(profiles: Sequence[Profile], dims: int) -> Profile:
+    """The profile with exactly `dims`, else the smallest larger one (to slice and re-normalise)."""
+    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
+        raise DimsError(f"dims must be an integer, not {dims!r}")
+    if dims < 1:
+        raise DimsError(f"dims must be at least 1, not {dims}")
+    larger = sorted((p for p in profiles if p.dims >= dims), key=lambda p: p.dims)
+    if not larger:
+        served = sorted({p.dims for p in profiles})
+        raise DimsError(f"dims {dims} is above the largest profile ({max(served)}); served dims: {served}")
+    return larger[0]
+
+
+def truncate_normalize(vectors: np.ndarray, dims: int) -> np.ndarray:
+    """Keep the first `dims` components and scale each row to unit L2 norm."""
+    cut = np.ascontiguousarray(vectors[:, :dims], dtype=np.float32)
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    return cut / np.maximum(norms, 1e-12)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedBatch:
+    """Tokenised texts ready to run, with the token count for usage reporting."""
+
+    encoded: list[Encoded]
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens in the batch before padding."""
+        return sum(e.n_tokens for e in self.encoded)
+
+
+class Embedder:
+    """Embeds texts with one artifact's profiles of one precision."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        tokenizer: TextTokenizer,
+        *,
+        backend: str,
+        precision: str,
+        backend_options: dict[str, Any],
+    ) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.tokenizer = tokenizer
+        self.backend_name = backend
+        self.precision = precision
+        self.profiles = [p for p in manifest.profiles if p.precision == precision]
+        self._backend_options = backend_options
+        self._backends: dict[str, Backend] = {}
+
+    @classmethod
+    def load(
+        cls,
+        artifact_dir: Path | str,
+        backend: str = "auto",
+        *,
+        precision: str | None = None,
+        verify: bool = True,
+        **backend_options: Any,
+    ) -> Embedder:
+        """Open an artifact directory; `precision` defaults to the first the manifest lists."""
+        directory = Path(artifact_dir)
+        manifest = load_manifest(directory, verify=verify)
+        if not manifest.profiles:
+            raise NotFoundError(f"{directory} lists no profiles")
+        precision = precision or manifest.precisions[0]
+        if precision not in manifest.precisions:
+            raise NotFoundError(
+                f"{directory} has no {precision} profiles; it has: {', '.join(manifest.precisions)}"
+            )
+        tokenizer = TextTokenizer.load(directory, manifest.tokenizer)
+        name = "onnxruntime" if backend == "auto" else backend
+        return cls(
+            directory,
+            manifest,
+            tokenizer,
+            backend=name,
+            precision=precision,
+            backend_options=backend_options,
+        )
+
+    @property
+    def default_dims(self) -> int:
+        """The largest dims this precision serves."""
+        return max(p.dims for p in self.profiles)
+
+    @property
+    def providers(self) -> list[str]:
+        """What the loaded backends really run on (e.g. onnxruntime's providers)."""
+        return sorted({p for b in self._backends.values() for p in b.providers})
+
+    def profile_for(self, dims: int | None) -> Profile:
+        """The profile that computes `dims` (None: the largest)."""
+        return choose_profile(self.profiles, self.default_dims if dims is None else dims)
+
+    def backend_for(self, profile: Profile) -> Backend:
+        """The backend for a profile, created on first use."""
+        if profile.name not in self._backends:
+            backend = create_backend(
+                self.backend_name, self.directory / profile.file, **self._backend_options
+            )
+            log.info("profile %s runs on %s %s", profile.name, backend.name, backend.providers)
+            self._backends[profile.name] = backend
+        return self._backends[profile.name]
+
+    def apply_prompt(self, texts: Sequence[str], prompt: str | None) -> list[str]:
+        """Prepend the named prompt's text (None: the model's default prompt, if any)."""
+        name = prompt if prompt is not None else self.manifest.default_prompt
+        if name is None:
+            return list(texts)
+        if name not in self.manifest.prompts:
+            known = ", ".join(sorted(self.manifest.prompts)) or "none"
+            raise UnknownPromptError(f"unknown prompt name {name!r}; this model's prompts: {known}")
+        prefix = self.manifest.prompts[name]
+        return [prefix + t for t in texts]
+
+    def prepare(
+        self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True
+    ) -> PreparedBatch:
+        """Apply the prompt and tokenise, raising on inputs the model cannot take."""
+        return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt), truncate))
+
+    def run_encoded(self, encoded: Sequence[Encoded], dims: int | None = None) -> np.ndarray:
+        """Run already-tokenised texts as one batch and return `[n, dims]` unit vectors."""
+        profile = self.profile_for(dims)
+        want = profile.dims if dims is None else dims
+        out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
+        return out if want == profile.dims else truncate_normalize(out, want)
+
+    def embed(
+        self,
+        texts: Sequence[str],
+        dims: int | None = None,
+        prompt: str | None = None,
+        *,
+        batch_size: int = 32,
+        truncate: bool = True,
+    ) -> np.ndarray:
+        """Embed texts; returns float32 `[len(texts), dims]` with unit-norm rows, in input order."""
+        self.profile_for(dims)  # validate dims before any work
+        encoded = self.prepare(texts, prompt, truncate).encoded
+        want = self.default_dims if dims is None else dims
+        result = np.empty((len(encoded), want), dtype=np.float32)
+        # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            result[rows] = self.run_encoded([encoded[i] for i in rows], dims)
+        return result
+
+    def warmup(self) -> None:
+        """Load and run every profile once."""
+        for profile in self.profiles:
+            self.run_encoded(self.tokenizer.encode(["warm-up"]), profile.dims)
+
+    def close(self) -> None:
+        """Release every backend."""
+        for backend in self._backends.values():
+            backend.close()
+        self._backends.clear()

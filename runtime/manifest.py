@@ -1,0 +1,212 @@
+"""The artifact format: `manifest.json`, its schema version, and integrity checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8")
+OUTPUT_NAME = "sentence_embedding"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parity:
+    """How closely a profile matched its reference on the validation texts."""
+
+    reference: str
+    n_texts: int
+    max_abs_diff: float
+    min_cosine: float
+    mean_cosine: float
+    threshold: str
+    passed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in."""
+
+    name: str
+    dims: int
+    precision: str
+    file: str
+    sha256: str
+    weights: str | None = None
+    parity: Parity | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightsFile:
+    """An external-data file shared by every profile of one precision."""
+
+    file: str
+    precision: str
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSettings:
+    """What the runtime needs to tokenise exactly as the source model did."""
+
+    file: str = "tokenizer.json"
+    max_length: int
+    padding_side: str = "right"
+    pad_token_id: int = 0
+    pad_token: str = "[PAD]"
+    inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Engine:
+    """A compiled engine for one profile on one GPU (written by `mrl-export build-engine`)."""
+
+    profile: str
+    file: str
+    sha256: str
+    cache_key: str
+    gpu: str
+    compute_capability: str
+    tensorrt_version: str
+    shape_ranges: tuple[dict[str, Any], ...]
+    parity: Parity | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """Everything `manifest.json` records about an artifact."""
+
+    name: str
+    source: dict[str, Any]
+    tokenizer: TokenizerSettings
+    full_dims: int
+    pooling: str
+    profiles: tuple[Profile, ...]
+    weights: tuple[WeightsFile, ...] = ()
+    trained_dims: tuple[int, ...] | None = None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_prompt: str | None = None
+    engines: tuple[Engine, ...] = ()
+    toolkit_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def dims(self) -> list[int]:
+        """The distinct dims of all profiles, ascending."""
+        return sorted({p.dims for p in self.profiles})
+
+    @property
+    def precisions(self) -> list[str]:
+        """The distinct precisions of all profiles, in the order first listed."""
+        return list(dict.fromkeys(p.precision for p in self.profiles))
+
+    def to_json(self) -> str:
+        """The manifest as pretty-printed JSON."""
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    def save(self, directory: Path) -> Path:
+        """Write `manifest.json` into `directory` (atomically) and return its path."""
+        path = Path(directory) / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json())
+        tmp.replace(path)
+        return path
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _parity(data: dict[str, Any] | None) -> Parity | None:
+    return None if data is None else Parity(**data)
+
+
+def manifest_from_dict(data: dict[str, Any]) -> Manifest:
+    """Build a Manifest from parsed JSON, refusing newer schemas and malformed entries."""
+    version = data.get("schema_version")
+    if not isinstance(version, int):
+        raise ArtifactError("manifest.json has no integer schema_version: not an mrl-toolkit artifact")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"manifest schema version {version} is newer than this toolkit reads ({SCHEMA_VERSION}): "
+            "upgrade mrl-toolkit"
+        )
+    try:
+        tok = dict(data["tokenizer"])
+        tok["inputs"] = tuple(tok.get("inputs", ("input_ids", "attention_mask")))
+        profiles = tuple(
+            Profile(**{**p, "parity": _parity(p.get("parity"))}) for p in data["profiles"]
+        )
+        engines = tuple(
+            Engine(
+                **{**e, "shape_ranges": tuple(e["shape_ranges"]), "parity": _parity(e.get("parity"))}
+            )
+            for e in data.get("engines", ())
+        )
+        trained = data.get("trained_dims")
+        return Manifest(
+            name=data["name"],
+            source=dict(data["source"]),
+            tokenizer=TokenizerSettings(**tok),
+            full_dims=int(data["full_dims"]),
+            pooling=data["pooling"],
+            profiles=profiles,
+            weights=tuple(WeightsFile(**w) for w in data.get("weights", ())),
+            trained_dims=None if trained is None else tuple(int(d) for d in trained),
+            prompts=dict(data.get("prompts") or {}),
+            default_prompt=data.get("default_prompt"),
+            engines=engines,
+            toolkit_version=data.get("toolkit_version", ""),
+            schema_version=version,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+
+
+def load_manifest(directory: Path | str, verify: bool = True) -> Manifest:
+    """Read an artifact's manifest; with `verify`, check every listed file's sha256."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact directory {directory} does not exist")
+    if not path.is_file():
+        raise ArtifactError(f"{directory} has no {MANIFEST_NAME}: not an mrl-toolkit artifact")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} does not hold a JSON object")
+    manifest = manifest_from_dict(data)
+    if verify:
+        verify_files(directory, manifest)
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    """Raise IntegrityError unless every graph and weights file matches its recorded sha256."""
+    listed = [(p.file, p.sha256) for p in manifest.profiles]
+    listed += [(w.file, w.sha256) for w in manifest.weights]
+    listed += [(e.file, e.sha256) for e in manifest.engines]
+    for name, expected in listed:
+        path = directory / name
+        if not path.is_file():
+            raise IntegrityError(f"{path} is listed in the manifest but missing")
+        if sha256_file(path) != expected:
+            raise IntegrityError(
+                f"{path} does not match its sha256 in the manifest: the artifact is corrupt or was "
+                "modified; export it again"
+            )
