@@ -50,7 +50,9 @@ class ExportOptions:
                 raise DimsError(f"dims must be positive integers, not {d!r}")
         unknown = [p for p in self.precisions if p not in PRECISIONS]
         if unknown or not self.precisions:
-            raise ExportError(f"unknown precision {unknown[0] if unknown else ''!r}; choose from {', '.join(PRECISIONS)}")
+            raise ExportError(
+                f"unknown precision {unknown[0] if unknown else ''!r}; choose from {', '.join(PRECISIONS)}"
+            )
         if self.exporter not in graph.EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; choose from {', '.join(graph.EXPORTERS)}")
 
@@ -96,8 +98,13 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _pooled_fp32(
-    source: SourceModel, exporter: str, tokenizer: TextTokenizer, reference: np.ndarray | None,
-    texts: list[str], workdir: Path, progress: Progress,
+    source: SourceModel,
+    exporter: str,
+    tokenizer: TextTokenizer,
+    reference: np.ndarray | None,
+    texts: list[str],
+    workdir: Path,
+    progress: Progress,
 ) -> tuple[onnx.ModelProto, str]:
     """The fp32 pooled graph; with exporter "auto", the first exporter whose graph passes parity."""
     if source.kind == "onnx":
@@ -172,17 +179,30 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
             result = None
             if reference is not None:
                 progress(f"checking parity of {name}")
-                result = parity.compare(parity.embed_graph(path, tokenizer, texts), reference, d, prec, _ref_name(source))
+                result = parity.compare(
+                    parity.embed_graph(path, tokenizer, texts), reference, d, prec, _ref_name(source)
+                )
                 if not result.passed:
                     raise ParityError(_parity_message(name, prec, result))
             profiles.append(
-                Profile(name=name, dims=d, precision=prec, file=path.name, sha256=sha256_file(path),
-                        weights=f"weights-{prec}.bin", parity=result)
+                Profile(
+                    name=name,
+                    dims=d,
+                    precision=prec,
+                    file=path.name,
+                    sha256=sha256_file(path),
+                    weights=f"weights-{prec}.bin",
+                    parity=result,
+                )
             )
     shutil.rmtree(work)
     manifest = Manifest(
         name=source.name,
-        source={**source.manifest_source(), "exporter": exporter, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        source={
+            **source.manifest_source(),
+            "exporter": exporter,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
         tokenizer=settings,
         full_dims=source.full_dims,
         pooling=source.pooling,

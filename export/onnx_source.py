@@ -37,8 +37,12 @@ def _pooling_from_dir(path: Path) -> str | None:
     config = _read_json(path / "1_Pooling" / "config.json")
     if "pooling_mode" in config:
         return config["pooling_mode"]
-    modes = {"cls": "pooling_mode_cls_token", "mean": "pooling_mode_mean_tokens",
-             "max": "pooling_mode_max_tokens", "lasttoken": "pooling_mode_lasttoken"}
+    modes = {
+        "cls": "pooling_mode_cls_token",
+        "mean": "pooling_mode_mean_tokens",
+        "max": "pooling_mode_max_tokens",
+        "lasttoken": "pooling_mode_lasttoken",
+    }
     return next((m for m, key in modes.items() if config.get(key)), None)
 
 
@@ -114,8 +118,11 @@ def reference_embeddings(source: SourceModel, texts: list[str]) -> np.ndarray:
 
     session = ort.InferenceSession(str(source.onnx_file), providers=["CPUExecutionProvider"])
     settings = TokenizerSettings(
-        max_length=source.max_length, padding_side=source.padding_side,
-        pad_token_id=source.pad_token_id, pad_token=source.pad_token, inputs=source.inputs,
+        max_length=source.max_length,
+        padding_side=source.padding_side,
+        pad_token_id=source.pad_token_id,
+        pad_token=source.pad_token,
+        inputs=source.inputs,
     )
     tokenizer = TextTokenizer(Tokenizer.from_str(source.tokenizer_json), settings)
     names = [o.name for o in session.get_outputs()]

@@ -33,9 +33,7 @@ def embed_graph(graph: Path, tokenizer: TextTokenizer, texts: list[str], batch_s
     return np.concatenate(out)
 
 
-def compare(
-    candidate: np.ndarray, reference_full: np.ndarray, dims: int, precision: str, reference: str
-) -> Parity:
+def compare(candidate: np.ndarray, reference_full: np.ndarray, dims: int, precision: str, reference: str) -> Parity:
     """Parity of unit vectors `candidate` against the reference truncated and re-normalised to dims."""
     ref = truncate_normalize(reference_full, dims)
     if candidate.shape != ref.shape:

@@ -34,9 +34,7 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    converted = OnnxModel(
-        convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32)
-    )
+    converted = OnnxModel(convert_float_to_float16(model, keep_io_types=True, op_block_list=FP16_KEEP_FP32))
     # The converter appends its casts at the end; ONNX (and TensorRT's parser) want nodes in order.
     converted.topological_sort()
     return converted.model

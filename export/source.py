@@ -58,9 +58,7 @@ def resolve_model_path(model: str) -> Path:
         return package
     if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         return _cached_model_id(model)
-    raise ExportError(
-        f"{model} is not a directory, an installed model package or a model id (owner/name)"
-    )
+    raise ExportError(f"{model} is not a directory, an installed model package or a model id (owner/name)")
 
 
 def _installed_model_package(name: str) -> Path | None:
@@ -92,9 +90,7 @@ def _cached_model_id(model_id: str) -> Path:
 def hash_model_dir(path: Path) -> str:
     """sha256 over the weight and config files of a model directory, in name order."""
     digest = hashlib.sha256()
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.suffix == ".json")
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.suffix == ".json"))
     for p in files:
         digest.update(str(p.relative_to(path)).encode())
         with open(p, "rb") as f:
@@ -139,6 +135,8 @@ def load_source(
             "a transformers directory (config.json and weights) or an ONNX encoder (*.onnx)"
         )
     source.trained_dims = trained_dims or source.trained_dims or trained_dims_from_card(path)
+    if not Path(model).expanduser().exists():
+        source.name = model.rsplit("/", 1)[-1]  # a package name or model id names it better than its folder
     return source
 
 
@@ -156,9 +154,7 @@ def _check_encoder_config(path: Path) -> None:
         raise ExportError(f"{path} is not a text encoder (its config has no vocab_size)")
 
 
-def _load_sentence_transformer(
-    path: Path, *, pooling: str | None, max_length: int | None
-) -> SourceModel:
+def _load_sentence_transformer(path: Path, *, pooling: str | None, max_length: int | None) -> SourceModel:
     from sentence_transformers import SentenceTransformer
 
     if (path / "config.json").is_file():

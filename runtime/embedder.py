@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.runtime.backends import Backend, create_backend
+from mrl.runtime.backends import Backend, create_backend, resolve_backend
 from mrl.runtime.errors import DimsError, NotFoundError, UnknownPromptError
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
@@ -89,11 +89,10 @@ class Embedder:
             raise NotFoundError(f"{directory} lists no profiles")
         precision = precision or manifest.precisions[0]
         if precision not in manifest.precisions:
-            raise NotFoundError(
-                f"{directory} has no {precision} profiles; it has: {', '.join(manifest.precisions)}"
-            )
+            raise NotFoundError(f"{directory} has no {precision} profiles; it has: {', '.join(manifest.precisions)}")
         tokenizer = TextTokenizer.load(directory, manifest.tokenizer)
-        name = "onnxruntime" if backend == "auto" else backend
+        name = resolve_backend(backend, directory, manifest)
+        log.info("backend %s for %s (asked for %s)", name, directory, backend)
         return cls(
             directory,
             manifest,
@@ -120,9 +119,7 @@ class Embedder:
     def backend_for(self, profile: Profile) -> Backend:
         """The backend for a profile, created on first use."""
         if profile.name not in self._backends:
-            backend = create_backend(
-                self.backend_name, self.directory / profile.file, **self._backend_options
-            )
+            backend = create_backend(self.backend_name, self.directory, self.manifest, profile, **self._backend_options)
             log.info("profile %s runs on %s %s", profile.name, backend.name, backend.providers)
             self._backends[profile.name] = backend
         return self._backends[profile.name]
@@ -138,9 +135,7 @@ class Embedder:
         prefix = self.manifest.prompts[name]
         return [prefix + t for t in texts]
 
-    def prepare(
-        self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True
-    ) -> PreparedBatch:
+    def prepare(self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True) -> PreparedBatch:
         """Apply the prompt and tokenise, raising on inputs the model cannot take."""
         return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt), truncate))
 

@@ -147,13 +147,9 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
     try:
         tok = dict(data["tokenizer"])
         tok["inputs"] = tuple(tok.get("inputs", ("input_ids", "attention_mask")))
-        profiles = tuple(
-            Profile(**{**p, "parity": _parity(p.get("parity"))}) for p in data["profiles"]
-        )
+        profiles = tuple(Profile(**{**p, "parity": _parity(p.get("parity"))}) for p in data["profiles"])
         engines = tuple(
-            Engine(
-                **{**e, "shape_ranges": tuple(e["shape_ranges"]), "parity": _parity(e.get("parity"))}
-            )
+            Engine(**{**e, "shape_ranges": tuple(e["shape_ranges"]), "parity": _parity(e.get("parity"))})
             for e in data.get("engines", ())
         )
         trained = data.get("trained_dims")

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mrl.runtime.errors import BackendUnavailableError, NotFoundError
+from mrl.runtime.manifest import Manifest, Profile
 
 
 class Backend(Protocol):
@@ -41,8 +42,13 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def create_backend(name: str, graph: Path, **options: Any) -> Backend:
-    """Create the backend called `name` for one profile's graph file."""
+def resolve_backend(name: str, directory: Path, manifest: Manifest) -> str:
+    """The concrete backend for `name`; "auto" picks the best one present here."""
+    return "onnxruntime" if name == "auto" else name
+
+
+def create_backend(name: str, directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> Backend:
+    """Create the backend called `name` for one profile of the artifact in `directory`."""
     if name not in _REGISTRY:
         raise NotFoundError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}")
     module_name, factory, extra = _REGISTRY[name]
@@ -50,7 +56,6 @@ def create_backend(name: str, graph: Path, **options: Any) -> Backend:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise BackendUnavailableError(
-            f"backend {name!r} needs a package that is not installed ({e.name}): "
-            f"pip install '{extra}'"
+            f"backend {name!r} needs a package that is not installed ({e.name}): pip install '{extra}'"
         ) from None
-    return getattr(module, factory)(graph, **options)
+    return getattr(module, factory)(directory, manifest, profile, **options)

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError
-from mrl.runtime.manifest import OUTPUT_NAME
+from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,6 @@ def _provider_name(p: str | tuple[str, dict[str, Any]]) -> str:
     return p if isinstance(p, str) else p[0]
 
 
-def create(graph: Path, **options: Any) -> OnnxRuntimeBackend:
-    """Registry factory."""
-    return OnnxRuntimeBackend(graph, **options)
+def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
+    """Registry factory: a session over the profile's graph."""
+    return OnnxRuntimeBackend(directory / profile.file, **options)

