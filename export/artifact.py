@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -88,6 +89,12 @@ def _prepare_output(out: Path, force: bool) -> Path:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished artifact into place, replacing an old one only once the new one is whole."""
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp made the directory private; an artifact is read by other users (a serving account).
+    tmp.chmod(0o777 & ~umask)
+    for f in tmp.iterdir():
+        f.chmod(0o666 & ~umask)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.replace(old / "artifact")

@@ -218,7 +218,7 @@ def _describe(st: Any, path: Path, *, kind: str, max_length: int | None) -> Sour
         sha256=hash_model_dir(path),
         pooling=mode,
         max_length=int(length),
-        full_dims=int(st.get_sentence_embedding_dimension()),
+        full_dims=int(getattr(st, "get_embedding_dimension", st.get_sentence_embedding_dimension)()),
         inputs=inputs,
         tokenizer_json=backend.to_str(),
         padding_side=tok.padding_side,

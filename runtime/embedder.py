@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
-from mrl.runtime.errors import DimsError, NotFoundError, UnknownPromptError
+from mrl.runtime.errors import DimsError, InvalidInputError, NotFoundError, UnknownPromptError
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
 
@@ -126,6 +126,8 @@ class Embedder:
 
     def apply_prompt(self, texts: Sequence[str], prompt: str | None) -> list[str]:
         """Prepend the named prompt's text (None: the model's default prompt, if any)."""
+        if isinstance(texts, str):
+            raise InvalidInputError("texts must be a list of strings, not one string")
         name = prompt if prompt is not None else self.manifest.default_prompt
         if name is None:
             return list(texts)

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from models import save_sentence_transformer  # noqa: E402
+from models import save_sentence_transformer
 
 TINY_DIMS = (8, 16, 32)
 

