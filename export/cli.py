@@ -120,17 +120,23 @@ def summary_table(manifest: Manifest, directory: Path) -> str:
     return "\n".join(lines)
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    logging.basicConfig(format="mrl-export: %(levelname)s: %(message)s", level=logging.WARNING)
+def _configure_output(verbose: bool) -> None:
+    """Our warnings as `mrl-export: warning: ...` lines; library chatter only with --verbose."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mrl-export: %(levelname)s: %(message)s"))
+    ours = logging.getLogger("mrl")
+    ours.handlers[:] = [handler]
+    ours.propagate = False
+    ours.setLevel(logging.INFO if verbose else logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # this tool never downloads; ids resolve from the cache
     if verbose:
         return
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("onnxruntime", "root", "transformers", "sentence_transformers", "torch"):
-        logging.getLogger(name if name != "root" else None).setLevel(logging.ERROR)
-    logging.getLogger("mrl").setLevel(logging.WARNING)
+    for name in ("onnxruntime", "transformers", "sentence_transformers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantiser logs to the root logger
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         from mrl.export.engine_cli import main as build_engine_main
 
         return build_engine_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    _quiet_libraries(args.verbose)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed as one line
+        return int(e.code or 0)
+    _configure_output(args.verbose)
     start = time.monotonic()
 
     def progress(message: str) -> None:
@@ -160,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
         )
         progress(f"loading {args.model}")
+        if not args.verbose:
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         source = load_source(
             args.model, pooling=args.pooling, max_length=args.max_length, trained_dims=args.trained_dims
         )
