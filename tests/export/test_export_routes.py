@@ -143,3 +143,11 @@ def test_manifest_is_plain_json_with_prompts(tiny_artifact):
     data = json.loads((tiny_artifact / "manifest.json").read_text())
     assert data["prompts"]["query"] == "query: "
     assert data["tokenizer"]["file"] == "tokenizer.json"
+
+
+def test_dynamo_exporter(tiny_st_dir, tmp_path):
+    artifact = export(tiny_st_dir, tmp_path / "a", (8, 32), exporter="dynamo")
+    manifest = load_manifest(artifact)
+    assert manifest.source["exporter"] == "dynamo"
+    assert onnx.load(str(artifact / "d8-fp32.onnx"), load_external_data=False).opset_import[0].version >= 18
+    _check_against(artifact, SentenceTransformer(str(tiny_st_dir), device="cpu"), 8)
