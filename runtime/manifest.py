@@ -65,9 +65,56 @@ class TokenizerSettings:
     inputs: tuple[str, ...] = ("input_ids", "attention_mask")
 
 
+@dataclass(frozen=True)
+class Span:
+    """The min/opt/max of one dimension (batch or sequence length) of a shape range."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        values = (self.min, self.opt, self.max)
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise ValueError(f"a span needs whole numbers, got {values}")
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"a span needs 1 <= min <= opt <= max, got {self.min}:{self.opt}:{self.max}")
+
+    def __str__(self) -> str:
+        return f"{self.min}:{self.opt}:{self.max}"
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """What TensorRT calls an optimization profile: the batch and sequence spans one engine serves.
+
+    Never called a profile here: in this project a profile is dims x precision.
+    """
+
+    batch: Span
+    seq: Span
+
+    def fits(self, batch: int, seq: int) -> bool:
+        """Whether a [batch, seq] input lies inside this range."""
+        return self.batch.min <= batch <= self.batch.max and self.seq.min <= seq <= self.seq.max
+
+    def __str__(self) -> str:
+        return f"batch {self.batch} x seq {self.seq}"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ShapeRange:
+        """Read the `{"batch": {...}, "seq": {...}}` form that `dataclasses.asdict` writes."""
+        return cls(batch=Span(**data["batch"]), seq=Span(**data["seq"]))
+
+
 @dataclass(frozen=True, kw_only=True)
 class Engine:
-    """A compiled engine for one profile on one GPU (written by `mrl-export build-engine`)."""
+    """A TensorRT engine for one profile on one GPU, written by `mrl-export build-engine`.
+
+    `cache_key` hashes everything that makes an engine valid (GPU name and compute capability,
+    TensorRT version, the graph's and weights' sha256, the shape ranges); the runtime recomputes it
+    and loads nothing whose key differs.
+    """
 
     profile: str
     file: str
@@ -76,7 +123,12 @@ class Engine:
     gpu: str
     compute_capability: str
     tensorrt_version: str
-    shape_ranges: tuple[dict[str, Any], ...]
+    onnx_sha256: str
+    weights_sha256: str | None
+    shape_ranges: tuple[ShapeRange, ...]
+    input_dtype: str = "int64"
+    built_at: str = ""
+    build_seconds: float = 0.0
     parity: Parity | None = None
 
 
@@ -134,6 +186,14 @@ def _parity(data: dict[str, Any] | None) -> Parity | None:
     return None if data is None else Parity(**data)
 
 
+def engine_from_dict(data: dict[str, Any]) -> Engine:
+    """One `engines` entry of manifest.json as an Engine (raises KeyError/TypeError/ValueError if malformed)."""
+    ranges = tuple(ShapeRange.from_dict(r) for r in data["shape_ranges"])
+    if not ranges:
+        raise ValueError(f"engine {data.get('file')!r} lists no shape ranges")
+    return Engine(**{**data, "shape_ranges": ranges, "parity": _parity(data.get("parity"))})
+
+
 def manifest_from_dict(data: dict[str, Any]) -> Manifest:
     """Build a Manifest from parsed JSON, refusing newer schemas and malformed entries."""
     version = data.get("schema_version")
@@ -148,10 +208,7 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
         tok = dict(data["tokenizer"])
         tok["inputs"] = tuple(tok.get("inputs", ("input_ids", "attention_mask")))
         profiles = tuple(Profile(**{**p, "parity": _parity(p.get("parity"))}) for p in data["profiles"])
-        engines = tuple(
-            Engine(**{**e, "shape_ranges": tuple(e["shape_ranges"]), "parity": _parity(e.get("parity"))})
-            for e in data.get("engines", ())
-        )
+        engines = tuple(engine_from_dict(e) for e in data.get("engines", ()))
         trained = data.get("trained_dims")
         return Manifest(
             name=data["name"],

@@ -1,15 +1,26 @@
-"""Backends run one profile's graph: `run(feed) -> [batch, dims] float32`. Chosen by name, imported lazily."""
+"""Backends run one profile's graph: `run(feed) -> [batch, dims] float32`. Chosen by name, imported lazily.
+
+`"auto"` picks TensorRT where engines for this GPU exist and TensorRT imports, then ONNX Runtime's
+CUDA provider where a GPU is here, then ONNX Runtime on the CPU, and logs what it picked and why.
+"""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from mrl.runtime.backends.engines import find_engine
+from mrl.runtime.backends.gpu import GpuInfo, detect_gpu
 from mrl.runtime.errors import BackendUnavailableError, NotFoundError
 from mrl.runtime.manifest import Manifest, Profile
+
+log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
@@ -31,9 +42,15 @@ class Backend(Protocol):
         ...
 
 
-# name -> (module, factory function, pip extra that provides it)
+_ORT = "mrl.runtime.backends.onnxruntime"
+# name -> (module, factory function, pip requirement that provides what it imports)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": ("mrl.runtime.backends.onnxruntime", "create", "mrl-toolkit"),
+    "onnxruntime": (_ORT, "create", "mrl-toolkit"),
+    "onnxruntime-cpu": (_ORT, "create_cpu", "mrl-toolkit"),
+    "onnxruntime-cuda": (_ORT, "create_cuda", "mrl-toolkit[gpu]"),
+    "onnxruntime-tensorrt": (_ORT, "create_tensorrt", "mrl-toolkit[gpu]"),
+    "tensorrt": ("mrl.runtime.backends.tensorrt", "create", "mrl-toolkit[gpu]"),
+    "torch": ("mrl.runtime.backends.torch", "create", "mrl-toolkit[export]"),
 }
 
 
@@ -42,9 +59,78 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def resolve_backend(name: str, directory: Path, manifest: Manifest) -> str:
-    """The concrete backend for `name`; "auto" picks the best one present here."""
-    return "onnxruntime" if name == "auto" else name
+def pip_extra(name: str) -> str:
+    """The pip requirement that provides backend `name`."""
+    return _REGISTRY[name][2]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Probe:
+    """What this machine offers, as "auto" sees it; `*_note` says how it was found or why it is missing."""
+
+    gpu: GpuInfo | None
+    gpu_note: str
+    tensorrt_version: str | None
+    tensorrt_note: str
+    ort_providers: tuple[str, ...]
+
+
+def probe_machine(device_id: int = 0) -> Probe:
+    """Look at this machine: GPU (cuda-python, else nvidia-smi), importable TensorRT, onnxruntime providers."""
+    import onnxruntime
+
+    gpu, gpu_note = detect_gpu(device_id)
+    version, trt_note = None, "TensorRT is not installed (pip install 'mrl-toolkit[gpu]')"
+    if importlib.util.find_spec("tensorrt") is not None:
+        try:
+            import tensorrt
+
+            version, trt_note = tensorrt.__version__, "tensorrt imports"
+        except (ImportError, OSError) as e:  # a wheel without its libraries
+            trt_note = f"tensorrt is installed but does not import ({e})"
+    return Probe(
+        gpu=gpu,
+        gpu_note=gpu_note,
+        tensorrt_version=version,
+        tensorrt_note=trt_note,
+        ort_providers=tuple(onnxruntime.get_available_providers()),
+    )
+
+
+def choose_backend(probe: Probe, manifest: Manifest, precision: str | None) -> tuple[str, str]:
+    """The backend "auto" means for this machine and precision, and the reason, in one line."""
+    precision = precision or (manifest.precisions[0] if manifest.profiles else None)
+    profiles = [p for p in manifest.profiles if p.precision == precision]
+    if probe.tensorrt_version is None:
+        trt_reason = probe.tensorrt_note
+    elif probe.gpu is None:
+        trt_reason = f"TensorRT {probe.tensorrt_version} imports but no GPU is here ({probe.gpu_note})"
+    elif probe.gpu_note != "cuda-python":
+        trt_reason = f"TensorRT needs cuda-python for device memory ({probe.gpu_note})"
+    else:
+        missing = [p.name for p in profiles if find_engine(manifest, p, probe.gpu, probe.tensorrt_version) is None]
+        if profiles and not missing:
+            return "tensorrt", f"TensorRT {probe.tensorrt_version} engines for every {precision} profile on {probe.gpu}"
+        trt_reason = (
+            f"no engine for {', '.join(missing) or 'any profile'} on {probe.gpu} with TensorRT "
+            f"{probe.tensorrt_version} (mrl-export build-engine builds them)"
+        )
+    if probe.gpu is not None and "CUDAExecutionProvider" in probe.ort_providers:
+        return "onnxruntime-cuda", f"{trt_reason}; onnxruntime has the CUDA provider and {probe.gpu} is here"
+    if probe.gpu is None:
+        cuda_reason = f"no GPU ({probe.gpu_note})"
+    else:
+        cuda_reason = "onnxruntime here has no CUDA provider (onnxruntime-gpu: pip install 'mrl-toolkit[gpu]')"
+    return "onnxruntime-cpu", f"{trt_reason}; {cuda_reason}"
+
+
+def resolve_backend(name: str, directory: Path, manifest: Manifest, precision: str | None = None) -> str:
+    """The concrete backend for `name`; "auto" picks the best one present here and logs why."""
+    if name != "auto":
+        return name
+    chosen, reason = choose_backend(probe_machine(), manifest, precision)
+    log.info("backend auto -> %s for %s: %s", chosen, directory, reason)
+    return chosen
 
 
 def create_backend(name: str, directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> Backend:
