@@ -146,8 +146,8 @@ def test_runtime_imports_no_torch_transformers_or_tensorrt():
     code = (
         "import sys, mrl.runtime, mrl.runtime.backends, mrl.runtime.backends.engines, mrl.runtime.backends.gpu, "
         "mrl.runtime.backends.onnxruntime, mrl.runtime.backends.tensorrt, mrl.runtime.backends.torch\n"
-        "heavy = [m for m in ('torch', 'transformers', 'sentence_transformers', 'tensorrt', 'cuda') if m in sys.modules]\n"
-        "print(heavy)"
+        "heavy = ('torch', 'transformers', 'sentence_transformers', 'tensorrt', 'cuda')\n"
+        "print([m for m in heavy if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"

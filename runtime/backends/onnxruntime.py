@@ -1,27 +1,173 @@
-"""ONNX Runtime backend: CPU by default, CUDA or TensorRT providers where onnxruntime-gpu has them."""
+"""ONNX Runtime backend: CPU by default, CUDA or TensorRT providers where onnxruntime-gpu has them.
+
+GPU providers are configured explicitly, never left to defaults:
+- TensorRT provider: an engine cache and a timing cache keyed like our own engines (GPU, TensorRT,
+  graph, shape ranges), and min/opt/max shapes pinned to the artifact's shape ranges, so it builds
+  once and never rebuilds when a batch of a new shape arrives. ONNX Runtime parses several shape
+  ranges but runs only the first (onnxruntime PR #31624 is still open), so it gets one range
+  covering all of them. `trt_fp16_enable` stays off: with it off, ONNX Runtime builds a strongly
+  typed network (1.22+), so the precision is the one written in the graph, and the LayerNorm,
+  Softmax and normalisation the fp16 graph keeps in fp32 stay in fp32.
+- CUDA provider: TF32 off for fp32 graphs (fp32 means fp32: parity is checked against it) and an
+  arena that grows by what is asked, not in powers of two, for batches of changing shape.
+Every option can be overridden with `cuda_options=` / `trt_options=`.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from mrl.runtime.errors import ArtifactError, BackendUnavailableError
-from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile
+from mrl.runtime.backends.engines import cache_key, default_shape_ranges, envelope, weights_sha256
+from mrl.runtime.backends.gpu import GPU_EXTRA, GpuInfo, detect_gpu
+from mrl.runtime.errors import ArtifactError, BackendUnavailableError, InvalidInputError
+from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile, ShapeRange
 
 log = logging.getLogger(__name__)
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
+GPU_PROVIDERS = (TRT_EP, CUDA_EP)
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+Provider = str | tuple[str, dict[str, Any]]
 
 
 def default_providers() -> list[str]:
     """The providers to ask for: every GPU one this onnxruntime build lists, then the CPU."""
     available = ort.get_available_providers()
-    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+    return [p for p in GPU_PROVIDERS if p in available] + [CPU_EP]
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtOptions:
+    """The options `Embedder.load(..., backend="onnxruntime", **options)` passes to this backend."""
+
+    providers: Sequence[Provider] | None = None  # an explicit list wins over everything below
+    device: str = "auto"  # auto: GPU providers this build has and this machine can use, then CPU
+    device_id: int = 0
+    cuda_options: dict[str, Any] = field(default_factory=dict)
+    trt_options: dict[str, Any] = field(default_factory=dict)
+    trt_cache_dir: str | Path | None = None  # default: ARTIFACT/engines/ort-tensorrt
+    intra_op_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise InvalidInputError(f"unknown onnxruntime device {self.device!r}; choose from {', '.join(DEVICES)}")
+
+    @classmethod
+    def parse(cls, options: dict[str, Any]) -> OrtOptions:
+        """Options from keyword arguments, refusing unknown ones by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            known_list = ", ".join(sorted(known))
+            raise InvalidInputError(f"unknown onnxruntime backend option {unknown[0]!r}; known: {known_list}")
+        return cls(**options)
+
+
+def shape_string(inputs: Sequence[str], batch: int, seq: int) -> str:
+    """ONNX Runtime's shape syntax for every input: `input_ids:32x128,attention_mask:32x128`."""
+    return ",".join(f"{name}:{batch}x{seq}" for name in inputs)
+
+
+def tensorrt_provider_options(
+    inputs: Sequence[str], shape_range: ShapeRange, cache_dir: Path, device_id: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """TensorRT provider options: caches on, shapes pinned to `shape_range`, precision from the graph."""
+    b, s = shape_range.batch, shape_range.seq
+    return {
+        "device_id": device_id,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache_dir),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache_dir),
+        "trt_fp16_enable": False,  # strongly typed: the graph's own casts decide (module docstring)
+        "trt_profile_min_shapes": shape_string(inputs, b.min, s.min),
+        "trt_profile_opt_shapes": shape_string(inputs, b.opt, s.opt),
+        "trt_profile_max_shapes": shape_string(inputs, b.max, s.max),
+        **overrides,
+    }
+
+
+def cuda_provider_options(precision: str, device_id: int, overrides: dict[str, Any]) -> dict[str, Any]:
+    """CUDA provider options: TF32 only where the graph is not fp32, a shape-friendly arena."""
+    return {
+        "device_id": device_id,
+        "use_tf32": 0 if precision == "fp32" else 1,
+        "arena_extend_strategy": "kSameAsRequested",
+        **overrides,
+    }
+
+
+def installed_tensorrt_version() -> str | None:
+    """The version of the pip-installed TensorRT, read from package metadata (libnvinfer is not loaded)."""
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_libs"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def shape_ranges_for(manifest: Manifest, profile: Profile) -> tuple[ShapeRange, ...]:
+    """The ranges built engines of this profile use, else the defaults for the model's max length."""
+    built = next((e.shape_ranges for e in manifest.engines if e.profile == profile.name), None)
+    return built or default_shape_ranges(manifest.tokenizer.max_length)
+
+
+def tensorrt_cache_dir(
+    root: Path, manifest: Manifest, profile: Profile, shape_range: ShapeRange, gpu: GpuInfo | None
+) -> Path:
+    """Where ONNX Runtime keeps this profile's TensorRT engine: one folder per GPU, TensorRT, graph and range."""
+    version = f"{installed_tensorrt_version() or 'unknown'}+onnxruntime-{ort.__version__}"
+    gpu = gpu or GpuInfo(name="unknown-gpu", compute_capability="0.0")
+    key = cache_key(gpu, version, profile.sha256, weights_sha256(manifest, profile), [shape_range])
+    return root / gpu.slug / f"{profile.name}-{key[:16]}"
+
+
+def plan_providers(directory: Path, manifest: Manifest, profile: Profile, options: OrtOptions) -> list[Provider]:
+    """The providers, each with explicit options, for `options.device` on this machine."""
+    if options.providers:
+        return list(options.providers)
+    if options.device == "cpu":
+        return [CPU_EP]
+    available = ort.get_available_providers()
+    if options.device == "auto" and not any(p in available for p in GPU_PROVIDERS):
+        return [CPU_EP]
+    gpu, how = detect_gpu(options.device_id)
+    wanted = {"cuda": [CUDA_EP], "tensorrt": [TRT_EP, CUDA_EP]}.get(options.device, list(GPU_PROVIDERS))
+    if options.device == "auto":
+        # onnxruntime-gpu lists its GPU providers even where no GPU or TensorRT is present.
+        if gpu is None:
+            log.info("onnxruntime: no GPU here (%s): CPU provider", how)
+            return [CPU_EP]
+        wanted = [p for p in wanted if p in available and (p != TRT_EP or installed_tensorrt_version())]
+    providers: list[Provider] = []
+    for name in wanted:
+        if name == TRT_EP:
+            shape_range = envelope(shape_ranges_for(manifest, profile))
+            root = Path(options.trt_cache_dir or Path(directory) / "engines" / "ort-tensorrt")
+            cache = tensorrt_cache_dir(root, manifest, profile, shape_range, gpu)
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ArtifactError(
+                    f"cannot create the TensorRT cache {cache} ({e.strerror}): pass trt_cache_dir="
+                ) from None
+            inputs = manifest.tokenizer.inputs
+            trt = tensorrt_provider_options(inputs, shape_range, cache, options.device_id, options.trt_options)
+            providers.append((TRT_EP, trt))
+        else:
+            cuda = cuda_provider_options(profile.precision, options.device_id, options.cuda_options)
+            providers.append((CUDA_EP, cuda))
+    return [*providers, CPU_EP]
 
 
 class OnnxRuntimeBackend:
@@ -32,8 +178,9 @@ class OnnxRuntimeBackend:
     def __init__(
         self,
         graph: Path,
-        providers: Sequence[str | tuple[str, dict[str, Any]]] | None = None,
+        providers: Sequence[Provider] | None = None,
         intra_op_threads: int = 0,
+        strict: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -43,7 +190,7 @@ class OnnxRuntimeBackend:
         if unknown:
             raise BackendUnavailableError(
                 f"onnxruntime here has no {', '.join(map(_provider_name, unknown))}; it has "
-                f"{', '.join(ort.get_available_providers())} (for GPUs: pip install 'mrl-toolkit[gpu]')"
+                f"{', '.join(ort.get_available_providers())} (for GPUs: {GPU_EXTRA})"
             )
         try:
             self._session = ort.InferenceSession(str(graph), options, providers=requested)
@@ -52,11 +199,10 @@ class OnnxRuntimeBackend:
         self.providers = self._session.get_providers()
         wanted = [_provider_name(p) for p in requested]
         if wanted and self.providers[0] != wanted[0]:
-            log.warning(
-                "onnxruntime asked for %s but runs on %s (no usable GPU or driver?)",
-                wanted[0],
-                self.providers[0],
-            )
+            message = f"onnxruntime asked for {wanted[0]} but runs on {self.providers[0]} (no usable GPU or driver?)"
+            if strict:  # an explicit device was asked for: falling back silently would hide it
+                raise BackendUnavailableError(f"{message}: {GPU_EXTRA}")
+            log.warning(message)
         self._inputs = [i.name for i in self._session.get_inputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -76,10 +222,28 @@ class OnnxRuntimeBackend:
         self._session = None
 
 
-def _provider_name(p: str | tuple[str, dict[str, Any]]) -> str:
+def _provider_name(p: Provider) -> str:
     return p if isinstance(p, str) else p[0]
 
 
 def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
-    """Registry factory: a session over the profile's graph."""
-    return OnnxRuntimeBackend(directory / profile.file, **options)
+    """Registry factory: a session over the profile's graph with explicitly configured providers."""
+    parsed = OrtOptions.parse(options)
+    providers = plan_providers(Path(directory), manifest, profile, parsed)
+    strict = parsed.device in ("cuda", "tensorrt") and not parsed.providers
+    return OnnxRuntimeBackend(directory / profile.file, providers, parsed.intra_op_threads, strict)
+
+
+def create_cpu(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
+    """Registry factory for "onnxruntime-cpu"."""
+    return create(directory, manifest, profile, **{**options, "device": "cpu"})
+
+
+def create_cuda(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
+    """Registry factory for "onnxruntime-cuda": the CUDA provider or an error, never a silent CPU fallback."""
+    return create(directory, manifest, profile, **{**options, "device": "cuda"})
+
+
+def create_tensorrt(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
+    """Registry factory for "onnxruntime-tensorrt": ONNX Runtime's TensorRT provider, CUDA for the rest."""
+    return create(directory, manifest, profile, **{**options, "device": "tensorrt"})
