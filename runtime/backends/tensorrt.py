@@ -1,0 +1,175 @@
+"""TensorRT backend: a prebuilt engine of one profile, run asynchronously on a CUDA stream.
+
+Engines come from `mrl-export build-engine` and are listed in the manifest. An engine is loaded only
+when its cache key matches this GPU, this TensorRT and the current graph (a stale or foreign engine
+is refused with the command that builds a fresh one), and only when its bytes match their sha256.
+
+Device memory: NVIDIA's `cuda-python` runtime bindings (`cuda.bindings.runtime`), not torch. They
+are a few MB and are all TensorRT needs beside itself (malloc, pinned host memory, async copies,
+streams), while torch would put a multi-GB CUDA build into every serving image. torch stays the
+baseline backend, never a dependency of this one.
+
+Each batch runs in the shape range that fits it (rows beyond its max batch run as further chunks;
+sequences shorter than its min are padded with masked tokens, which leaves embeddings unchanged).
+Only `[rows, dims]` floats come back from the device: the truncation is baked into the graph, so
+the copy is as small as the requested embedding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from mrl.runtime.backends.engines import Chunk, explain_missing, find_engine, numpy_dtype, pad_feed, plan_chunks
+from mrl.runtime.backends.gpu import GPU_EXTRA, cuda_check, cuda_runtime, current_gpu
+from mrl.runtime.errors import ArtifactError, BackendUnavailableError, IntegrityError
+from mrl.runtime.manifest import OUTPUT_NAME, Engine, Manifest, Profile, TokenizerSettings, sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def import_tensorrt() -> ModuleType:
+    """The `tensorrt` module, or BackendUnavailableError with the pip extra to install."""
+    try:
+        import tensorrt
+    except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
+        raise BackendUnavailableError(f"TensorRT is not installed here ({e}): {GPU_EXTRA}") from None
+    return tensorrt
+
+
+class _Staged:
+    """A device buffer with a pinned host buffer of the same size, so copies can be asynchronous."""
+
+    def __init__(self, cudart: ModuleType, nbytes: int) -> None:
+        self._cudart = cudart
+        self.nbytes = nbytes
+        self.device = cuda_check(cudart, cudart.cudaMalloc(nbytes), "cudaMalloc")
+        self.host_ptr = cuda_check(cudart, cudart.cudaMallocHost(nbytes), "cudaMallocHost")
+        self.host = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(self.host_ptr)))
+
+    def free(self) -> None:
+        """Release both buffers."""
+        self._cudart.cudaFree(self.device)
+        self._cudart.cudaFreeHost(self.host_ptr)
+
+
+class TensorRtBackend:
+    """One deserialised engine, one execution context, one CUDA stream."""
+
+    name = "tensorrt"
+
+    def __init__(self, path: Path, engine: Engine, tokenizer: TokenizerSettings, device_id: int = 0) -> None:
+        trt = import_tensorrt()
+        self._cudart = cudart = cuda_runtime()
+        cuda_check(cudart, cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        if sha256_file(path) != engine.sha256:
+            raise IntegrityError(
+                f"{path} does not match its sha256 in the manifest: rebuild with mrl-export build-engine"
+            )
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        if self._engine is None:
+            raise ArtifactError(f"TensorRT {trt.__version__} cannot load {path}: rebuild with mrl-export build-engine")
+        self.ranges = engine.shape_ranges
+        built = self._engine.num_optimization_profiles
+        if built != len(self.ranges):
+            raise ArtifactError(f"{path} has {built} shape ranges, the manifest lists {len(self.ranges)}")
+        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
+        self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        if OUTPUT_NAME not in names or set(self._inputs) != set(tokenizer.inputs):
+            feeds = list(tokenizer.inputs)
+            raise ArtifactError(f"{path} has tensors {names}; the artifact feeds {feeds} and reads {OUTPUT_NAME}")
+        # The installed TensorRT decides the integer type of the token inputs (INT64 from 10 on).
+        self._dtypes = {n: np.dtype(numpy_dtype(self._engine.get_tensor_dtype(n))) for n in names}
+        self.dims = int(self._engine.get_tensor_shape(OUTPUT_NAME)[-1])
+        self._pad_id, self._side = tokenizer.pad_token_id, tokenizer.padding_side
+        self._context = self._engine.create_execution_context()
+        self._stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        most_tokens = max(r.batch.max * r.seq.max for r in self.ranges)
+        most_rows = max(r.batch.max for r in self.ranges)
+        self._buffers = {n: _Staged(cudart, most_tokens * self._dtypes[n].itemsize) for n in self._inputs}
+        self._buffers[OUTPUT_NAME] = _Staged(cudart, most_rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize)
+        self._active: int | None = None
+        self._lock = threading.Lock()  # one context and one set of buffers: one batch at a time
+        self.providers = [f"TensorRT {trt.__version__} on CUDA device {device_id}"]
+
+    def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """Embed one padded batch; returns float32 `[batch, dims]`."""
+        arrays = {n: np.asarray(feed[n]) for n in self._inputs}
+        rows, seq = arrays[self._inputs[0]].shape
+        out = np.empty((rows, self.dims), dtype=np.float32)
+        with self._lock:
+            for chunk in plan_chunks(rows, seq, self.ranges):
+                out[chunk.start : chunk.stop] = self._run_chunk(arrays, chunk)
+        return out
+
+    def _run_chunk(self, arrays: dict[str, np.ndarray], chunk: Chunk) -> np.ndarray:
+        cudart, context, stream = self._cudart, self._context, self._stream
+        if chunk.range_index != self._active:
+            if not context.set_optimization_profile_async(chunk.range_index, int(stream)):
+                raise RuntimeError(f"TensorRT refused shape range {chunk.range_index}")
+            self._active = chunk.range_index
+        part = {n: a[chunk.start : chunk.stop] for n, a in arrays.items()}
+        part = pad_feed(part, chunk.seq, self._pad_id, self._side)
+        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for name, array in part.items():
+            data = np.ascontiguousarray(array, dtype=self._dtypes[name])
+            staged = self._buffers[name]
+            staged.host[: data.nbytes] = data.reshape(-1).view(np.uint8)
+            copied = cudart.cudaMemcpyAsync(staged.device, staged.host_ptr, data.nbytes, to_device, stream)
+            cuda_check(cudart, copied, "cudaMemcpyAsync to device")
+            context.set_input_shape(name, data.shape)
+            context.set_tensor_address(name, staged.device)
+        out = self._buffers[OUTPUT_NAME]
+        context.set_tensor_address(OUTPUT_NAME, out.device)
+        if not context.execute_async_v3(int(stream)):
+            raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
+        rows = chunk.stop - chunk.start
+        nbytes = rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize
+        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        copied = cudart.cudaMemcpyAsync(out.host_ptr, out.device, nbytes, to_host, stream)
+        cuda_check(cudart, copied, "cudaMemcpyAsync to host")
+        cuda_check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
+        values = out.host[:nbytes].view(self._dtypes[OUTPUT_NAME]).reshape(rows, self.dims)
+        return values.astype(np.float32)  # a copy: the pinned buffer is reused by the next chunk
+
+    def warmup(self) -> None:
+        """Run every shape range once at its smallest shape."""
+        with self._lock:
+            for index, r in enumerate(self.ranges):
+                feed = {n: np.ones((r.batch.min, r.seq.min), dtype=np.int64) for n in self._inputs}
+                if "token_type_ids" in feed:
+                    feed["token_type_ids"][:] = 0
+                self._run_chunk(feed, Chunk(start=0, stop=r.batch.min, range_index=index, seq=r.seq.min))
+
+    def close(self) -> None:
+        """Free device and pinned memory, the stream, the context and the engine."""
+        for staged in getattr(self, "_buffers", {}).values():
+            staged.free()
+        self._buffers = {}
+        if getattr(self, "_stream", None) is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
+            self._stream = None
+        self._context = self._engine = None
+
+
+def create(
+    directory: Path, manifest: Manifest, profile: Profile, *, device_id: int = 0, intra_op_threads: int = 0
+) -> TensorRtBackend:
+    """Registry factory: the engine built for this profile on this GPU, or an error saying how to build one.
+
+    `intra_op_threads` is accepted so "auto" can stand in for onnxruntime; it has no effect on a GPU.
+    """
+    trt = import_tensorrt()
+    gpu = current_gpu(device_id)
+    engine = find_engine(manifest, profile, gpu, trt.__version__)
+    if engine is None:
+        raise BackendUnavailableError(explain_missing(manifest, profile, gpu, trt.__version__))
+    log.info("profile %s: engine %s (%s)", profile.name, engine.file, ", ".join(str(r) for r in engine.shape_ranges))
+    return TensorRtBackend(Path(directory) / engine.file, engine, manifest.tokenizer, device_id)
