@@ -149,9 +149,10 @@ def _file_logger(trt: ModuleType, log_path: Path) -> Any:
             self.file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the build
 
         def log(self, severity: Any, msg: str) -> None:
-            if severity <= trt.ILogger.Severity.INFO:
+            # Lower is more severe: INTERNAL_ERROR 0, ERROR 1, WARNING 2, INFO 3, VERBOSE 4.
+            if int(severity) <= int(trt.ILogger.Severity.INFO):
                 self.file.write(f"{time.strftime('%H:%M:%S')} {getattr(severity, 'name', severity)} {msg}\n")
-            if severity <= trt.ILogger.Severity.WARNING:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 log.warning("TensorRT: %s", msg)
 
     return BuildLog()
@@ -164,7 +165,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def serialize_engine(
-    trt: ModuleType, logger: Any, graph: Path, ranges: Sequence[ShapeRange], precision: str, timing: Path
+    trt: ModuleType,
+    logger: Any,
+    graph: Path,
+    ranges: Sequence[ShapeRange],
+    precision: str,
+    timing: Path,
+    workspace_gib: float | None = None,
 ) -> tuple[bytes, str]:
     """Parse `graph`, build an engine for `ranges`, update the timing cache; the bytes and the input type."""
     builder = trt.Builder(logger)
@@ -172,7 +179,7 @@ def serialize_engine(
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(graph)):  # from the file, so external weights resolve beside it
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {graph.name}: {errors}")
     inputs = [network.get_input(i) for i in range(network.num_inputs)]
     config = builder.create_builder_config()
@@ -185,8 +192,12 @@ def serialize_engine(
         config.add_optimization_profile(shape_range)
     if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: parity holds it to 0.9999
+    if workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     cache = config.create_timing_cache(timing.read_bytes() if timing.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        log.warning("the timing cache %s does not fit this GPU or TensorRT; starting an empty one", timing)
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {graph.name}: see {ENGINE_DIR}/build.log")
@@ -239,7 +250,9 @@ def _build_profile(
         return BuildResult(profile=profile.name, status="up to date", engine=kept)
     start = time.monotonic()
     graph = directory / profile.file
-    data, input_dtype = serialize_engine(build.trt, build.logger, graph, build.ranges, profile.precision, build.timing)
+    data, input_dtype = serialize_engine(
+        build.trt, build.logger, graph, build.ranges, profile.precision, build.timing, options.workspace_gib
+    )
     name = engine_name(profile, key)
     # Written beside its final name and moved there only once it passes: a listed engine is never replaced by a bad one.
     staged = directory / f"{name}.new"

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profiles", help="comma-separated profile names (default: every fp32 and fp16 profile)")
     parser.add_argument("--force", action="store_true", help="rebuild even where an engine with the same key exists")
     parser.add_argument("--device", type=int, default=0, help="CUDA device index (default 0)")
+    parser.add_argument(
+        "--workspace-gib", type=float, help="TensorRT builder workspace limit in GiB (default: its own)"
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check against ONNX Runtime CPU")
     parser.add_argument("--dry-run", action="store_true", help="print the profiles and shape ranges, build nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -91,6 +94,7 @@ def options_from_args(args: argparse.Namespace) -> EngineBuildOptions:
         force=args.force,
         validate=not args.no_validate,
         device_id=args.device,
+        workspace_gib=args.workspace_gib,
     )
 
 

@@ -39,6 +39,9 @@ def import_tensorrt() -> ModuleType:
         import tensorrt
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
         raise BackendUnavailableError(f"TensorRT is not installed here ({e}): {GPU_EXTRA}") from None
+    major = str(getattr(tensorrt, "__version__", "0")).split(".")[0]
+    if not major.isdigit() or int(major) < 10:  # the name-based I/O API and strong typing arrived in 10
+        raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} is older than 10: {GPU_EXTRA}")
     return tensorrt
 
 
@@ -87,7 +90,7 @@ class TensorRtBackend:
             raise ArtifactError(f"{path} has tensors {names}; the artifact feeds {feeds} and reads {OUTPUT_NAME}")
         # The installed TensorRT decides the integer type of the token inputs (INT64 from 10 on).
         self._dtypes = {n: np.dtype(numpy_dtype(self._engine.get_tensor_dtype(n))) for n in names}
-        self.dims = int(self._engine.get_tensor_shape(OUTPUT_NAME)[-1])
+        self.dims = int(tuple(self._engine.get_tensor_shape(OUTPUT_NAME))[-1])
         self._pad_id, self._side = tokenizer.pad_token_id, tokenizer.padding_side
         self._context = self._engine.create_execution_context()
         self._stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
@@ -124,7 +127,8 @@ class TensorRtBackend:
             staged.host[: data.nbytes] = data.reshape(-1).view(np.uint8)
             copied = cudart.cudaMemcpyAsync(staged.device, staged.host_ptr, data.nbytes, to_device, stream)
             cuda_check(cudart, copied, "cudaMemcpyAsync to device")
-            context.set_input_shape(name, data.shape)
+            if not context.set_input_shape(name, data.shape):
+                raise RuntimeError(f"TensorRT refused shape {data.shape} for {name} in shape range {chunk.range_index}")
             context.set_tensor_address(name, staged.device)
         out = self._buffers[OUTPUT_NAME]
         context.set_tensor_address(OUTPUT_NAME, out.device)
