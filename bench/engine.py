@@ -1,0 +1,326 @@
+"""`mrl-bench engine`: backends x profiles x batch sizes x sequence lengths, against the PyTorch baseline."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.bench import flops, memory
+from mrl.bench.runners import (
+    BASELINE,
+    EmbedderRunner,
+    Runner,
+    SentenceTransformerRunner,
+    cuda_available,
+    device_peak_mib,
+    plan_baseline,
+    reset_device_peak,
+    torch_present,
+)
+from mrl.bench.stats import interleaved_order, ratio, summarize, throughput
+from mrl.bench.texts import cycle, texts_of_length
+from mrl.runtime.errors import InvalidInputError
+from mrl.runtime.manifest import Manifest, load_manifest
+from mrl.runtime.tokenize import TextTokenizer
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """What `mrl-bench engine` measures and how often."""
+
+    artifact: Path
+    backends: tuple[str, ...] = ("onnxruntime",)
+    precisions: tuple[str, ...] | None = None  # None: every precision the artifact has
+    dims: tuple[int, ...] | None = None  # None: every dims it serves
+    batch_sizes: tuple[int, ...] = (1, 32)
+    seq_lens: tuple[int, ...] = (32,)
+    texts: tuple[str, ...] | None = None  # real texts replace the synthetic seq lens
+    warmup: int = 5
+    repeats: int = 50
+    baseline: str = "auto"
+    threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    ceiling: bool = True
+
+    def __post_init__(self) -> None:
+        if self.warmup < 1 or self.repeats < 2:
+            raise InvalidInputError("need at least 1 warm-up call and 2 repetitions per cell")
+        if self.baseline not in ("auto", "none", "cpu", "cuda"):
+            raise InvalidInputError(f"baseline must be auto, none, cpu or cuda, not {self.baseline!r}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise InvalidInputError("batch sizes must be at least 1")
+        if self.texts is not None and not self.texts:
+            raise InvalidInputError("the texts file holds no texts")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellTiming:
+    """One runner's measurements in one cell."""
+
+    seconds: list[float]
+    peak_rss_mib: float | None
+    peak_device_mib: float | None
+
+
+def pair_baseline(precision: str, baseline_precisions: Sequence[str]) -> str | None:
+    """The baseline precision a backend's precision is compared with: its own where it runs, else fp32."""
+    if precision in baseline_precisions:
+        return precision
+    return "fp32" if "fp32" in baseline_precisions else None
+
+
+def measure_cell(
+    runners: Sequence[Runner], batches: Sequence[list[str]], dims: int, warmup: int
+) -> dict[str, CellTiming]:
+    """Warm each runner up alone (peak memory window), then time all of them interleaved, batch by batch.
+
+    `batches[i]` is what every runner embeds in round i, so all see the same texts in the same order.
+    """
+    peaks: dict[str, tuple[float | None, float | None]] = {}
+    for r in runners:
+        memory.reset_peak_rss()
+        reset_device_peak(r)
+        for i in range(warmup):
+            r.timed(batches[i % len(batches)], dims)
+        peaks[r.label] = (memory.peak_rss_mib(), device_peak_mib(r))
+    seconds: dict[str, list[float]] = {r.label: [] for r in runners}
+    by_label = {r.label: r for r in runners}
+    for step, label in enumerate(interleaved_order(list(by_label), len(batches))):
+        elapsed, _ = by_label[label].timed(batches[step // len(by_label)], dims)
+        seconds[label].append(elapsed)
+    return {
+        label: CellTiming(seconds=s, peak_rss_mib=peaks[label][0], peak_device_mib=peaks[label][1])
+        for label, s in seconds.items()
+    }
+
+
+def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Min and mean row-wise cosine of two `[n, d]` arrays."""
+    an = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    bn = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    cos = np.sum(an * bn, axis=1)
+    return {"min": float(cos.min()), "mean": float(cos.mean())}
+
+
+def reference_label(runners: Sequence[Runner]) -> str | None:
+    """Which runner others are checked against: the PyTorch fp32 baseline, else the first fp32 runner."""
+    fp32 = [r for r in runners if r.precision == "fp32"]
+    for r in fp32:
+        if r.backend == BASELINE:
+            return r.label
+    return fp32[0].label if fp32 else None
+
+
+def load_runners(config: EngineConfig, manifest: Manifest, progress: Progress) -> tuple[list[Runner], dict[str, Any]]:
+    """Load every backend x precision and the planned baseline; also what loading each one cost in RSS."""
+    precisions = config.precisions or tuple(manifest.precisions)
+    missing = [p for p in precisions if p not in manifest.precisions]
+    if missing:
+        raise InvalidInputError(
+            f"the artifact has no {', '.join(missing)} profiles; it has {', '.join(manifest.precisions)}"
+        )
+    present = torch_present()
+    plan = plan_baseline(
+        config.baseline,
+        manifest.source,
+        torch_present=present,
+        cuda=present and config.baseline != "none" and cuda_available(),
+    )
+    if config.baseline in ("cpu", "cuda") and plan.device is None:
+        raise InvalidInputError(f"cannot run the baseline: {plan.reason}")
+    progress(f"baseline: {plan.reason}")
+    runners: list[Runner] = []
+    load_mib: dict[str, float | None] = {}
+    makers: list[Callable[[], Runner]] = [
+        (lambda b=b, p=p: EmbedderRunner(config.artifact, b, p, config.threads))
+        for b in config.backends
+        for p in precisions
+    ]
+    makers += [
+        (lambda p=p: SentenceTransformerRunner(manifest.source["path"], plan.device, p, config.threads))
+        for p in plan.precisions
+    ]
+    for make in makers:
+        before = memory.rss_mib()
+        runner = make()
+        after = memory.rss_mib()
+        load_mib[runner.label] = None if before is None or after is None else after - before
+        progress(f"loaded {runner.label} on {', '.join(runner.providers)}")
+        runners.append(runner)
+    return runners, {"baseline": dataclasses.asdict(plan), "load_rss_mib": load_mib}
+
+
+def measure_peaks(baseline_device: str | None, threads: int, progress: Progress) -> dict[tuple[str, str], flops.Peak]:
+    """GEMM peaks on this machine's CPU (and the baseline's GPU), keyed (device, dtype), best library per key."""
+    progress("measuring GEMM peaks (the ceiling)")
+    found = [("cpu", p) for p in [flops.numpy_fp32_peak(), *flops.onnxruntime_peaks(threads=threads)]]
+    if baseline_device is not None:  # torch is loaded already for the baseline: measure its GEMM too
+        found += [(baseline_device, p) for p in flops.torch_peaks(baseline_device)]
+    best: dict[tuple[str, str], flops.Peak] = {}
+    for device, p in found:
+        key = (device, p.dtype)
+        if key not in best or p.flops_per_s > best[key].flops_per_s:
+            best[key] = p
+    return best
+
+
+def quality(runners: Sequence[Runner], texts: Sequence[str], dims: int) -> dict[str, dict[str, Any] | None]:
+    """Each runner's min / mean cosine to the reference runner on the same texts (batches of 32)."""
+    ref = reference_label(runners)
+    if ref is None:
+        return {r.label: None for r in runners}
+    outputs = {}
+    for r in runners:
+        outputs[r.label] = np.concatenate([r.timed(texts[i : i + 32], dims)[1] for i in range(0, len(texts), 32)])
+    return {r.label: {"reference": ref, **cosine_stats(outputs[r.label], outputs[ref])} for r in runners}
+
+
+def build_row(
+    runner: Runner,
+    timing: CellTiming,
+    *,
+    cell: dict[str, Any],
+    tokens_per_text: float,
+    flops_per_token: float | None,
+    peak: flops.Peak | None,
+) -> dict[str, Any]:
+    """One result row: latency percentiles, throughput, memory, FLOP/s against the peak."""
+    texts_per_s = throughput(cell["batch_size"], timing.seconds)
+    tokens_per_s = texts_per_s * tokens_per_text
+    achieved = None if flops_per_token is None else flops_per_token * tokens_per_s
+    return {
+        "backend": runner.backend,
+        "precision": runner.precision,
+        "device": runner.device,
+        "providers": runner.providers,
+        **cell,
+        "tokens_per_text": tokens_per_text,
+        "latency": dataclasses.asdict(summarize(timing.seconds)),
+        "texts_per_s": texts_per_s,
+        "tokens_per_s": tokens_per_s,
+        "peak_rss_mib": timing.peak_rss_mib,
+        "peak_device_mib": timing.peak_device_mib,
+        "speedup": None,
+        "flops_per_token": flops_per_token,
+        "flops_per_s": achieved,
+        "peak": None if peak is None else dataclasses.asdict(peak),
+        "fraction_of_peak": ratio(achieved, None if peak is None else peak.flops_per_s),
+        "samples_ms": [round(s * 1000, 4) for s in timing.seconds],
+    }
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Fill each row's `speedup`: its texts/s over the paired baseline's in the same cell."""
+    key = ("dims", "batch_size", "seq_len")
+    baselines = {(tuple(r[k] for k in key), r["precision"]): r for r in rows if r["backend"] == BASELINE}
+    for row in rows:
+        cell = tuple(row[k] for k in key)
+        available = [p for (c, p) in baselines if c == cell]
+        paired = pair_baseline(row["precision"], available)
+        if paired is None:
+            continue
+        base = baselines[(cell, paired)]
+        row["speedup"] = {
+            "vs": f"{BASELINE} {paired} {base['device']}",
+            "ratio": ratio(row["texts_per_s"], base["texts_per_s"]),
+        }
+
+
+def _cells(config: EngineConfig, tokenizer: TextTokenizer, progress: Progress) -> list[tuple[int | None, list[str]]]:
+    if config.texts is not None:
+        return [(None, list(config.texts))]
+    pool = max(config.batch_sizes) * 2  # two batches' worth: rounds see different texts
+    pools = []
+    for n in config.seq_lens:
+        progress(f"making {pool} texts of {n} tokens")
+        pools.append((n, texts_of_length(tokenizer, n, pool)))
+    return pools
+
+
+def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run every cell; returns result rows and extra facts (baseline plan, peaks, load memory)."""
+    manifest = load_manifest(config.artifact)
+    tokenizer = TextTokenizer.load(config.artifact, manifest.tokenizer)
+    dims_list = config.dims or tuple(manifest.dims)
+    above = [d for d in dims_list if d > max(manifest.dims)]
+    if above:
+        raise InvalidInputError(f"dims {above[0]} is above the largest served dims {max(manifest.dims)}")
+    runners, extra = load_runners(config, manifest, progress)
+    try:
+        baseline_device = extra["baseline"]["device"]
+        peaks = measure_peaks(baseline_device, config.threads, progress) if config.ceiling else {}
+        extra["peaks"] = [{"device": d, **dataclasses.asdict(p)} for (d, p) in peaks.items()]
+        model_config = flops.find_model_config(manifest.source.get("path"))
+        extra["model_config_found"] = model_config is not None
+        rows: list[dict[str, Any]] = []
+        pools = _cells(config, tokenizer, progress)
+        n_cells = len(dims_list) * len(pools) * len(config.batch_sizes)
+        done = 0
+        for dims in dims_list:
+            for seq_len, pool in pools:
+                checked = quality(runners, pool[:64], dims)
+                for batch in config.batch_sizes:
+                    done += 1
+                    batches = [cycle(pool, batch, i * batch) for i in range(config.repeats)]
+                    tokens = float(np.mean([e.n_tokens for b in batches for e in tokenizer.encode(b)]))
+                    progress(f"cell {done}/{n_cells}: dims {dims}, batch {batch}, {tokens:.1f} tokens/text")
+                    timings = measure_cell(runners, batches, dims, config.warmup)
+                    fpt = None if model_config is None else flops.flops_per_token(model_config, tokens)
+                    for r in runners:
+                        row = build_row(
+                            r,
+                            timings[r.label],
+                            cell={"dims": dims, "batch_size": batch, "seq_len": seq_len},
+                            tokens_per_text=tokens,
+                            flops_per_token=fpt,
+                            peak=flops.peak_for(r.precision, {k[1]: v for k, v in peaks.items() if k[0] == r.device}),
+                        )
+                        rows.append({**row, "cosine_vs_reference": checked[r.label]})
+        add_speedups(rows)
+    finally:
+        for r in runners:
+            r.close()
+    return rows, extra
+
+
+def engine_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table `mrl-bench engine` prints."""
+    from mrl.bench.report import markdown_table
+
+    headers = [
+        "backend", "precision", "dims", "batch", "seq", "tok/text", "p50 ms", "p90 ms", "p99 ms",
+        "texts/s", "tokens/s", "speed-up", "vs", "GFLOP/s", "% of peak", "peak RSS MiB", "cos mean", "cos min",
+    ]  # fmt: skip
+    body = []
+    for r in rows:
+        lat, sp, cos = r["latency"], r.get("speedup") or {}, r.get("cosine_vs_reference") or {}
+        body.append(
+            [
+                r["backend"] + ("" if r["device"] == "cpu" else f" ({r['device']})"),
+                r["precision"],
+                r["dims"],
+                r["batch_size"],
+                r["seq_len"] if r["seq_len"] is not None else "file",
+                r["tokens_per_text"],
+                lat["p50_ms"],
+                lat["p90_ms"],
+                lat["p99_ms"],
+                r["texts_per_s"],
+                r["tokens_per_s"],
+                None if sp.get("ratio") is None else f"{sp['ratio']:.2f}x",
+                sp.get("vs"),
+                None if r["flops_per_s"] is None else r["flops_per_s"] / 1e9,
+                None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"],
+                r["peak_rss_mib"],
+                None if not cos else f"{cos['mean']:.5f}",
+                None if not cos else f"{cos['min']:.5f}",
+            ]
+        )
+    return markdown_table(headers, body)

@@ -1,0 +1,188 @@
+"""What `mrl-bench engine` times: a runtime backend through the Embedder, or the PyTorch baseline.
+
+Every runner takes the same list of texts and returns unit vectors of the asked dims, so the
+timings include tokenisation on both sides: texts in, vectors out, as a caller sees it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mrl.runtime.backends import resolve_backend
+from mrl.runtime.embedder import Embedder
+from mrl.runtime.errors import BackendUnavailableError
+from mrl.runtime.manifest import load_manifest
+
+BASELINE = "pytorch"
+
+
+class Runner(Protocol):
+    """One thing to time: embeds a batch and says how long it took by its device's clock."""
+
+    label: str
+    backend: str
+    precision: str
+    device: str
+    providers: list[str]
+
+    def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
+        """Embed one batch; returns (seconds, `[len(texts), dims]` unit vectors)."""
+        ...
+
+    def close(self) -> None:
+        """Release the model."""
+        ...
+
+
+class EmbedderRunner:
+    """A runtime backend (onnxruntime, tensorrt, ...) of one precision through `Embedder`."""
+
+    def __init__(self, artifact: Path, backend: str, precision: str, threads: int) -> None:
+        # Only onnxruntime takes a thread count; other backends reject unknown options.
+        name = resolve_backend(backend, artifact, load_manifest(artifact, verify=False))
+        options: dict[str, Any] = {"intra_op_threads": threads} if name == "onnxruntime" else {}
+        self.embedder = Embedder.load(artifact, name, precision=precision, **options)
+        self.embedder.warmup()
+        self.backend = self.embedder.backend_name
+        self.precision = precision
+        self.providers = self.embedder.providers
+        gpu = any(p.startswith(("CUDA", "Tensorrt")) for p in self.providers) or backend == "tensorrt"
+        self.device = "cuda" if gpu else "cpu"
+        self.label = f"{self.backend} {precision}"
+
+    def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
+        """Embed as one batch; the result is host memory, so the clock stops after the device is done."""
+        start = time.perf_counter()
+        out = self.embedder.embed(texts, dims, batch_size=len(texts))
+        return time.perf_counter() - start, out
+
+    def close(self) -> None:
+        """Release the backend sessions."""
+        self.embedder.close()
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaselinePlan:
+    """Which PyTorch baseline runs, or why none does."""
+
+    device: str | None
+    precisions: tuple[str, ...]
+    reason: str
+
+
+def plan_baseline(request: str, source: dict[str, Any], *, torch_present: bool, cuda: bool) -> BaselinePlan:
+    """Decide the baseline: `request` is auto, none, cpu or cuda; GPUs run fp32 and fp16."""
+    if request == "none":
+        return BaselinePlan(device=None, precisions=(), reason="baseline turned off (--baseline none)")
+    if not torch_present:
+        return BaselinePlan(
+            device=None,
+            precisions=(),
+            reason="torch or sentence-transformers is not installed: pip install torch sentence-transformers",
+        )
+    path = source.get("path")
+    if source.get("kind") == "onnx" or not path or not Path(path).exists():
+        return BaselinePlan(
+            device=None,
+            precisions=(),
+            reason=f"the source model ({path}) is not a sentence-transformers directory here",
+        )
+    if request == "cuda" and not cuda:
+        return BaselinePlan(device=None, precisions=(), reason="--baseline cuda asked for, but torch sees no CUDA GPU")
+    device = "cuda" if request == "cuda" or (request == "auto" and cuda) else "cpu"
+    precisions = ("fp32", "fp16") if device == "cuda" else ("fp32",)
+    return BaselinePlan(device=device, precisions=precisions, reason=f"sentence-transformers on {device}")
+
+
+def torch_present() -> bool:
+    """Whether torch and sentence-transformers can be imported (without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "sentence_transformers"))
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (imports torch: call only when planning a baseline)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+class SentenceTransformerRunner:
+    """The source model through sentence-transformers: `truncate_dim` and normalisation, inference mode."""
+
+    backend = BASELINE
+
+    def __init__(self, path: str, device: str, precision: str, threads: int) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        self._torch = torch
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.model = SentenceTransformer(path, device=device)
+        if precision == "fp16":
+            self.model.half()
+        elif precision != "fp32":
+            raise BackendUnavailableError(f"the PyTorch baseline runs fp32 or fp16, not {precision}")
+        self.model.eval()
+        self.device = device
+        self.precision = precision
+        self.providers = [f"torch {torch.__version__} {device}"]
+        self.label = f"{BASELINE} {precision}" + (" cuda" if device == "cuda" else "")
+        self.timed(["warm-up"], 8)
+
+    def _encode(self, texts: Sequence[str], dims: int) -> np.ndarray:
+        with self._torch.inference_mode():
+            out = self.model.encode(
+                list(texts),
+                batch_size=len(texts),
+                truncate_dim=dims,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return np.asarray(out, dtype=np.float32)
+
+    def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
+        """Embed as one batch; on CUDA timed with CUDA events after a synchronise (the device's clock)."""
+        torch = self._torch
+        if self.device != "cuda":
+            start = time.perf_counter()
+            out = self._encode(texts, dims)
+            return time.perf_counter() - start, out
+        torch.cuda.synchronize()  # nothing queued earlier may land inside this measurement
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        out = self._encode(texts, dims)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1000, out
+
+    def close(self) -> None:
+        """Drop the model and cached device memory."""
+        self.model = None
+        if self.device == "cuda":
+            self._torch.cuda.empty_cache()
+
+
+def reset_device_peak(runner: Runner) -> None:
+    """Start a fresh peak-memory window on the runner's GPU (no-op on CPU)."""
+    if runner.device == "cuda" and runner.backend == BASELINE:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+
+
+def device_peak_mib(runner: Runner) -> float | None:
+    """Peak GPU memory allocated by torch since the last reset (None where not measurable)."""
+    if runner.device == "cuda" and runner.backend == BASELINE:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return None
