@@ -1,0 +1,224 @@
+"""`mrl-bench tradeoff`: how small can I go? Quality, bytes and encode time for every dims and encoding."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrl.bench import retrieval
+from mrl.bench.report import markdown_table
+from mrl.bench.texts import Pair
+from mrl.runtime.backends import resolve_backend
+from mrl.runtime.embedder import Embedder
+from mrl.runtime.errors import InvalidInputError
+from mrl.runtime.manifest import load_manifest
+
+Progress = Callable[[str], None]
+QUERY_CHUNK = 256  # queries scored at once: bounds memory at 256 x corpus size
+
+
+@dataclass(frozen=True, kw_only=True)
+class TradeoffConfig:
+    """What `mrl-bench tradeoff` evaluates."""
+
+    artifact: Path
+    corpus: tuple[str, ...]
+    pairs: tuple[Pair, ...] = ()
+    precisions: tuple[str, ...] | None = None
+    encodings: tuple[str, ...] = ("float32", "int8", "ubinary")
+    k: int = 10
+    max_queries: int = 1000
+    target_recall: float = 0.95
+    batch_size: int = 32
+    backend: str = "auto"
+    threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.encodings if e not in retrieval.ENCODINGS]
+        if unknown:
+            raise InvalidInputError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(retrieval.ENCODINGS)}")
+        if len(set(self.corpus)) <= self.k:
+            raise InvalidInputError(f"the corpus needs more than k={self.k} distinct documents")
+        if not 0 < self.target_recall <= 1:
+            raise InvalidInputError(f"target recall must be within (0, 1], not {self.target_recall}")
+
+
+def unique(texts: Sequence[str]) -> list[str]:
+    """Texts in first-seen order without duplicates (a duplicate would be a tie, not a neighbour)."""
+    return list(dict.fromkeys(texts))
+
+
+def knn(
+    queries: retrieval.Encoded, docs: retrieval.Encoded, dims: int, k: int, exclude: Sequence[int] | None
+) -> np.ndarray:
+    """Top-k document indices for every query, scored in chunks of queries."""
+    parts = []
+    for start in range(0, len(queries.codes), QUERY_CHUNK):
+        chunk = retrieval.Encoded(codes=queries.codes[start : start + QUERY_CHUNK], encoding=queries.encoding)
+        skip = None if exclude is None else exclude[start : start + QUERY_CHUNK]
+        parts.append(retrieval.top_k(retrieval.scores(chunk, docs, dims), k, skip))
+    return np.concatenate(parts)
+
+
+def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Smallest dims meeting `target` label-free recall per precision and encoding, and the fewest bytes overall."""
+    per_variant: dict[str, int | None] = {}
+    for key in dict.fromkeys((r["precision"], r["encoding"]) for r in rows):
+        ok = [r["dims"] for r in rows if (r["precision"], r["encoding"]) == key and r["recall_at_10"] >= target]
+        per_variant[f"{key[0]}/{key[1]}"] = min(ok) if ok else None
+    passing = [r for r in rows if r["recall_at_10"] >= target]
+    best = min(passing, key=lambda r: (r["bytes_per_vector"], -r["recall_at_10"])) if passing else None
+    return {
+        "target_recall_at_10": target,
+        "smallest_dims": per_variant,
+        "fewest_bytes": None
+        if best is None
+        else {k: best[k] for k in ("precision", "dims", "encoding", "bytes_per_vector", "recall_at_10")},
+    }
+
+
+def _embed_timed(
+    embedder: Embedder, texts: Sequence[str], dims: int, batch: int, prompt: str | None
+) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    vectors = embedder.embed(texts, dims, prompt, batch_size=batch)
+    return vectors, time.perf_counter() - start
+
+
+def _prompt(embedder: Embedder, name: str) -> str | None:
+    # Models trained with query/document prompts must get them here too, or quality is understated.
+    return name if name in embedder.manifest.prompts else None
+
+
+def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Embed the corpus with every profile, score every encoding; returns rows and extra facts."""
+    manifest = load_manifest(config.artifact)
+    precisions = config.precisions or tuple(manifest.precisions)
+    missing = [p for p in precisions if p not in manifest.precisions]
+    if missing:
+        raise InvalidInputError(f"the artifact has no {missing[0]} profiles; it has {', '.join(manifest.precisions)}")
+    docs = unique(config.corpus)
+    labelled = bool(config.pairs)
+    pool = unique([*docs, *(p.positive for p in config.pairs)]) if labelled else docs
+    positive_index = {t: i for i, t in enumerate(pool)}
+    query_rows = retrieval.sample_indices(len(docs), config.max_queries)
+    reference_precision = "fp32" if "fp32" in manifest.precisions else manifest.precisions[0]
+    full = max(manifest.dims)
+    extra: dict[str, Any] = {
+        "n_documents": len(docs),
+        "duplicates_removed": len(config.corpus) - len(docs),
+        "n_label_free_queries": len(query_rows),
+        "n_pairs": len(config.pairs),
+        "labelled_pool": len(pool) if labelled else None,
+        "reference": f"{reference_precision} float32 at dims {full}",
+        "full_dims": manifest.full_dims,
+        "trained_dims": manifest.trained_dims,
+    }
+    if full != manifest.full_dims:
+        progress(
+            f"the widest profile has {full} dims, below the model's {manifest.full_dims}: recall is relative to {full}"
+        )
+    progress(f"embedding {len(docs)} documents with {reference_precision} at dims {full} (the reference)")
+    embedder = _load(config, reference_precision)
+    try:
+        ref_vectors = embedder.embed(docs, full, _prompt(embedder, "document"), batch_size=config.batch_size)
+    finally:
+        embedder.close()
+    enc_ref = retrieval.encode(ref_vectors, "float32")
+    reference = knn(
+        retrieval.Encoded(codes=enc_ref.codes[query_rows], encoding="float32"), enc_ref, full, config.k, query_rows
+    )
+    rows: list[dict[str, Any]] = []
+    for precision in precisions:
+        embedder = _load(config, precision)
+        try:
+            doc_prompt, query_prompt = _prompt(embedder, "document"), _prompt(embedder, "query")
+            for dims in sorted(embedder.manifest.dims, reverse=True):
+                progress(f"embedding {len(pool)} documents with {precision} at dims {dims}")
+                vectors, seconds = _embed_timed(embedder, pool, dims, config.batch_size, doc_prompt)
+                queries = None
+                if labelled:
+                    queries, _ = _embed_timed(
+                        embedder, [p.query for p in config.pairs], dims, config.batch_size, query_prompt
+                    )
+                corpus_vectors = vectors[: len(docs)]
+                for encoding in config.encodings:
+                    enc_docs = retrieval.encode(corpus_vectors, encoding)
+                    found = knn(
+                        retrieval.Encoded(codes=enc_docs.codes[query_rows], encoding=encoding),
+                        enc_docs,
+                        dims,
+                        config.k,
+                        exclude=query_rows,
+                    )
+                    row: dict[str, Any] = {
+                        "precision": precision,
+                        "dims": dims,
+                        "encoding": encoding,
+                        "bytes_per_vector": retrieval.bytes_per_vector(encoding, dims),
+                        "index_bytes": retrieval.bytes_per_vector(encoding, dims) * len(docs),
+                        "recall_at_10": retrieval.neighbour_recall(found, reference),
+                        "encode_ms_per_text": 1000 * seconds / len(pool),
+                        "encode_texts_per_s": len(pool) / seconds,
+                    }
+                    if labelled:
+                        row.update(_labelled(vectors, queries, config, positive_index, dims, encoding))
+                    rows.append(row)
+        finally:
+            embedder.close()
+    rows.sort(key=lambda r: (precisions.index(r["precision"]), config.encodings.index(r["encoding"]), -r["dims"]))
+    extra["recommendation"] = recommend(rows, config.target_recall)
+    return rows, extra
+
+
+def _labelled(
+    pool_vectors: np.ndarray,
+    queries: np.ndarray,
+    config: TradeoffConfig,
+    positive_index: dict[str, int],
+    dims: int,
+    encoding: str,
+) -> dict[str, float]:
+    # Queries are quantised with the documents' int8 ranges: a real index fixes them at build time.
+    docs = retrieval.encode(pool_vectors, encoding)
+    q = retrieval.encode(queries, encoding, calibration=pool_vectors if encoding == "int8" else None)
+    # A query whose exact text is also in the index would find itself first: leave that one out.
+    own = [positive_index.get(p.query, -1) if p.query != p.positive else -1 for p in config.pairs]
+    found = knn(q, docs, dims, config.k, exclude=own)
+    ranks = retrieval.ranks_of(found, [positive_index[p.positive] for p in config.pairs])
+    return {
+        "labelled_recall_at_10": retrieval.recall_at_k(ranks, config.k),
+        "mrr_at_10": retrieval.mrr_at_k(ranks, config.k),
+    }
+
+
+def _load(config: TradeoffConfig, precision: str) -> Embedder:
+    manifest = load_manifest(config.artifact, verify=False)
+    backend = resolve_backend(config.backend, config.artifact, manifest)
+    # Only onnxruntime takes a thread count; other backends reject options they do not know.
+    options: dict[str, Any] = {"intra_op_threads": config.threads} if backend == "onnxruntime" else {}
+    return Embedder.load(config.artifact, backend, precision=precision, **options)
+
+
+def tradeoff_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table `mrl-bench tradeoff` prints."""
+    labelled = any("mrr_at_10" in r for r in rows)
+    headers = ["precision", "dims", "encoding", "bytes/vector", "index MB", "recall@10 vs full"]
+    headers += ["recall@10 (pairs)", "MRR@10 (pairs)"] if labelled else []
+    headers += ["encode ms/text", "texts/s"]
+    body = []
+    for r in rows:
+        cells = [r["precision"], r["dims"], r["encoding"], r["bytes_per_vector"], r["index_bytes"] / 1e6]
+        cells.append(f"{r['recall_at_10']:.3f}")
+        if labelled:
+            cells += [f"{r['labelled_recall_at_10']:.3f}", f"{r['mrr_at_10']:.3f}"]
+        cells += [r["encode_ms_per_text"], r["encode_texts_per_s"]]
+        body.append(cells)
+    return markdown_table(headers, body)
