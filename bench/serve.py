@@ -1,0 +1,301 @@
+"""`mrl-bench serve`: a closed-loop load generator for `mrl-serve`, in the manner of perf_analyzer.
+
+Each of C workers sends a request, waits for the answer and sends the next, so C requests are
+always in flight. Every level is bounded by a request count and a wall-clock limit; the generator
+only ever connects to the one target it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mrl.bench.stats import ratio, summarize
+from mrl.bench.texts import cycle
+from mrl.runtime.errors import InvalidInputError
+
+Progress = Callable[[str], None]
+MAX_REQUESTS = 1_000_000  # per level: a typo in --requests must not run for days
+MAX_DURATION_S = 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """One concurrency sweep against one server."""
+
+    target: str
+    texts: tuple[str, ...]
+    concurrency: tuple[int, ...] = (1, 8, 32, 128)
+    requests: int | None = 1000  # measured requests per level (None: run for `duration_s`)
+    duration_s: float | None = None
+    warmup_requests: int | None = None  # per level; None: twice the concurrency
+    texts_per_request: int = 1
+    dims_mixes: tuple[tuple[int, ...] | None, ...] = (None,)  # None: the server's default dims
+    request_timeout_s: float = 60.0
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        check_target(self.target)
+        if not self.texts:
+            raise InvalidInputError("no texts to send")
+        if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 4096:
+            raise InvalidInputError("concurrency levels must be within 1..4096")
+        if (self.requests is None) == (self.duration_s is None):
+            raise InvalidInputError("give either a request count or a duration per level, not both")
+        if self.requests is not None and not 2 <= self.requests <= MAX_REQUESTS:
+            raise InvalidInputError(f"requests per level must be within 2..{MAX_REQUESTS:,}")
+        if self.duration_s is not None and not 0 < self.duration_s <= MAX_DURATION_S:
+            raise InvalidInputError(f"duration per level must be within 0..{MAX_DURATION_S:.0f} s")
+        if self.texts_per_request < 1:
+            raise InvalidInputError("texts per request must be at least 1")
+
+
+def check_target(target: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 in brackets), refusing anything else: schemes, paths, lists, bad ports."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or "/" in target or "," in target or " " in target:
+        raise InvalidInputError(f"target must be HOST:PORT, such as 127.0.0.1:50051, not {target!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise InvalidInputError(f"an IPv6 target needs brackets: [::1]:50051, not {target!r}")
+    elif ":" in host:
+        raise InvalidInputError(f"an IPv6 target needs brackets: [::1]:50051, not {target!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"target port must be within 1..65535, not {port!r}")
+    return host, int(port)
+
+
+def mix_label(mix: tuple[int, ...] | None) -> str:
+    """How a dims mix is named in tables and JSON."""
+    return "default" if mix is None else ",".join(map(str, mix))
+
+
+def dims_for(mix: tuple[int, ...] | None, index: int) -> int | None:
+    """The dims of request `index`: round-robin over the mix, so the split is exactly even."""
+    return None if mix is None else mix[index % len(mix)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outcome:
+    """One request's result, with when it was sent and answered (perf_counter seconds)."""
+
+    index: int
+    sent_at: float
+    done_at: float
+    code: str  # "OK" or the gRPC status name
+    texts: int
+    tokens: int = 0
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Latency as the client saw it."""
+        return self.done_at - self.sent_at
+
+
+async def _one(client, index: int, texts: list[str], dims: int | None, timeout: float) -> Outcome:
+    import grpc
+
+    sent = time.perf_counter()
+    try:
+        response = await client.embed_response(texts, dims=dims, timeout=timeout)
+    except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
+        code = e.code().name if callable(getattr(e, "code", None)) else "UNKNOWN"
+        return Outcome(index=index, sent_at=sent, done_at=time.perf_counter(), code=code, texts=0)
+    done = time.perf_counter()
+    if len(response.embeddings) != len(texts) or (dims is not None and response.dimensions != dims):
+        return Outcome(index=index, sent_at=sent, done_at=done, code="BAD_RESPONSE", texts=0)
+    return Outcome(
+        index=index,
+        sent_at=sent,
+        done_at=done,
+        code="OK",
+        texts=len(texts),
+        tokens=response.usage.input_tokens,
+        queue_ms=response.timing.queue_ms,
+        inference_ms=response.timing.inference_ms,
+    )
+
+
+async def run_level(client, config: ServeConfig, concurrency: int, mix: tuple[int, ...] | None) -> dict[str, Any]:
+    """Drive one concurrency level: warm-up requests, then the measured ones; returns its row."""
+    warmup = 2 * concurrency if config.warmup_requests is None else config.warmup_requests
+    last = warmup + (config.requests if config.requests is not None else MAX_REQUESTS)
+    limit = (config.duration_s or MAX_DURATION_S) + config.request_timeout_s + 60
+    hard_stop = time.perf_counter() + limit  # bounds the level even if the server stalls
+    deadline = [hard_stop]
+    issued = [0]
+    outcomes: list[Outcome] = []
+    n = config.texts_per_request
+
+    async def worker() -> None:
+        # One event loop runs every worker: reading and bumping `issued` between awaits is atomic.
+        while issued[0] < last and time.perf_counter() < deadline[0]:
+            index = issued[0]
+            issued[0] += 1
+            if index == warmup and config.duration_s is not None:
+                deadline[0] = min(hard_stop, time.perf_counter() + config.duration_s)
+            texts = cycle(config.texts, n, index * n)
+            outcomes.append(await _one(client, index, texts, dims_for(mix, index), config.request_timeout_s))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return level_row(outcomes, warmup=warmup, concurrency=concurrency, mix=mix)
+
+
+def measurement_window(outcomes: Sequence[Outcome], warmup: int) -> tuple[float, float] | None:
+    """From the first measured request's send to the last request's send.
+
+    In a closed loop every send follows a completion, so between these two sends exactly
+    `concurrency` requests are always in flight: neither the ramp-up nor the drain at the end,
+    when fewer are in flight, is inside the window.
+    """
+    measured = [o for o in outcomes if o.index >= warmup]
+    if len(measured) < 2:
+        return None
+    start = min(o.sent_at for o in measured)
+    end = max(o.sent_at for o in measured)
+    return (start, end) if end > start else None
+
+
+def level_row(
+    outcomes: Sequence[Outcome], *, warmup: int, concurrency: int, mix: tuple[int, ...] | None
+) -> dict[str, Any]:
+    """Throughput over the steady window, latency percentiles of successful measured requests, errors by code."""
+    measured = [o for o in outcomes if o.index >= warmup]
+    ok = [o for o in measured if o.code == "OK"]
+    errors = dict(sorted(Counter(o.code for o in measured if o.code != "OK").items()))
+    window = measurement_window(outcomes, warmup)
+    texts = tokens = done = 0
+    seconds = 0.0
+    if window is not None:
+        seconds = window[1] - window[0]
+        # Every request answered inside the window counts, warm-up ones too: they were real load.
+        inside = [o for o in outcomes if o.code == "OK" and window[0] < o.done_at <= window[1]]
+        texts, tokens, done = sum(o.texts for o in inside), sum(o.tokens for o in inside), len(inside)
+    return {
+        "dims_mix": mix_label(mix),
+        "concurrency": concurrency,
+        "requests": len(measured),
+        "ok": len(ok),
+        "errors": errors,
+        "seconds": seconds,
+        "texts_per_s": texts / seconds if seconds > 0 else None,
+        "requests_per_s": done / seconds if seconds > 0 else None,
+        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "latency": dataclasses.asdict(summarize([o.seconds for o in ok])) if ok else None,
+        "server_queue_ms_mean": sum(o.queue_ms for o in ok) / len(ok) if ok else None,
+        "server_inference_ms_mean": sum(o.inference_ms for o in ok) / len(ok) if ok else None,
+    }
+
+
+async def sweep(
+    config: ServeConfig, progress: Progress, *, root_certificates: bytes | None = None
+) -> list[dict[str, Any]]:
+    """Every concurrency level, each dims mix within a level back to back so they see the same machine."""
+    from mrl.serving.client import AsyncEmbedClient
+
+    client = AsyncEmbedClient(config.target, token=config.token, root_certificates=root_certificates)
+    rows = []
+    try:
+        for concurrency in config.concurrency:
+            for mix in config.dims_mixes:
+                progress(f"concurrency {concurrency}, dims {mix_label(mix)}")
+                row = await run_level(client, config, concurrency, mix)
+                p50 = (row["latency"] or {}).get("p50_ms") or float("nan")
+                errors = row["errors"] or "none"
+                progress(f"  {row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}")
+                rows.append(row)
+    finally:
+        await client.close()
+    return rows
+
+
+def offline_throughput(
+    artifact: Path, texts: Sequence[str], *, precision: str | None, threads: int, min_seconds: float = 5.0
+) -> dict[str, Any]:
+    """The offline Embedder at batch 32 on the same texts: texts/s over whole passes, at least `min_seconds`."""
+    from mrl.runtime.backends import resolve_backend
+    from mrl.runtime.embedder import Embedder
+    from mrl.runtime.manifest import load_manifest
+
+    name = resolve_backend("auto", Path(artifact), load_manifest(artifact, verify=False))
+    options = {"intra_op_threads": threads} if name == "onnxruntime" else {}
+    embedder = Embedder.load(artifact, name, precision=precision, **options)
+    try:
+        embedder.embed(list(texts[:64]), batch_size=32)  # warm-up
+        passes = []
+        start = time.perf_counter()
+        while not passes or time.perf_counter() - start < min_seconds:
+            t0 = time.perf_counter()
+            embedder.embed(list(texts), batch_size=32)
+            passes.append(time.perf_counter() - t0)
+        return {
+            "artifact": str(artifact),
+            "precision": embedder.precision,
+            "batch_size": 32,
+            "texts": len(texts),
+            "passes": len(passes),
+            "texts_per_s": len(texts) * len(passes) / sum(passes),
+            "pass_seconds": passes,
+        }
+    finally:
+        embedder.close()
+
+
+def add_comparisons(rows: list[dict[str, Any]], offline_texts_per_s: float | None) -> None:
+    """Each row's throughput against the offline Embedder and, for mixed dims, against each single-dims mix."""
+    singles = {(r["concurrency"], r["dims_mix"]): r for r in rows if "," not in r["dims_mix"]}
+    for row in rows:
+        row["vs_offline"] = ratio(row["texts_per_s"], offline_texts_per_s)
+        if "," in row["dims_mix"]:
+            row["vs_single_dims"] = {
+                mix: ratio(row["texts_per_s"], other["texts_per_s"])
+                for (c, mix), other in singles.items()
+                if c == row["concurrency"]
+            }
+
+
+def serve_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The Markdown table `mrl-bench serve` prints."""
+    from mrl.bench.report import markdown_table
+
+    headers = [
+        "dims",
+        "concurrency",
+        "ok",
+        "errors",
+        "texts/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "server queue ms",
+        "vs offline",
+        "vs single dims",
+    ]
+    body = []
+    for r in rows:
+        lat = r["latency"] or {}
+        vs = r.get("vs_single_dims") or {}
+        body.append(
+            [
+                r["dims_mix"],
+                r["concurrency"],
+                r["ok"],
+                r["errors"] or "0",
+                r["texts_per_s"],
+                lat.get("p50_ms"),
+                lat.get("p90_ms"),
+                lat.get("p99_ms"),
+                r["server_queue_ms_mean"],
+                None if r.get("vs_offline") is None else f"{r['vs_offline']:.2f}",
+                ", ".join(f"{ratio_:.2f} vs {m}" for m, ratio_ in vs.items() if ratio_ is not None) or None,
+            ]
+        )
+    return markdown_table(headers, body)
