@@ -1,0 +1,385 @@
+"""`mrl-bench`: engine, serve and trade-off benchmarks; JSON out, Markdown on stdout, progress on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mrl.runtime.errors import MrlError
+
+EXAMPLES = """\
+examples:
+  mrl-bench engine artifacts/minilm --batch-sizes 1,32 --seq-lens 16,64,128
+  mrl-bench engine artifacts/minilm --precision fp32,int8 --dims 384 --texts texts.txt --out engine.json
+  mrl-bench engine artifacts/minilm --baseline cuda          # on a GPU: PyTorch fp32 and fp16 too
+  mrl-bench serve --target 127.0.0.1:50051 --concurrency 1,8,32,128 --requests 2000
+  mrl-bench serve --target 127.0.0.1:50051 --texts texts.txt --dims-mix 128 --dims-mix 64,128,256 \\
+      --offline-baseline artifacts/minilm
+  mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
+  mrl-bench corpus chatterbot --out data/chatterbot   # real offline texts: corpus, pairs, request texts
+  mrl-bench --compare before.json after.json
+
+Every command writes one JSON report (schema mrl-bench/1, with the environment), prints a
+Markdown table on stdout and progress on stderr.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one readable line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    values = []
+    for part in text.split(","):
+        try:
+            value = int(part.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected whole numbers separated by commas, got {part.strip()!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"values must be at least 1, got {value}")
+        values.append(value)
+    return tuple(values)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument("--out", type=Path, default=Path(default_out), help="JSON report path (default %(default)s)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads (default: all cores)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("-v", "--verbose", action="store_true", help="library warnings and tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for `mrl-bench`."""
+    parser = _Parser(
+        prog="mrl-bench",
+        description="Benchmark Matryoshka artifacts: engines against PyTorch, the gRPC server under load, "
+        "and retrieval quality against dims.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print two reports side by side"
+    )
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    e = sub.add_parser(
+        "engine",
+        help="latency and throughput per backend x profile x batch x length",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    e.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    e.add_argument("--backends", type=_names, default=("onnxruntime",), help="runtime backends (default onnxruntime)")
+    e.add_argument("--precision", type=_names, help="precisions to run (default: all the artifact has)")
+    e.add_argument("--dims", type=_ints, help="dims to run (default: all served)")
+    e.add_argument("--batch-sizes", type=_ints, default=(1, 32), help="default 1,32")
+    e.add_argument(
+        "--seq-lens", type=_ints, default=(32,), help="synthetic texts of exactly these token counts (default 32)"
+    )
+    e.add_argument("--texts", type=Path, help="real texts, one a line, instead of --seq-lens")
+    e.add_argument("--warmup", type=int, default=5, help="untimed calls per runner and cell (default 5)")
+    e.add_argument("--repeats", type=int, default=50, help="timed calls per runner and cell (default 50)")
+    e.add_argument(
+        "--baseline",
+        choices=["auto", "none", "cpu", "cuda"],
+        default="auto",
+        help="PyTorch baseline (default auto: when torch is installed; CUDA where present)",
+    )
+    e.add_argument("--no-ceiling", action="store_true", help="skip the GEMM peak measurement")
+    _common(e, "mrl-bench-engine.json")
+
+    s = sub.add_parser(
+        "serve",
+        help="closed-loop load on an mrl-serve server",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--target", required=True, help="HOST:PORT of the server; nothing else is contacted")
+    s.add_argument(
+        "--concurrency", type=_ints, default=(1, 8, 32, 128), help="requests in flight per level (default 1,8,32,128)"
+    )
+    amount = s.add_mutually_exclusive_group()
+    amount.add_argument("--requests", type=int, help="measured requests per level (default 1000)")
+    amount.add_argument("--duration", type=_positive_float, help="seconds per level instead of a request count")
+    s.add_argument("--warmup-requests", type=int, help="unmeasured requests per level (default: 2 x concurrency)")
+    s.add_argument("--texts", type=Path, help="request texts, one a line (default: built-in sentences)")
+    s.add_argument("--texts-per-request", type=int, default=1, help="default 1")
+    s.add_argument(
+        "--dims-mix",
+        action="append",
+        type=_ints,
+        help="dims sent round-robin, e.g. 64,128,256; repeat to compare mixes (default: server's dims)",
+    )
+    s.add_argument(
+        "--offline-baseline",
+        type=Path,
+        metavar="ARTIFACT",
+        help="also measure the offline Embedder at batch 32 on the same texts",
+    )
+    s.add_argument("--offline-precision", help="precision of the offline baseline (default: the manifest's first)")
+    s.add_argument("--timeout", type=_positive_float, default=60.0, help="per-request deadline in seconds (default 60)")
+    s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
+    s.add_argument("--tls-ca", type=Path, help="PEM root certificates: connect with TLS")
+    _common(s, "mrl-bench-serve.json")
+
+    t = sub.add_parser(
+        "tradeoff",
+        help="recall@10, bytes and encode time for every dims and encoding",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    t.add_argument("--corpus", type=Path, required=True, help="documents, one a line")
+    t.add_argument("--pairs", type=Path, help='JSONL of {"query": ..., "positive": ...} for labelled recall and MRR')
+    t.add_argument("--precision", type=_names, help="precisions (default: all the artifact has)")
+    t.add_argument(
+        "--encodings",
+        type=_names,
+        default=("float32", "int8", "ubinary"),
+        help="float32, float16, int8, ubinary (default float32,int8,ubinary)",
+    )
+    t.add_argument(
+        "--target-recall", type=float, default=0.95, help="recall@10 against full width to keep (default 0.95)"
+    )
+    t.add_argument(
+        "--max-queries", type=int, default=1000, help="corpus documents used as label-free queries (default 1000)"
+    )
+    t.add_argument("--batch-size", type=int, default=32, help="default 32")
+    t.add_argument("--plot", type=Path, help="PNG path (default: the --out path with .png)")
+    t.add_argument("--no-plot", action="store_true", help="write no plot")
+    _common(t, "mrl-bench-tradeoff.json")
+
+    c = sub.add_parser("corpus", help="write real offline benchmark texts (chatterbot-corpus)")
+    c.add_argument("source", choices=["chatterbot"])
+    c.add_argument("--out", type=Path, required=True, help="directory for corpus.txt, pairs.jsonl, texts-MIN-MAX.txt")
+    c.add_argument("--min-words", type=int, default=10)
+    c.add_argument("--max-words", type=int, default=40)
+    return parser
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    logging.basicConfig(format="mrl-bench: %(levelname)s: %(message)s", level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the baseline loads a local model; never download
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    for name in ("onnxruntime", "transformers", "sentence_transformers", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+    from mrl.bench.engine import EngineConfig, engine_table, run_engine
+    from mrl.bench.texts import read_lines
+
+    config = EngineConfig(
+        artifact=args.artifact,
+        backends=args.backends,
+        precisions=args.precision,
+        dims=args.dims,
+        batch_sizes=args.batch_sizes,
+        seq_lens=args.seq_lens,
+        texts=None if args.texts is None else tuple(read_lines(args.texts)),
+        warmup=args.warmup,
+        repeats=args.repeats,
+        baseline=args.baseline,
+        threads=args.threads,
+        ceiling=not args.no_ceiling,
+    )
+    rows, extra = run_engine(config, progress)
+    settings = {**vars(args), "texts": None if args.texts is None else str(args.texts)}
+    peaks = "; ".join(
+        f"{p['device']} {p['dtype']} {p['flops_per_s'] / 1e9:,.0f} GFLOP/s ({p['via']})" for p in extra.get("peaks", [])
+    )
+    notes = f"\nbaseline: {extra['baseline']['reason']}\nGEMM peaks: {peaks or 'not measured'}"
+    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, engine_table(rows) + notes
+
+
+def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+    from mrl.bench.serve import ServeConfig, add_comparisons, offline_throughput, serve_table, sweep
+    from mrl.bench.texts import passage_sentences, read_lines
+
+    texts = tuple(read_lines(args.texts)) if args.texts else tuple(passage_sentences())
+    token = args.token_file.read_text().strip() if args.token_file else None
+    roots = args.tls_ca.read_bytes() if args.tls_ca else None
+    config = ServeConfig(
+        target=args.target,
+        texts=texts,
+        concurrency=args.concurrency,
+        requests=None if args.duration else (args.requests or 1000),
+        duration_s=args.duration,
+        warmup_requests=args.warmup_requests,
+        texts_per_request=args.texts_per_request,
+        dims_mixes=tuple(args.dims_mix) if args.dims_mix else (None,),
+        request_timeout_s=args.timeout,
+        token=token,
+    )
+    extra: dict[str, Any] = {}
+    offline = []
+    if args.offline_baseline:
+        # Before and after the sweep: the pair shows how much the machine drifted during it.
+        progress(f"offline Embedder at batch 32 on {len(texts)} texts (before the sweep)")
+        offline.append(
+            offline_throughput(args.offline_baseline, texts, precision=args.offline_precision, threads=args.threads)
+        )
+    rows = asyncio.run(sweep(config, progress, root_certificates=roots))
+    if args.offline_baseline:
+        progress("offline Embedder again (after the sweep)")
+        offline.append(
+            offline_throughput(args.offline_baseline, texts, precision=args.offline_precision, threads=args.threads)
+        )
+        extra["offline"] = offline
+        extra["offline_texts_per_s"] = sum(o["texts_per_s"] for o in offline) / len(offline)
+    add_comparisons(rows, extra.get("offline_texts_per_s"))
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "token_file"}
+    note = ""
+    if offline:
+        note = (
+            "\noffline Embedder, batch 32: "
+            + ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
+            + " texts/s (before, after)"
+        )
+    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.offline_baseline}, serve_table(
+        rows
+    ) + note
+
+
+def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+    from mrl.bench.texts import read_lines, read_pairs
+    from mrl.bench.tradeoff import TradeoffConfig, run_tradeoff, tradeoff_table
+
+    config = TradeoffConfig(
+        artifact=args.artifact,
+        corpus=tuple(read_lines(args.corpus, what="corpus")),
+        pairs=tuple(read_pairs(args.pairs)) if args.pairs else (),
+        precisions=args.precision,
+        encodings=args.encodings,
+        max_queries=args.max_queries,
+        target_recall=args.target_recall,
+        batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    rows, extra = run_tradeoff(config, progress)
+    if not args.no_plot:
+        from mrl.bench.plot import plot_tradeoff
+
+        path = args.plot or args.out.with_suffix(".png")
+        title = f"{args.artifact.name}: {extra['n_documents']} documents from {args.corpus.name}"
+        extra["plot"] = str(plot_tradeoff(rows, path, target=args.target_recall, title=title))
+        progress(f"plot written to {path}")
+    rec = extra["recommendation"]
+    lines = [f"\nsmallest dims with recall@10 >= {rec['target_recall_at_10']} against {extra['reference']}:"]
+    lines += [
+        f"  {variant}: {dims if dims else 'none meets the target'}" for variant, dims in rec["smallest_dims"].items()
+    ]
+    best = rec["fewest_bytes"]
+    if best:
+        lines.append(
+            f"fewest bytes meeting it: {best['precision']} {best['encoding']} at dims {best['dims']} "
+            f"({best['bytes_per_vector']} bytes/vector, recall@10 {best['recall_at_10']:.3f})"
+        )
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_table(
+        rows
+    ) + "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mrl-bench`."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.compare:
+        return _compare(*args.compare)
+    if args.command is None:
+        parser.error("name a command (engine, serve, tradeoff, corpus) or use --compare A.json B.json")
+    _quiet_libraries(args.verbose if hasattr(args, "verbose") else False)
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        if not getattr(args, "quiet", False):
+            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    runners = {"engine": _run_engine, "serve": _run_serve, "tradeoff": _run_tradeoff}
+    try:
+        if args.command == "corpus":
+            return _corpus(args)
+        from mrl.bench import env
+        from mrl.bench.report import make_report, write_report
+
+        result, table = runners[args.command](args, progress)
+        report = make_report(
+            args.command,
+            command=["mrl-bench", *argv],
+            environment=env.collect(result["artifact"]),  # after the run: torch's CUDA facts exist now
+            config={k: (str(v) if isinstance(v, Path) else v) for k, v in result["config"].items()},
+            results=result["rows"],
+            extra=result["extra"],
+        )
+        write_report(report, args.out)
+    except (MrlError, OSError) as e:
+        print(f"mrl-bench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mrl-bench: interrupted; no report written", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "verbose", False):
+            raise
+        print(f"mrl-bench: internal error: {type(e).__name__}: {e} (rerun with --verbose for details)", file=sys.stderr)
+        return 1
+    progress(f"report written to {args.out}")
+    print(table)
+    return 0
+
+
+def _compare(a: Path, b: Path) -> int:
+    from mrl.bench.report import compare_reports, load_report
+
+    try:
+        print(compare_reports(load_report(a), load_report(b)))
+    except MrlError as e:
+        print(f"mrl-bench: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from mrl.bench.corpora import write_chatterbot
+
+    files = write_chatterbot(args.out, min_words=args.min_words, max_words=args.max_words)
+    print(f"{files.corpus}: {files.n_corpus} documents")
+    print(f"{files.pairs}: {files.n_pairs} query/positive pairs")
+    print(f"{files.texts}: {files.n_texts} texts of {args.min_words}-{args.max_words} words")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Environment parsing, memory readings, and the rule that mrl.bench imports without torch."""
+
+import subprocess
+import sys
+
+from mrl.bench import env, memory
+
+CPUINFO = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+flags\t\t: fpu avx2 avx512f avx512_vnni amx_int8 amx_bf16
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8488C
+"""
+
+
+def test_parse_cpuinfo():
+    info = env.parse_cpuinfo(CPUINFO)
+    assert info == {
+        "model": "Intel(R) Xeon(R) Platinum 8488C",
+        "flags": ["avx2", "avx512f", "avx512_vnni", "amx_bf16", "amx_int8"],
+    }
+
+
+def test_parse_nvidia_smi():
+    header = "| NVIDIA-SMI 580.65   Driver Version: 580.65   CUDA Version: 13.0 |"
+    gpus = env.parse_nvidia_smi("NVIDIA H100 80GB HBM3, 580.65, 81559 MiB\n", header)
+    assert gpus == [
+        {"name": "NVIDIA H100 80GB HBM3", "driver": "580.65", "memory": "81559 MiB", "cuda_driver_api": "13.0"}
+    ]
+    assert env.parse_nvidia_smi("") == []
+
+
+def test_package_versions_without_importing():
+    versions = env.package_versions(("numpy", "surely-not-installed-package"))
+    assert versions["numpy"] and versions["surely-not-installed-package"] is None
+
+
+def test_artifact_info_hashes_the_manifest(tiny_artifact):
+    from mrl.runtime.manifest import sha256_file
+
+    info = env.artifact_info(tiny_artifact)
+    assert info["manifest_sha256"] == sha256_file(tiny_artifact / "manifest.json")
+    assert env.artifact_info(None) is None
+
+
+def test_memory_readings():
+    text = "Name:\tpython\nVmHWM:\t  204800 kB\nVmRSS:\t  102400 kB\n"
+    assert memory.parse_status_kib(text, "VmHWM") == 204800
+    assert memory.parse_status_kib(text, "VmSwap") is None
+    rss = memory.rss_mib()
+    if rss is not None:  # Linux
+        memory.reset_peak_rss()
+        assert memory.peak_rss_mib() >= rss * 0.5
+
+
+def test_bench_imports_without_torch():
+    code = (
+        "import sys; import mrl.bench.cli, mrl.bench.engine, mrl.bench.tradeoff, mrl.bench.serve, "
+        "mrl.bench.runners, mrl.bench.plot; "
+        "assert 'torch' not in sys.modules and 'sentence_transformers' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
