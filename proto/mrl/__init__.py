@@ -1,0 +1,1 @@
+"""Protobuf package `mrl`: versioned wire contracts live in subpackages (`v1`)."""
