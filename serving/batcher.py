@@ -1,0 +1,346 @@
+"""A dynamic batcher over a plain function: token-budget batches of similar length, run off the event loop.
+
+It knows nothing of models: it queues payloads with a token count, calls `fn(payloads) -> results` in
+an executor and hands each caller its own result (or error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from mrl.serving.config import BatcherConfig
+from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError
+
+log = logging.getLogger(__name__)
+
+P = TypeVar("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job(Generic[P]):
+    """One unit of work to batch: a payload and what it costs in tokens."""
+
+    payload: P
+    tokens: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResult(Generic[R]):
+    """What one job's caller gets back."""
+
+    value: R
+    queue_seconds: float
+    run_seconds: float
+    batch_size: int
+    batch: int
+    """Number of the batch that ran this job (jobs of one request may span batches)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchStats:
+    """What happened to one batch (for metrics)."""
+
+    size: int
+    tokens: int
+    padded_tokens: int
+    queue_seconds: tuple[float, ...]
+    run_seconds: float
+    failed: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """A run `[start, stop)` of the length-sorted queue, and whether a limit (not the queue's end) stopped it."""
+
+    start: int
+    stop: int
+    full: bool
+
+
+@dataclass(eq=False, kw_only=True)
+class _Item:
+    job: Job[Any]
+    seq: int
+    enqueued: float
+    deadline: float | None
+    future: asyncio.Future[JobResult[Any]]
+    started: float = 0.0
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.job.tokens, self.seq)
+
+
+@dataclass(eq=False, kw_only=True)
+class _Outcome:
+    """Per-item result of running a batch in the executor: a value or an error, and the run time."""
+
+    values: list[Any] = field(default_factory=list)
+    errors: list[BaseException | None] = field(default_factory=list)
+    run_seconds: float = 0.0
+
+
+def admits(queued_tokens: int, request_tokens: int, capacity: int) -> bool:
+    """Whether a request of `request_tokens` fits a queue holding `queued_tokens` of `capacity`.
+
+    Monotone in `request_tokens`: a request that fits still fits with fewer texts, so one text is never
+    refused where a larger request holding it would pass.
+    """
+    return queued_tokens + request_tokens <= capacity
+
+
+def select_batch(lengths: Sequence[int], anchor: int, *, max_tokens: int, max_size: int) -> Selection:
+    """Grow a run of ascending `lengths` around `anchor`, adding whichever neighbour adds the least padding.
+
+    The batch's cost is its padded size, `count * longest`; `anchor` is always in it (even if it alone is
+    over `max_tokens`), so the oldest text never starves behind shorter ones.
+    """
+    if not 0 <= anchor < len(lengths):
+        raise IndexError(f"anchor {anchor} is outside the queue of {len(lengths)}")
+    lo, hi = anchor, anchor + 1
+    while hi - lo < max_size:
+        count = hi - lo + 1
+        longest = lengths[hi - 1]
+        down = lo > 0 and count * longest <= max_tokens
+        up = hi < len(lengths) and count * lengths[hi] <= max_tokens
+        if not (down or up):
+            return Selection(start=lo, stop=hi, full=lo > 0 or hi < len(lengths))
+        # Padding added: a shorter text pads itself up to the longest; a longer one pads everyone up to it.
+        waste_down = longest - lengths[lo - 1] if down else None
+        waste_up = (hi - lo) * (lengths[hi] - longest) if up else None
+        if waste_up is None or (waste_down is not None and waste_down <= waste_up):
+            lo -= 1
+        else:
+            hi += 1
+    return Selection(start=lo, stop=hi, full=True)
+
+
+class Batcher(Generic[P, R]):
+    """Queues jobs and runs them in batches through `fn`, one batch at a time, in `executor`."""
+
+    def __init__(
+        self,
+        fn: Callable[[list[P]], Sequence[R]],
+        config: BatcherConfig,
+        executor: Executor,
+        *,
+        on_batch: Callable[[BatchStats], None] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        self._fn = fn
+        self._config = config
+        self._executor = executor
+        self.on_batch = on_batch
+        """Called on the event loop after each batch (for metrics); set it before `start`."""
+        self._name = name
+        self._queue: list[_Item] = []  # sorted by (tokens, seq)
+        self._keys: list[tuple[int, int]] = []
+        self._queued_tokens = 0
+        self._seq = itertools.count()
+        self._batches = itertools.count()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._hurry = False
+
+    @property
+    def queued_jobs(self) -> int:
+        """Jobs waiting for a batch."""
+        return len(self._queue)
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens waiting for a batch."""
+        return self._queued_tokens
+
+    def start(self) -> None:
+        """Start the task that forms and runs batches (call from the event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"{self._name}-loop")
+
+    def submit(self, jobs: Sequence[Job[P]], *, deadline: float | None = None) -> list[asyncio.Future[JobResult[R]]]:
+        """Queue all of `jobs` or none: one future per job. `deadline` is in `loop.time()` seconds."""
+        if self._closing or self._task is None:
+            raise NotReadyError(f"{self._name} is not running (starting up or shutting down): retry shortly")
+        cost = sum(j.tokens for j in jobs)
+        capacity = self._config.max_queue_tokens
+        if cost > capacity:
+            raise QueueFullError(
+                f"the request holds {cost} tokens, more than the queue ever takes ({capacity}): "
+                "split it into smaller requests"
+            )
+        if not admits(self._queued_tokens, cost, capacity):
+            raise QueueFullError(
+                f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
+            )
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        futures = []
+        for job in jobs:
+            item = _Item(job=job, seq=next(self._seq), enqueued=now, deadline=deadline, future=loop.create_future())
+            index = bisect.bisect(self._keys, item.key)
+            self._keys.insert(index, item.key)
+            self._queue.insert(index, item)
+            self._queued_tokens += job.tokens
+            # A caller that goes away (cancelled, deadline) frees its place at once, before any compute.
+            item.future.add_done_callback(lambda f, it=item: self._forget(it) if f.cancelled() else None)
+            futures.append(item.future)
+        self._wake.set()
+        return futures
+
+    def hurry(self) -> None:
+        """From now on run batches at once instead of waiting for them to fill (on shutdown)."""
+        self._hurry = True
+        self._wake.set()
+
+    async def close(self) -> None:
+        """Refuse new jobs, run what is queued, and stop."""
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    def _forget(self, item: _Item) -> None:
+        index = bisect.bisect_left(self._keys, item.key)
+        if index < len(self._queue) and self._queue[index] is item:
+            del self._queue[index]
+            del self._keys[index]
+            self._queued_tokens -= item.job.tokens
+
+    def _drop_expired(self, now: float) -> None:
+        for item in [i for i in self._queue if i.deadline is not None and i.deadline <= now]:
+            self._forget(item)
+            if not item.future.done():
+                item.future.set_exception(RequestExpiredError("the deadline passed while the request was queued"))
+
+    def _select(self) -> tuple[Selection, float]:
+        """The next batch around the oldest item, and when that item's delay runs out."""
+        oldest = min(range(len(self._queue)), key=lambda i: self._queue[i].seq)
+        selection = select_batch(
+            [k[0] for k in self._keys],
+            oldest,
+            max_tokens=self._config.max_batch_tokens,
+            max_size=self._config.max_batch_size,
+        )
+        return selection, self._queue[oldest].enqueued + self._config.max_queue_delay_ms / 1000
+
+    async def _next_batch(self) -> list[_Item] | None:
+        """Wait for a full batch or for the oldest job's delay to pass; None once closed and empty."""
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            self._drop_expired(loop.time())
+            if not self._queue:
+                if self._closing:
+                    return None
+                await self._wake.wait()
+                continue
+            selection, due = self._select()
+            wait = due - loop.time()
+            if selection.full or wait <= 0 or self._closing or self._hurry:
+                items = self._queue[selection.start : selection.stop]
+                del self._queue[selection.start : selection.stop]
+                del self._keys[selection.start : selection.stop]
+                self._queued_tokens -= sum(i.job.tokens for i in items)
+                return items
+            # asyncio.TimeoutError: not the builtin one before Python 3.11.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=wait)
+
+    async def _loop(self) -> None:
+        try:
+            while (items := await self._next_batch()) is not None:
+                try:
+                    await self._run(items)
+                except Exception as e:
+                    log.exception("%s: batch failed outside the batch function", self._name)
+                    self._fail(items, e)
+                except BaseException:
+                    self._fail(items, NotReadyError("the server stopped while this request was running"))
+                    raise
+        finally:
+            # Whatever ended the loop, no caller is left waiting forever.
+            self._closing = True
+            self._fail(list(self._queue), NotReadyError("the server stopped before this request ran"))
+
+    def _fail(self, items: list[_Item], error: Exception) -> None:
+        for item in items:
+            self._forget(item)
+            if not item.future.done():
+                item.future.set_exception(error)
+
+    async def _run(self, items: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # Late check: callers may have gone between selection and now.
+        live = [i for i in items if not i.future.done()]
+        if not live:
+            return
+        for item in live:
+            item.started = now
+        outcome = await loop.run_in_executor(self._executor, self._execute, [i.job.payload for i in live])
+        longest = max(i.job.tokens for i in live)
+        batch = next(self._batches)
+        failed = 0
+        for item, value, error in zip(live, outcome.values, outcome.errors, strict=True):
+            if item.future.done():
+                continue
+            if error is not None:
+                failed += 1
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(
+                    JobResult(
+                        value=value,
+                        queue_seconds=item.started - item.enqueued,
+                        run_seconds=outcome.run_seconds,
+                        batch_size=len(live),
+                        batch=batch,
+                    )
+                )
+        if self.on_batch is not None:
+            self.on_batch(
+                BatchStats(
+                    size=len(live),
+                    tokens=sum(i.job.tokens for i in live),
+                    padded_tokens=len(live) * longest,
+                    queue_seconds=tuple(i.started - i.enqueued for i in live),
+                    run_seconds=outcome.run_seconds,
+                    failed=failed,
+                )
+            )
+
+    def _execute(self, payloads: list[P]) -> _Outcome:
+        """Runs in the executor: the whole batch, or on failure each job alone so one bad job fails only itself."""
+        start = time.perf_counter()
+        try:
+            values = list(self._fn(payloads))
+            if len(values) != len(payloads):
+                raise RuntimeError(f"batch function returned {len(values)} results for {len(payloads)} jobs")
+            return _Outcome(values=values, errors=[None] * len(values), run_seconds=time.perf_counter() - start)
+        except Exception as e:
+            if len(payloads) == 1:
+                log.warning("%s: job failed: %s", self._name, e)
+                return _Outcome(values=[None], errors=[e], run_seconds=time.perf_counter() - start)
+            log.warning("%s: batch of %d failed (%s); running each job alone", self._name, len(payloads), e)
+        outcome = _Outcome()
+        for payload in payloads:
+            try:
+                (value,) = self._fn([payload])
+                outcome.values.append(value)
+                outcome.errors.append(None)
+            except Exception as e:
+                outcome.values.append(None)
+                outcome.errors.append(e)
+        outcome.run_seconds = time.perf_counter() - start
+        return outcome

@@ -1,0 +1,120 @@
+"""Configuration of the batcher and the server: frozen dataclasses, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _positive(name: str, value: float, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, not {value!r}: {hint}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatcherConfig:
+    """How the dynamic batcher forms batches and how much it may hold."""
+
+    max_batch_tokens: int = 16384
+    """Padded tokens per batch (texts x longest text); a single longer text still runs alone."""
+    max_batch_size: int = 32
+    """Texts per batch."""
+    max_queue_delay_ms: float = 5.0
+    """How long the oldest waiting text may wait for a batch to fill."""
+    max_queue_tokens: int = 262144
+    """Tokens that may wait in the queue; beyond it requests get RESOURCE_EXHAUSTED at once."""
+
+    def __post_init__(self) -> None:
+        _positive("max_batch_tokens", self.max_batch_tokens, "try 16384")
+        _positive("max_batch_size", self.max_batch_size, "try 32")
+        _positive("max_queue_tokens", self.max_queue_tokens, "try 262144")
+        if isinstance(self.max_queue_delay_ms, bool) or not isinstance(self.max_queue_delay_ms, (int, float)):
+            raise ValueError(f"max_queue_delay_ms must be a number, not {self.max_queue_delay_ms!r}: try 5")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be 0 or more, not {self.max_queue_delay_ms}: try 5")
+        if self.max_queue_tokens < self.max_batch_tokens:
+            raise ValueError(
+                f"max_queue_tokens ({self.max_queue_tokens}) is below max_batch_tokens ({self.max_batch_tokens}): "
+                "the queue must hold at least one full batch; raise max_queue_tokens"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """One artifact to serve, under a name (None: the manifest's name)."""
+
+    artifact_dir: Path
+    name: str | None = None
+    precision: str | None = None
+    backend: str = "auto"
+    verify: bool = True
+    """Check every file's sha256 against the manifest when loading."""
+    intra_op_threads: int = 0
+    """ONNX Runtime threads per inference (0: its default, one per core)."""
+
+    def __post_init__(self) -> None:
+        if self.name is not None and (not self.name or any(c.isspace() for c in self.name)):
+            raise ValueError(f"model name {self.name!r} must be non-empty and without spaces, like 'minilm'")
+        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
+            raise ValueError(f"intra_op_threads must be an integer, not {self.intra_op_threads!r}")
+        if self.intra_op_threads < 0:
+            raise ValueError(
+                f"intra_op_threads must be 0 (ONNX Runtime's default) or more, not {self.intra_op_threads}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsConfig:
+    """A PEM certificate chain and private key for the server's TLS port."""
+
+    certificate_chain: bytes = field(repr=False)
+    private_key: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        if b"-----BEGIN" not in self.certificate_chain:
+            raise ValueError("the TLS certificate is not PEM: pass a file holding '-----BEGIN CERTIFICATE-----'")
+        if b"-----BEGIN" not in self.private_key or b"PRIVATE KEY" not in self.private_key:
+            raise ValueError(
+                "the TLS key is not a PEM private key: pass a file holding '-----BEGIN ... PRIVATE KEY-----'"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Where the server listens and what it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """0 picks a free port (the server reports the one it bound)."""
+    metrics_port: int | None = None
+    """Port of the Prometheus /metrics endpoint (None: off; 0: a free port)."""
+    metrics_host: str | None = None
+    """Address of the metrics endpoint (None: same as `host`)."""
+    tls: TlsConfig | None = None
+    auth_token: str | None = field(default=None, repr=False)
+    """Bearer token every call but the health check must carry (None: no auth)."""
+    max_inputs_per_request: int = 512
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest request the server reads."""
+    shutdown_grace_s: float = 30.0
+    """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
+    stream_window: int = 32
+    """Requests of one EmbedStream that may be in progress at once (more wait unread: flow control)."""
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("host must be an address like 127.0.0.1 or 0.0.0.0 (all interfaces)")
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if value is None and name == "metrics_port":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+                raise ValueError(f"{name} must be an integer in 0..65535 (0: a free port), not {value!r}")
+        if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
+            raise ValueError("the auth token must be non-empty and hold no whitespace: write one token to the file")
+        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 512")
+        _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
+        _positive("stream_window", self.stream_window, "try 32")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be 0 or more, not {self.shutdown_grace_s}: try 30")

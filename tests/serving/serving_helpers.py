@@ -1,0 +1,106 @@
+"""Helpers for the serving tests: a model with a gate, a real server on 127.0.0.1, bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig
+from mrl.serving.metrics import ServerMetrics
+from mrl.serving.model import ServedModel, TextJob
+from mrl.serving.server import EmbedServer
+
+TEXT = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly judge every boxing match "
+    "embedding models map sentences to vectors so that similar meanings land close together in space"
+)
+WORDS = TEXT.split(" ")
+
+
+def sentences(n: int, seed: int = 0, low: int = 1, high: int = 30) -> list[str]:
+    """`n` reproducible texts of `low`..`high` words."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) for _ in range(n)]
+
+
+class GatedModel(ServedModel):
+    """A ServedModel that records every batch it runs, can hold batches at a gate, and fails on a poison text."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.batches: list[list[TextJob]] = []
+        self.poison: tuple[int, ...] | None = None
+        self.warm_gate: asyncio.Event | None = None
+
+    @classmethod
+    def open(cls, artifact: Path, config: BatcherConfig | None = None, name: str | None = None) -> GatedModel:
+        """Load an artifact under this class."""
+        spec = ModelSpec(artifact_dir=artifact, name=name)
+        return cls.load(spec, config or BatcherConfig())
+
+    def ids(self, text: str) -> tuple[int, ...]:
+        """The token ids this model gives `text` (no prompt)."""
+        return tuple(self.embedder.tokenizer.encode([text])[0].ids)
+
+    def ran(self, text: str) -> bool:
+        """Whether any batch held `text`."""
+        ids = self.ids(text)
+        return any(tuple(j.encoded.ids) == ids for batch in self.batches for j in batch)
+
+    def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
+        """Record the batch, wait at the gate, fail if it holds the poison text."""
+        self.batches.append(list(jobs))
+        if not self.gate.wait(timeout=120):
+            raise RuntimeError("test gate never opened")
+        if self.poison is not None and any(tuple(j.encoded.ids) == self.poison for j in jobs):
+            raise RuntimeError("poisoned batch")
+        return super().run_batch(jobs)
+
+    async def warmup(self) -> None:
+        """Wait for `warm_gate` (when set) before warming up."""
+        if self.warm_gate is not None:
+            await self.warm_gate.wait()
+        await super().warmup()
+
+
+async def wait_until(condition: Callable[[], bool], what: str, tries: int = 2000) -> None:
+    """Poll `condition` (every 10 ms, at most `tries` times); fail naming `what`."""
+    for _ in range(tries):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def running(models: Sequence[ServedModel], *, warm: bool = True, **config: object) -> AsyncIterator[EmbedServer]:
+    """A real server on 127.0.0.1 (free port) over `models`, stopped on exit."""
+    server = EmbedServer(list(models), ServerConfig(host="127.0.0.1", port=0, **config), ServerMetrics())
+    await server.start()
+    try:
+        if warm:
+            await server.warmup()
+        yield server
+    finally:
+        for model in models:
+            if isinstance(model, GatedModel):
+                model.gate.set()
+        await server.stop(grace=5)
+
+
+def sample(server: EmbedServer, name: str, labels: dict[str, str]) -> float:
+    """A metric's value (0 when never recorded)."""
+    return server.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity."""
+    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))

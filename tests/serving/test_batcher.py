@@ -1,0 +1,228 @@
+"""The dynamic batcher over plain functions: batch selection, admission, errors, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from serving_helpers import wait_until
+
+from mrl.serving.batcher import Batcher, BatchStats, Job, admits, select_batch
+from mrl.serving.config import BatcherConfig
+from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError
+
+
+def test_select_batch_groups_similar_lengths_around_the_anchor():
+    lengths = [2, 3, 3, 4, 20, 21, 22, 90]
+    sel = select_batch(lengths, 5, max_tokens=66, max_size=8)
+    assert (sel.start, sel.stop) == (4, 7)  # the three texts of ~20 tokens, not the short ones
+    assert sel.full
+    sel = select_batch(lengths, 1, max_tokens=1000, max_size=4)
+    assert (sel.start, sel.stop) == (0, 4) and sel.full
+
+
+def test_select_batch_respects_budget_and_size_and_always_takes_the_anchor():
+    lengths = [5, 5, 5, 5, 500]
+    assert select_batch(lengths, 4, max_tokens=100, max_size=8).stop == 5  # alone, over budget, still runs
+    assert select_batch(lengths, 4, max_tokens=100, max_size=8).start == 4
+    sel = select_batch(lengths, 0, max_tokens=100, max_size=2)
+    assert sel.stop - sel.start == 2 and sel.full
+    sel = select_batch([5, 5], 0, max_tokens=100, max_size=8)
+    assert (sel.start, sel.stop, sel.full) == (0, 2, False)  # the queue ran out, not a limit
+    with pytest.raises(IndexError):
+        select_batch([1], 3, max_tokens=10, max_size=2)
+
+
+def test_select_batch_never_breaks_its_limits_on_random_queues():
+    rng = random.Random(0)
+    for _ in range(500):
+        lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 40)))
+        anchor = rng.randrange(len(lengths))
+        max_tokens, max_size = rng.randint(1, 400), rng.randint(1, 16)
+        sel = select_batch(lengths, anchor, max_tokens=max_tokens, max_size=max_size)
+        size = sel.stop - sel.start
+        assert sel.start <= anchor < sel.stop
+        assert size <= max_size
+        assert size == 1 or size * lengths[sel.stop - 1] <= max_tokens
+
+
+def test_admission_is_monotone_so_one_text_passes_wherever_a_larger_request_holding_it_passes():
+    rng = random.Random(1)
+    for _ in range(2000):
+        capacity, queued = rng.randint(1, 500), rng.randint(0, 500)
+        texts = [rng.randint(1, 60) for _ in range(rng.randint(1, 8))]
+        if admits(queued, sum(texts), capacity):
+            assert all(admits(queued, t, capacity) for t in texts)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+class Recorder:
+    """A batch function that doubles numbers, records its batches, can be held at a gate, and fails on -1."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, payloads: list[int]) -> list[int]:
+        self.batches.append(list(payloads))
+        assert self.gate.wait(timeout=60)
+        if -1 in payloads:
+            raise ValueError("cannot double -1")
+        return [2 * p for p in payloads]
+
+
+def make(fn, **config) -> tuple[Batcher, ThreadPoolExecutor, list[BatchStats]]:
+    stats: list[BatchStats] = []
+    executor = ThreadPoolExecutor(max_workers=1)
+    cfg = BatcherConfig(**{"max_queue_delay_ms": 1.0, **config})
+    return Batcher(fn, cfg, executor, on_batch=stats.append), executor, stats
+
+
+def jobs(*values: int, tokens: int = 4) -> list[Job[int]]:
+    return [Job(payload=v, tokens=tokens) for v in values]
+
+
+def test_batches_form_while_the_worker_is_busy_and_each_caller_gets_its_own_results():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn, max_batch_size=16)
+        batcher.start()
+        fn.gate.clear()
+        first = batcher.submit(jobs(100))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        callers = [batcher.submit(jobs(i, i + 1000)) for i in range(6)]
+        await wait_until(lambda: batcher.queued_jobs == 12, "12 queued jobs")
+        fn.gate.set()
+        results = [[r.value for r in await asyncio.gather(*c)] for c in callers]
+        assert (await first[0]).value == 200
+        await batcher.close()
+        executor.shutdown()
+        return results, stats
+
+    results, stats = run(scenario())
+    assert results == [[2 * i, 2 * (i + 1000)] for i in range(6)]
+    assert [s.size for s in stats] == [1, 12]
+    assert sorted(fn.batches[1]) == sorted([*range(6), *range(1000, 1006)])
+
+
+def test_a_failing_job_fails_only_its_caller_and_a_failing_function_fails_every_caller():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn)
+        batcher.start()
+        fn.gate.clear()
+        blocker = batcher.submit(jobs(7))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        good = [batcher.submit(jobs(i)) for i in range(3)]
+        bad = batcher.submit(jobs(-1))
+        await wait_until(lambda: batcher.queued_jobs == 4, "4 queued jobs")
+        fn.gate.set()
+        assert [(await g[0]).value for g in good] == [0, 2, 4]
+        with pytest.raises(ValueError, match="cannot double -1"):
+            await bad[0]
+        await blocker[0]
+        await batcher.close()
+        executor.shutdown()
+        return stats
+
+    stats = run(scenario())
+    assert stats[-1].size == 4 and stats[-1].failed == 1
+
+    def broken(payloads):
+        raise RuntimeError("model crashed")
+
+    async def all_fail():
+        batcher, executor, _ = make(broken)
+        batcher.start()
+        futures = batcher.submit(jobs(1, 2, 3))
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        executor.shutdown()
+        return outcomes
+
+    assert all(isinstance(o, RuntimeError) and "crashed" in str(o) for o in run(all_fail()))
+
+
+def test_expired_and_cancelled_jobs_are_dropped_before_compute():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, _ = make(fn)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        fn.gate.clear()
+        blocker = batcher.submit(jobs(0))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        expiring = batcher.submit(jobs(11), deadline=loop.time() + 0.05)
+        cancelled = batcher.submit(jobs(22, 23))
+        kept = batcher.submit(jobs(33))
+        for f in cancelled:
+            f.cancel()
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+        assert batcher.queued_jobs == 2  # a cancelled caller frees its place at once
+        await asyncio.sleep(0.1)  # let the deadline pass while the worker is busy
+        fn.gate.set()
+        with pytest.raises(RequestExpiredError):
+            await expiring[0]
+        assert (await kept[0]).value == 66
+        await blocker[0]
+        await batcher.close()
+        executor.shutdown()
+
+    run(scenario())
+    computed = [p for batch in fn.batches for p in batch]
+    assert 33 in computed
+    assert not {11, 22, 23} & set(computed)
+
+
+def test_a_full_queue_refuses_at_once_and_close_runs_what_was_queued():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, _ = make(fn, max_queue_tokens=20, max_batch_tokens=8, max_batch_size=2)
+        batcher.start()
+        fn.gate.clear()
+        blocker = batcher.submit(jobs(1))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        queued = batcher.submit(jobs(2, 3, 4))  # 12 of 20 tokens
+        with pytest.raises(QueueFullError, match="queue is full"):
+            batcher.submit(jobs(5, 6, 7))  # 12 more do not fit
+        one = batcher.submit(jobs(8, tokens=8))  # one text that fits is still taken
+        with pytest.raises(QueueFullError, match="split it"):
+            batcher.submit(jobs(9, tokens=21))
+        fn.gate.set()
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0)
+        with pytest.raises(NotReadyError):
+            batcher.submit(jobs(10))
+        await closing
+        executor.shutdown()
+        return [(await f).value for f in [*blocker, *queued, *one]]
+
+    assert run(scenario()) == [2, 4, 6, 8, 16]
+
+
+def test_stopping_the_loop_fails_queued_jobs_instead_of_leaving_them_waiting():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64)
+        batcher.start()
+        futures = batcher.submit(jobs(1, 2))  # waits for a fuller batch: a minute
+        await asyncio.sleep(0.05)
+        batcher._task.cancel()
+        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        executor.shutdown()
+        return outcomes
+
+    assert all(isinstance(o, NotReadyError) for o in run(scenario()))
+    assert fn.batches == []
