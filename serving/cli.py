@@ -1,0 +1,206 @@
+"""`mrl-serve`: serve exported artifacts over gRPC. The only module that reads flags and files for the server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from mrl.runtime.errors import MrlError
+from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig, TlsConfig
+from mrl.serving.metrics import ServerMetrics
+from mrl.serving.model import ServedModel
+from mrl.serving.server import EmbedServer, check_names
+
+log = logging.getLogger("mrl.serving")
+
+EXAMPLES = """\
+examples:
+  mrl-serve artifacts/minilm --port 50051 --metrics-port 9090
+  mrl-serve small=artifacts/minilm big=artifacts/gemma --precision big=fp16
+  mrl-serve artifacts/minilm --host 0.0.0.0 --tls-cert server.crt --tls-key server.key \\
+      --auth-token-file token.txt
+
+call it (grpcurl uses the server's reflection; -plaintext without TLS):
+  grpcurl -plaintext -d '{"inputs": ["hello world"], "dimensions": 128}' \\
+      127.0.0.1:50051 mrl.v1.Embedder/Embed
+  grpcurl -plaintext -H "authorization: Bearer $(cat token.txt)" 127.0.0.1:50051 mrl.v1.Embedder/ListModels
+  grpcurl -plaintext -d '{"service": "minilm"}' 127.0.0.1:50051 grpc.health.v1.Health/Check
+
+from Python (float32 numpy arrays):
+  from mrl.serving.client import EmbedClient
+  with EmbedClient("127.0.0.1:50051") as client:
+      vectors = client.embed(["hello world"], dims=128, prompt_name="query")
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, parsed."""
+    p = argparse.ArgumentParser(
+        prog="mrl-serve",
+        description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("artifacts", nargs="+", metavar="[NAME=]ARTIFACT_DIR", help="artifact directories (mrl-export)")
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all; default %(default)s)")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one; default %(default)s)")
+    net.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
+    net.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
+    net.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    net.add_argument("--auth-token-file", type=Path, help="file holding a bearer token every call must carry")
+    net.add_argument("--max-message-bytes", type=int, default=16 << 20, help="largest request (default %(default)s)")
+    net.add_argument("--max-inputs", type=int, default=512, help="texts per request at most (default %(default)s)")
+    net.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, time for calls in flight")
+    model = p.add_argument_group("models")
+    model.add_argument(
+        "--precision",
+        action="append",
+        default=[],
+        metavar="[NAME=]PRECISION",
+        help="precision to serve, for all models or one (repeatable; default: each manifest's first)",
+    )
+    model.add_argument("--backend", default="auto", help="runtime backend (default %(default)s)")
+    model.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per batch (0: default)")
+    model.add_argument("--no-verify", action="store_true", help="skip the sha256 check of artifact files at start")
+    batch = p.add_argument_group("batching")
+    defaults = BatcherConfig()
+    batch.add_argument(
+        "--max-batch-tokens", type=int, default=defaults.max_batch_tokens, help="padded tokens per batch"
+    )
+    batch.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="texts per batch")
+    batch.add_argument(
+        "--max-queue-delay-ms", type=float, default=defaults.max_queue_delay_ms, help="wait this long to fill a batch"
+    )
+    batch.add_argument(
+        "--max-queue-tokens",
+        type=int,
+        default=defaults.max_queue_tokens,
+        help="tokens that may wait; beyond: RESOURCE_EXHAUSTED",
+    )
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def split_named(value: str) -> tuple[str | None, str]:
+    """`NAME=VALUE` -> (NAME, VALUE); a plain value -> (None, value)."""
+    name, sep, rest = value.partition("=")
+    return (name, rest) if sep and name and "/" not in name else (None, value)
+
+
+def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
+    """One ModelSpec per artifact argument, with its precision."""
+    precisions = dict(split_named(v) for v in args.precision)
+    specs = []
+    for value in args.artifacts:
+        name, directory = split_named(value)
+        precision = precisions.get(name) if name in precisions else precisions.get(None)
+        specs.append(
+            ModelSpec(
+                artifact_dir=Path(directory),
+                name=name,
+                precision=precision,
+                backend=args.backend,
+                intra_op_threads=args.intra_op_threads,
+                verify=not args.no_verify,
+            )
+        )
+    named = {s.name for s in specs}
+    unknown = [n for n in precisions if n is not None and n not in named]
+    if unknown:
+        raise ValueError(f"--precision names {', '.join(unknown)}, which no NAME=ARTIFACT_DIR argument gives")
+    return specs
+
+
+def read_file(path: Path, what: str) -> bytes:
+    """A file's bytes, or an error that names the flag."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"cannot read {what} {path}: {e.strerror}") from None
+
+
+def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig the flags describe (reads the TLS and token files)."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    tls = None
+    if args.tls_cert is not None:
+        tls = TlsConfig(
+            certificate_chain=read_file(args.tls_cert, "--tls-cert"),
+            private_key=read_file(args.tls_key, "--tls-key"),
+        )
+    token = None
+    if args.auth_token_file is not None:
+        token = read_file(args.auth_token_file, "--auth-token-file").decode("utf-8", "replace").strip()
+        if not token:
+            raise ValueError(f"--auth-token-file {args.auth_token_file} is empty: write a token into it")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        tls=tls,
+        auth_token=token,
+        max_inputs_per_request=args.max_inputs,
+        max_message_bytes=args.max_message_bytes,
+        shutdown_grace_s=args.shutdown_grace_s,
+        batcher=BatcherConfig(
+            max_batch_tokens=args.max_batch_tokens,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_ms=args.max_queue_delay_ms,
+            max_queue_tokens=args.max_queue_tokens,
+        ),
+    )
+
+
+async def serve(models: list[ServedModel], config: ServerConfig, metrics: ServerMetrics) -> None:
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    server = EmbedServer(models, config, metrics)
+    try:
+        await server.start()
+        warmup = asyncio.ensure_future(server.warmup())
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({warmup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if warmup.done():
+            warmup.result()  # a failed warm-up ends the server with its error
+            await stopping
+        else:
+            warmup.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await warmup
+        log.info("signal received")
+    finally:
+        await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `mrl-serve`; returns the exit code."""
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = server_config(args)
+        metrics = ServerMetrics()
+        models = [ServedModel.load(spec, config.batcher) for spec in model_specs(args)]
+        check_names(models)
+        asyncio.run(serve(models, config, metrics))
+    except (MrlError, ValueError, OSError) as e:
+        print(f"mrl-serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

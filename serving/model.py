@@ -1,0 +1,160 @@
+"""One served model: request validation, tokenisation, and the batch function its batcher runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from mrl.runtime import Embedder, truncate_normalize
+from mrl.runtime.errors import InvalidInputError
+from mrl.runtime.tokenize import Encoded
+from mrl.serving.batcher import Batcher, Job, JobResult
+from mrl.serving.config import BatcherConfig, ModelSpec
+from mrl.serving.errors import NotReadyError
+
+log = logging.getLogger(__name__)
+
+# Requests with more texts than this are tokenised in a worker thread, so they never stall the event loop;
+# smaller ones are tokenised inline, where a thread hop would cost more than the tokenising.
+INLINE_TOKENIZE_TEXTS = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextJob:
+    """One tokenised text and the dims its caller asked for."""
+
+    encoded: Encoded
+    dims: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedResult:
+    """A request's embeddings with its usage and timing."""
+
+    vectors: np.ndarray
+    dims: int
+    input_tokens: int
+    queue_seconds: float
+    inference_seconds: float
+
+
+def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
+    """Run texts wanting different dims as one batch: the largest needed profile, sliced and re-normalised."""
+    widest = max(j.dims for j in jobs)
+    out = embedder.run_encoded([j.encoded for j in jobs], widest)
+    rows: list[np.ndarray] = [out[i] for i in range(len(jobs))]
+    for dims in {j.dims for j in jobs} - {widest}:
+        index = [i for i, j in enumerate(jobs) if j.dims == dims]
+        for i, row in zip(index, truncate_normalize(out[index], dims), strict=True):
+            rows[i] = row
+    return rows
+
+
+class ServedModel:
+    """An Embedder with its own batcher and inference thread, addressed by `name`."""
+
+    def __init__(
+        self,
+        name: str,
+        embedder: Embedder,
+        config: BatcherConfig,
+    ) -> None:
+        self.name = name
+        self.embedder = embedder
+        self.config = config
+        self.ready = False
+        # One inference thread per model: one batch at a time, each with all of ONNX Runtime's threads.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mrl-{name}")
+        self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
+            self.run_batch, config, self._executor, name=f"model {name!r}"
+        )
+
+    @classmethod
+    def load(cls, spec: ModelSpec, config: BatcherConfig) -> ServedModel:
+        """Open an artifact as described by `spec` (blocking: reads and verifies files)."""
+        options = {"intra_op_threads": spec.intra_op_threads} if spec.intra_op_threads else {}
+        embedder = Embedder.load(
+            spec.artifact_dir, spec.backend, precision=spec.precision, verify=spec.verify, **options
+        )
+        return cls(spec.name or embedder.manifest.name, embedder, config)
+
+    def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
+        """The batcher's function (runs in the inference thread)."""
+        return run_jobs(self.embedder, jobs)
+
+    def start(self) -> None:
+        """Start the batcher (from the event loop); requests are refused until `warmup` finishes."""
+        self.batcher.start()
+
+    async def warmup(self) -> None:
+        """Load every profile and run a full-size batch once, off the event loop; then mark ready."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._warmup)
+        self.ready = True
+        log.info("model %s is warm (%s, %s)", self.name, self.embedder.precision, ", ".join(self.embedder.providers))
+
+    def _warmup(self) -> None:
+        self.embedder.warmup()
+        texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
+        encoded = self.embedder.tokenizer.encode(texts, truncate=True)
+        self.embedder.run_encoded(encoded, self.embedder.default_dims)
+
+    async def close(self) -> None:
+        """Finish queued work, stop the batcher and release the model."""
+        self.ready = False
+        await self.batcher.close()
+        self._executor.shutdown(wait=True)
+        self.embedder.close()
+
+    def validate(self, texts: Sequence[str], dims: int | None) -> int:
+        """Check what can be checked before tokenising; returns the dims to produce."""
+        if not texts:
+            raise InvalidInputError("inputs is empty: send at least one text")
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
+        self.embedder.profile_for(dims)  # DimsError for 0, or above the largest profile
+        return self.embedder.default_dims if dims is None else dims
+
+    async def tokenize(self, texts: Sequence[str], prompt: str | None, truncate: bool) -> list[Encoded]:
+        """Apply the prompt and tokenise (raises UnknownPromptError, InputTooLongError)."""
+        if len(texts) <= INLINE_TOKENIZE_TEXTS:
+            return self.embedder.prepare(texts, prompt, truncate).encoded
+        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt, truncate)
+        return prepared.encoded
+
+    async def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        dims: int | None = None,
+        prompt: str | None = None,
+        truncate: bool = False,
+        deadline: float | None = None,
+    ) -> EmbedResult:
+        """Validate, tokenise, batch with other callers' texts and return this request's embeddings."""
+        if not self.ready:
+            raise NotReadyError(f"model {self.name!r} is warming up: retry shortly, or wait for its health SERVING")
+        want = self.validate(texts, dims)
+        encoded = await self.tokenize(texts, prompt, truncate)
+        jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
+        futures = self.batcher.submit(jobs, deadline=deadline)
+        try:
+            results: list[JobResult[np.ndarray]] = await asyncio.gather(*futures)
+        finally:
+            # If this caller goes (cancelled) or one job failed, its other jobs must not run for nobody.
+            for f in futures:
+                f.cancel()
+        vectors = np.stack([r.value for r in results]).astype(np.float32, copy=False)
+        return EmbedResult(
+            vectors=vectors,
+            dims=want,
+            input_tokens=sum(j.tokens for j in jobs),
+            queue_seconds=max(r.queue_seconds for r in results),
+            inference_seconds=sum({r.batch: r.run_seconds for r in results}.values()),
+        )

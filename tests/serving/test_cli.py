@@ -1,0 +1,151 @@
+"""`mrl-serve` as a subprocess: graceful shutdown with calls in flight, one-line errors, help."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mrl.serving.client import AsyncEmbedClient
+
+SERVE = [sys.executable, "-m", "mrl.serving.cli"]
+
+
+class Served:
+    """An `mrl-serve` subprocess; its stderr is collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*SERVE, *args], stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.port = self.metrics_port = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(m.group(1))
+            if m := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+                self.metrics_port = int(m.group(1))
+            if " serving " in line:
+                self.ready.set()
+        self.ready.set()
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).read().decode()
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def test_sigterm_finishes_calls_in_flight_and_exits_0(tiny_artifact):
+    # Batches would wait a minute to fill: only the shutdown's flush lets the calls in flight finish in time.
+    served = Served(str(tiny_artifact), "--port", "0", "--metrics-port", "0", "--max-queue-delay-ms", "60000",
+                    "--max-batch-size", "1000", "--shutdown-grace-s", "30")  # fmt: skip
+    try:
+        assert served.ready.wait(timeout=120) and served.proc.poll() is None, "".join(served.lines)
+
+        async def scenario():
+            async with AsyncEmbedClient(f"127.0.0.1:{served.port}") as c:
+                calls = [asyncio.ensure_future(c.embed([f"text number {i}"] * 3, dims=8, timeout=60)) for i in range(8)]
+                for _ in range(3000):
+                    depth = await asyncio.to_thread(served.metric, "mrl_queue_depth")
+                    if depth == 24:
+                        break
+                    await asyncio.sleep(0.01)
+                assert depth == 24, "the calls never queued"
+                served.proc.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(asyncio.wait_for(scenario(), timeout=180))
+        assert served.proc.wait(timeout=60) == 0, "".join(served.lines)
+    finally:
+        served.stop()
+    assert all(not isinstance(r, BaseException) and r.shape == (3, 8) for r in results), results
+    log = "".join(served.lines)
+    assert "shutting down" in log and "stopped" in log and "Traceback" not in log
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mrl-serve: error: "), result.stderr
+    for word in words:
+        assert word in last, last
+
+
+def test_cli_errors_are_one_readable_line_with_exit_code_2(tiny_artifact, tmp_path):
+    assert_one_line_error(run_cli(str(tmp_path / "missing")), "does not exist")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--tls-cert", str(tmp_path)), "--tls-key")
+    (tmp_path / "empty-token").write_text("\n")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--auth-token-file", str(tmp_path / "empty-token")), "empty")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--auth-token-file", str(tmp_path / "nope")), "cannot read")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--max-batch-size", "0"), "max_batch_size")
+    assert_one_line_error(
+        run_cli(str(tiny_artifact), "--max-queue-tokens", "10", "--max-batch-tokens", "100"), "raise max_queue_tokens"
+    )
+    assert_one_line_error(run_cli(str(tiny_artifact), "--precision", "int8"), "no int8 profiles")
+    assert_one_line_error(run_cli(str(tiny_artifact), str(tiny_artifact)), "both named", "NAME=ARTIFACT_DIR")
+    assert_one_line_error(run_cli(f"a={tiny_artifact}", "--precision", "b=fp32"), "--precision names b")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert_one_line_error(run_cli(str(tiny_artifact), "--port", str(port)), "cannot listen", str(port))
+
+
+def test_help_shows_grpcurl_and_python_examples():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in ("grpcurl", "mrl.v1.Embedder/Embed", "EmbedClient", "--max-batch-tokens", "--auth-token-file"):
+        assert text in result.stdout
+
+
+def test_named_artifacts_and_per_model_precision(tiny_artifact):
+    served = Served(f"small={tiny_artifact}", "--precision", "small=fp32", "--port", "0")
+    try:
+        assert served.ready.wait(timeout=120) and served.proc.poll() is None, "".join(served.lines)
+
+        async def scenario():
+            async with AsyncEmbedClient(f"127.0.0.1:{served.port}") as c:
+                return await c.list_models(timeout=30), await c.embed(["named"], model="small", timeout=30)
+
+        (info,), vectors = asyncio.run(scenario())
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(timeout=60) == 0
+    finally:
+        served.stop()
+    assert info.name == "small" and info.precision == "fp32" and vectors.shape == (1, 32)
+
+
+@pytest.mark.parametrize("module", ["mrl.serving", "mrl.serving.client", "mrl.serving.cli"])
+def test_serving_never_imports_torch_or_transformers(module):
+    code = (
+        f"import sys, {module}, mrl.serving.server\n"
+        "roots = {'torch', 'transformers', 'sentence_transformers'}\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in roots)\n"
+        "print(heavy)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path.home())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
