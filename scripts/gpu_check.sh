@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# GPU check anyone can run: reports GPU, driver, CUDA, TensorRT and onnxruntime providers, exports the
+# demo model, builds TensorRT engines where TensorRT is present, checks every GPU backend against
+# ONNX Runtime CPU and runs a short `mrl-bench engine`; prints a short table last.
+#
+#   bash scripts/gpu_check.sh            # on a GPU machine (exit 2 where there is no GPU)
+#   bash scripts/gpu_check.sh --cpu-ok   # anywhere: without a GPU, runs the same path on the CPU
+#   bash scripts/gpu_check.sh --out /tmp/check --model ./my-st-model
+#
+# Exit codes: 0 every check that could run passed, 1 a check failed, 2 no GPU (without --cpu-ok).
+# Works from a checkout without installing mrl-toolkit; set PYTHON to choose the interpreter.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+exec "$PYTHON" scripts/gpu_check.py "$@"
