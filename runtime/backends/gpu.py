@@ -122,4 +122,7 @@ def detect_gpu(device_id: int = 0) -> tuple[GpuInfo | None, str]:
     gpus = nvidia_smi_gpus()
     if len(gpus) > device_id:
         return gpus[device_id], f"nvidia-smi ({reason})"
-    return None, reason if shutil.which("nvidia-smi") is None else f"{reason}; nvidia-smi lists no GPU"
+    return (
+        None,
+        f"{reason}; {'no nvidia-smi either' if shutil.which('nvidia-smi') is None else 'nvidia-smi lists none'}",
+    )
