@@ -6,8 +6,9 @@ GPU providers are configured explicitly, never left to defaults:
   once and never rebuilds when a batch of a new shape arrives. ONNX Runtime parses several shape
   ranges but runs only the first (onnxruntime PR #31624 is still open), so it gets one range
   covering all of them. `trt_fp16_enable` stays off: with it off, ONNX Runtime builds a strongly
-  typed network (1.22+), so the precision is the one written in the graph, and the LayerNorm,
-  Softmax and normalisation the fp16 graph keeps in fp32 stay in fp32.
+  typed network (since onnxruntime PR #24298), so the precision is the one written in the graph,
+  and the LayerNorm, Softmax and normalisation the fp16 graph keeps in fp32 stay in fp32. It has no
+  option to turn TF32 off; NVIDIA_TF32_OVERRIDE=0 in the environment does.
 - CUDA provider: TF32 off for fp32 graphs (fp32 means fp32: parity is checked against it) and an
   arena that grows by what is asked, not in powers of two, for batches of changing shape.
 Every option can be overridden with `cuda_options=` / `trt_options=`.
