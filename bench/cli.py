@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="PyTorch baseline (default auto: when torch is installed; CUDA where present)",
     )
+    e.add_argument(
+        "--block", type=int, default=5, help="timed calls in a row per runner before alternating (default 5)"
+    )
+    e.add_argument(
+        "--settle-ms",
+        type=float,
+        default=100.0,
+        help="pause between blocks so the previous runner's threads stop spinning (default 100)",
+    )
     e.add_argument("--no-ceiling", action="store_true", help="skip the GEMM peak measurement")
     _common(e, "mrl-bench-engine.json")
 
@@ -209,6 +218,8 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
         texts=None if args.texts is None else tuple(read_lines(args.texts)),
         warmup=args.warmup,
         repeats=args.repeats,
+        block=args.block,
+        settle_ms=args.settle_ms,
         baseline=args.baseline,
         threads=args.threads,
         ceiling=not args.no_ceiling,
@@ -334,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
         from mrl.bench import env
         from mrl.bench.report import make_report, write_report
 
+        load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         result, table = runners[args.command](args, progress)
+        result["extra"]["load_average_at_start"] = load_at_start
         report = make_report(
             args.command,
             command=["mrl-bench", *argv],

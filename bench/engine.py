@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from mrl.bench.runners import (
     reset_device_peak,
     torch_present,
 )
-from mrl.bench.stats import interleaved_order, ratio, summarize, throughput
+from mrl.bench.stats import block_schedule, ratio, summarize, throughput
 from mrl.bench.texts import cycle, texts_of_length
 from mrl.runtime.errors import InvalidInputError
 from mrl.runtime.manifest import Manifest, load_manifest
@@ -45,6 +46,8 @@ class EngineConfig:
     texts: tuple[str, ...] | None = None  # real texts replace the synthetic seq lens
     warmup: int = 5
     repeats: int = 50
+    block: int = 5  # timed calls in a row per runner before the next runner's turn
+    settle_ms: float = 100.0  # pause between blocks: onnxruntime's threads spin for tens of ms after a call
     baseline: str = "auto"
     threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
     ceiling: bool = True
@@ -52,6 +55,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.warmup < 1 or self.repeats < 2:
             raise InvalidInputError("need at least 1 warm-up call and 2 repetitions per cell")
+        if self.block < 1 or self.settle_ms < 0:
+            raise InvalidInputError("block must be at least 1 and settle time at least 0 ms")
         if self.baseline not in ("auto", "none", "cpu", "cuda"):
             raise InvalidInputError(f"baseline must be auto, none, cpu or cuda, not {self.baseline!r}")
         if not self.batch_sizes or min(self.batch_sizes) < 1:
@@ -77,11 +82,13 @@ def pair_baseline(precision: str, baseline_precisions: Sequence[str]) -> str | N
 
 
 def measure_cell(
-    runners: Sequence[Runner], batches: Sequence[list[str]], dims: int, warmup: int
+    runners: Sequence[Runner], batches: Sequence[list[str]], dims: int, warmup: int, *, block: int, settle_s: float
 ) -> dict[str, CellTiming]:
-    """Warm each runner up alone (peak memory window), then time all of them interleaved, batch by batch.
+    """Warm each runner up alone (its peak-memory window), then time them in alternating blocks.
 
-    `batches[i]` is what every runner embeds in round i, so all see the same texts in the same order.
+    Every runner embeds `batches` in the same order. Before each block: a pause of `settle_s` so
+    the previous runner's threads stop spinning, and one untimed call so this runner's thread pool
+    is awake, as a steady caller finds it.
     """
     peaks: dict[str, tuple[float | None, float | None]] = {}
     for r in runners:
@@ -92,9 +99,12 @@ def measure_cell(
         peaks[r.label] = (memory.peak_rss_mib(), device_peak_mib(r))
     seconds: dict[str, list[float]] = {r.label: [] for r in runners}
     by_label = {r.label: r for r in runners}
-    for step, label in enumerate(interleaved_order(list(by_label), len(batches))):
-        elapsed, _ = by_label[label].timed(batches[step // len(by_label)], dims)
-        seconds[label].append(elapsed)
+    for label, calls in block_schedule(list(by_label), len(batches), block):
+        runner, done = by_label[label], len(seconds[label])
+        time.sleep(settle_s)
+        runner.timed(batches[done], dims)
+        for i in range(done, done + calls):
+            seconds[label].append(runner.timed(batches[i], dims)[0])
     return {
         label: CellTiming(seconds=s, peak_rss_mib=peaks[label][0], peak_device_mib=peaks[label][1])
         for label, s in seconds.items()
@@ -169,6 +179,11 @@ def measure_peaks(baseline_device: str | None, threads: int, progress: Progress)
         if key not in best or p.flops_per_s > best[key].flops_per_s:
             best[key] = p
     return best
+
+
+def peaks_list(peaks: dict[tuple[str, str], flops.Peak]) -> list[dict[str, Any]]:
+    """Peaks as JSON rows: device, dtype, FLOP/s, library and matrix size."""
+    return [{"device": device, **dataclasses.asdict(p)} for (device, _), p in peaks.items()]
 
 
 def quality(runners: Sequence[Runner], texts: Sequence[str], dims: int) -> dict[str, dict[str, Any] | None]:
@@ -256,7 +271,7 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
     try:
         baseline_device = extra["baseline"]["device"]
         peaks = measure_peaks(baseline_device, config.threads, progress) if config.ceiling else {}
-        extra["peaks"] = [{"device": d, **dataclasses.asdict(p)} for (d, p) in peaks.items()]
+        extra["peaks"] = peaks_list(peaks)
         model_config = flops.find_model_config(manifest.source.get("path"))
         extra["model_config_found"] = model_config is not None
         rows: list[dict[str, Any]] = []
@@ -271,7 +286,9 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
                     batches = [cycle(pool, batch, i * batch) for i in range(config.repeats)]
                     tokens = float(np.mean([e.n_tokens for b in batches for e in tokenizer.encode(b)]))
                     progress(f"cell {done}/{n_cells}: dims {dims}, batch {batch}, {tokens:.1f} tokens/text")
-                    timings = measure_cell(runners, batches, dims, config.warmup)
+                    timings = measure_cell(
+                        runners, batches, dims, config.warmup, block=config.block, settle_s=config.settle_ms / 1000
+                    )
                     fpt = None if model_config is None else flops.flops_per_token(model_config, tokens)
                     for r in runners:
                         row = build_row(

@@ -162,5 +162,7 @@ def collect(artifact: Path | None = None) -> dict[str, Any]:
         "onnxruntime_providers": onnxruntime_providers(),
         "packages": package_versions(),
         "artifact": artifact_info(artifact),
+        # Other jobs on the machine skew every number: a reader should see how busy it was.
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "thread_env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
     }

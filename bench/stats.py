@@ -73,12 +73,18 @@ def ratio(candidate: float | None, baseline: float | None) -> float | None:
     return candidate / baseline
 
 
-def interleaved_order(names: Sequence[str], repeats: int) -> list[str]:
-    """Round-robin schedule: each name once per round, `repeats` rounds.
+def block_schedule(names: Sequence[str], repeats: int, block: int) -> list[tuple[str, int]]:
+    """Round-robin blocks: (name, calls) pairs giving each name `repeats` calls, at most `block` in a row.
 
     Alternating candidates spreads a shared machine's slow spells (other jobs, thermal and
     frequency changes) over all of them instead of penalising whichever ran during the spell.
+    Blocks rather than single calls, with a pause between them, because thread pools keep spinning
+    after a call (onnxruntime's for tens of milliseconds): strict alternation would time each
+    candidate against the previous one's spinning threads.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, not {repeats}")
-    return [name for _ in range(repeats) for name in names]
+    if repeats < 1 or block < 1:
+        raise ValueError(f"repeats and block must be at least 1, not {repeats} and {block}")
+    schedule = []
+    for start in range(0, repeats, block):
+        schedule += [(name, min(block, repeats - start)) for name in names]
+    return schedule

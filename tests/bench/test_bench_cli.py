@@ -44,7 +44,7 @@ def test_errors_are_one_line_exit_2(argv, message, capsys):
 
 def test_engine_command_writes_json_and_prints_a_table(tiny_artifact, tmp_path, capsys):
     out = tmp_path / "engine.json"
-    flags = "--dims 16 --batch-sizes 2 --seq-lens 8 --warmup 1 --repeats 2 --threads 1 --no-ceiling"
+    flags = "--dims 16 --batch-sizes 2 --seq-lens 8 --warmup 1 --repeats 2 --threads 1 --no-ceiling --settle-ms 1"
     argv = ["engine", str(tiny_artifact), *flags.split(), "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()

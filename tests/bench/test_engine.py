@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mrl.bench import flops
-from mrl.bench.engine import EngineConfig, add_speedups, cosine_stats, pair_baseline, run_engine
+from mrl.bench.engine import EngineConfig, add_speedups, cosine_stats, pair_baseline, peaks_list, run_engine
 from mrl.bench.runners import plan_baseline
 from mrl.bench.texts import texts_of_length
 from mrl.runtime.embedder import Embedder
@@ -42,6 +42,8 @@ def test_gemm_peaks_are_measured_and_chosen_by_dtype():
     assert "fp32" in best
     assert flops.peak_for("int8", best).dtype == ("int8" if "int8" in best else "fp32")
     assert flops.peak_for("fp16", best).dtype == "fp32"  # no fp16 GEMM measured on a CPU: held to fp32's
+    rows = peaks_list({("cpu", dtype): p for dtype, p in best.items()})
+    assert rows[0]["device"] == "cpu" and rows[0]["dtype"] == "fp32" and rows[0]["flops_per_s"] > 0
 
 
 def test_pair_baseline():

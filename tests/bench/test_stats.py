@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mrl.bench.stats import interleaved_order, percentile, ratio, summarize, throughput
+from mrl.bench.stats import block_schedule, percentile, ratio, summarize, throughput
 
 
 def test_percentiles_of_one_to_hundred():
@@ -51,7 +51,8 @@ def test_throughput_and_ratio():
     assert ratio(None, 2.0) is None and ratio(1.0, 0) is None
 
 
-def test_interleaved_order_round_robin():
-    assert interleaved_order(["a", "b"], 3) == ["a", "b", "a", "b", "a", "b"]
+def test_block_schedule_alternates_and_covers_every_repeat():
+    assert block_schedule(["a", "b"], 3, 1) == [("a", 1), ("b", 1), ("a", 1), ("b", 1), ("a", 1), ("b", 1)]
+    assert block_schedule(["a", "b"], 7, 3) == [("a", 3), ("b", 3), ("a", 3), ("b", 3), ("a", 1), ("b", 1)]
     with pytest.raises(ValueError):
-        interleaved_order(["a"], 0)
+        block_schedule(["a"], 0, 1)
