@@ -11,26 +11,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from models import save_sentence_transformer
+from tinymodels import export, save_sentence_transformer
 
 TINY_DIMS = (8, 16, 32)
-
-
-def export(
-    model: str | Path,
-    out: Path,
-    dims: tuple[int, ...],
-    precisions: tuple[str, ...] = ("fp32",),
-    exporter: str = "auto",
-    **kw,
-):
-    """Export through the public API (the same code path as `mrl-export`); `kw` goes to load_source."""
-    from mrl.export.artifact import ExportOptions, export_artifact
-    from mrl.export.source import load_source
-
-    source = load_source(str(model), **kw)
-    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, exporter=exporter))
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -84,3 +84,20 @@ def save_sentence_transformer(
     model = SentenceTransformer(modules=modules, device="cpu", prompts=prompts or {})
     model.save(str(directory))
     return directory
+
+
+def export(
+    model: str | Path,
+    out: Path,
+    dims: tuple[int, ...],
+    precisions: tuple[str, ...] = ("fp32",),
+    exporter: str = "auto",
+    **kw,
+):
+    """Export through the public API (the same code path as `mrl-export`); `kw` goes to load_source."""
+    from mrl.export.artifact import ExportOptions, export_artifact
+    from mrl.export.source import load_source
+
+    source = load_source(str(model), **kw)
+    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, exporter=exporter))
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from mrl.runtime.backends.gpu import detect_gpu
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.sh"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "gpu_check.sh"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

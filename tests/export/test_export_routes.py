@@ -8,9 +8,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from conftest import export
-from models import save_bert, save_sentence_transformer
 from sentence_transformers import SentenceTransformer
+from tinymodels import export, save_bert, save_sentence_transformer
 
 from mrl.runtime import Embedder, load_manifest
 

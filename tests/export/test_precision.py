@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import export
-from models import save_sentence_transformer
+from tinymodels import export, save_sentence_transformer
 
 from mrl.runtime import Embedder, ParityError, load_manifest
 
