@@ -99,20 +99,28 @@ def admits(queued_tokens: int, request_tokens: int, capacity: int) -> bool:
     return queued_tokens + request_tokens <= capacity
 
 
-def select_batch(lengths: Sequence[int], anchor: int, *, max_tokens: int, max_size: int) -> Selection:
+def select_batch(
+    lengths: Sequence[int], anchor: int, *, max_tokens: int, max_size: int, max_padding: float = 1.0
+) -> Selection:
     """Grow a run of ascending `lengths` around `anchor`, adding whichever neighbour adds the least padding.
 
-    The batch's cost is its padded size, `count * longest`; `anchor` is always in it (even if it alone is
-    over `max_tokens`), so the oldest text never starves behind shorter ones.
+    A batch costs its padded size, `count * longest`, which must stay within `max_tokens`; at most a
+    `max_padding` share of it may be padding. `anchor` is always in it (even alone over `max_tokens`),
+    so the oldest text never starves behind others.
     """
     if not 0 <= anchor < len(lengths):
         raise IndexError(f"anchor {anchor} is outside the queue of {len(lengths)}")
+
+    def fits(count: int, longest: int, real: int) -> bool:
+        padded = count * longest
+        return padded <= max_tokens and padded - real <= max_padding * padded
+
     lo, hi = anchor, anchor + 1
+    real = lengths[anchor]
     while hi - lo < max_size:
-        count = hi - lo + 1
-        longest = lengths[hi - 1]
-        down = lo > 0 and count * longest <= max_tokens
-        up = hi < len(lengths) and count * lengths[hi] <= max_tokens
+        count, longest = hi - lo + 1, lengths[hi - 1]
+        down = lo > 0 and fits(count, longest, real + lengths[lo - 1])
+        up = hi < len(lengths) and fits(count, lengths[hi], real + lengths[hi])
         if not (down or up):
             return Selection(start=lo, stop=hi, full=lo > 0 or hi < len(lengths))
         # Padding added: a shorter text pads itself up to the longest; a longer one pads everyone up to it.
@@ -120,13 +128,15 @@ def select_batch(lengths: Sequence[int], anchor: int, *, max_tokens: int, max_si
         waste_up = (hi - lo) * (lengths[hi] - longest) if up else None
         if waste_up is None or (waste_down is not None and waste_down <= waste_up):
             lo -= 1
+            real += lengths[lo]
         else:
+            real += lengths[hi]
             hi += 1
     return Selection(start=lo, stop=hi, full=True)
 
 
 class Batcher(Generic[P, R]):
-    """Queues jobs and runs them in batches through `fn`, one batch at a time, in `executor`."""
+    """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once."""
 
     def __init__(
         self,
@@ -231,6 +241,7 @@ class Batcher(Generic[P, R]):
             oldest,
             max_tokens=self._config.max_batch_tokens,
             max_size=self._config.max_batch_size,
+            max_padding=self._config.max_padding,
         )
         return selection, self._queue[oldest].enqueued + self._config.max_queue_delay_ms / 1000
 
@@ -258,20 +269,35 @@ class Batcher(Generic[P, R]):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
 
     async def _loop(self) -> None:
+        slots = asyncio.Semaphore(self._config.workers)
+        running: set[asyncio.Task[None]] = set()
         try:
-            while (items := await self._next_batch()) is not None:
-                try:
-                    await self._run(items)
-                except Exception as e:
-                    log.exception("%s: batch failed outside the batch function", self._name)
-                    self._fail(items, e)
-                except BaseException:
-                    self._fail(items, NotReadyError("the server stopped while this request was running"))
-                    raise
+            while True:
+                await slots.acquire()
+                items = await self._next_batch()
+                if items is None:
+                    break
+                task = asyncio.ensure_future(self._run_guarded(items))
+                running.add(task)
+                task.add_done_callback(running.discard)
+                task.add_done_callback(lambda _: slots.release())
+            await asyncio.gather(*running)
         finally:
             # Whatever ended the loop, no caller is left waiting forever.
             self._closing = True
+            for task in running:
+                task.cancel()
             self._fail(list(self._queue), NotReadyError("the server stopped before this request ran"))
+
+    async def _run_guarded(self, items: list[_Item]) -> None:
+        try:
+            await self._run(items)
+        except Exception as e:
+            log.exception("%s: batch failed outside the batch function", self._name)
+            self._fail(items, e)
+        except BaseException:
+            self._fail(items, NotReadyError("the server stopped while this request was running"))
+            raise
 
     def _fail(self, items: list[_Item], error: Exception) -> None:
         for item in items:

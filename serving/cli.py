@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -57,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     net.add_argument("--auth-token-file", type=Path, help="file holding a bearer token every call must carry")
     net.add_argument("--max-message-bytes", type=int, default=16 << 20, help="largest request (default %(default)s)")
     net.add_argument("--max-inputs", type=int, default=512, help="texts per request at most (default %(default)s)")
-    net.add_argument("--shutdown-grace-s", type=float, default=30.0, help="on SIGTERM, time for calls in flight")
+    net.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, time for calls in flight (default %(default)s)",
+    )
     model = p.add_argument_group("models")
     model.add_argument(
         "--precision",
@@ -67,22 +73,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="precision to serve, for all models or one (repeatable; default: each manifest's first)",
     )
     model.add_argument("--backend", default="auto", help="runtime backend (default %(default)s)")
-    model.add_argument("--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per batch (0: default)")
+    model.add_argument(
+        "--intra-op-threads", type=int, help="ONNX Runtime threads per batch (default: CPU cores / --batch-workers)"
+    )
     model.add_argument("--no-verify", action="store_true", help="skip the sha256 check of artifact files at start")
     batch = p.add_argument_group("batching")
     defaults = BatcherConfig()
     batch.add_argument(
-        "--max-batch-tokens", type=int, default=defaults.max_batch_tokens, help="padded tokens per batch"
+        "--max-batch-tokens",
+        type=int,
+        default=defaults.max_batch_tokens,
+        help="padded tokens per batch (default %(default)s)",
     )
-    batch.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size, help="texts per batch")
     batch.add_argument(
-        "--max-queue-delay-ms", type=float, default=defaults.max_queue_delay_ms, help="wait this long to fill a batch"
+        "--max-batch-size", type=int, default=defaults.max_batch_size, help="texts per batch (default %(default)s)"
+    )
+    batch.add_argument(
+        "--max-padding",
+        type=float,
+        default=defaults.max_padding,
+        help="share of a batch that may be padding (default %(default)s; GPUs: 1)",
+    )
+    batch.add_argument(
+        "--max-queue-delay-ms",
+        type=float,
+        default=defaults.max_queue_delay_ms,
+        help="wait this long to fill a batch (default %(default)s)",
     )
     batch.add_argument(
         "--max-queue-tokens",
         type=int,
         default=defaults.max_queue_tokens,
-        help="tokens that may wait; beyond: RESOURCE_EXHAUSTED",
+        help="tokens that may wait; beyond: RESOURCE_EXHAUSTED (default %(default)s)",
+    )
+    batch.add_argument(
+        "--batch-workers",
+        type=int,
+        default=2,
+        help="batches run at once per model, each in its own thread (default %(default)s)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
@@ -94,9 +122,31 @@ def split_named(value: str) -> tuple[str | None, str]:
     return (name, rest) if sep and name and "/" not in name else (None, value)
 
 
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(requested: int | None, cores: int, workers: int) -> int:
+    """ONNX Runtime threads per batch: as asked, else the cores shared out among the batches that run at once.
+
+    Two single-threaded batches beat one two-threaded batch on a 2-core server: the event loop's work then
+    slows one batch a little instead of stalling both threads of a parallel kernel.
+    """
+    if requested is not None:
+        if requested < 0:
+            raise ValueError(f"--intra-op-threads must be 0 (ONNX Runtime's default) or more, not {requested}")
+        return requested
+    return max(1, cores // max(1, workers))
+
+
 def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """One ModelSpec per artifact argument, with its precision."""
     precisions = dict(split_named(v) for v in args.precision)
+    threads = intra_op_threads(args.intra_op_threads, cpu_cores(), args.batch_workers)
     specs = []
     for value in args.artifacts:
         name, directory = split_named(value)
@@ -107,7 +157,7 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 name=name,
                 precision=precision,
                 backend=args.backend,
-                intra_op_threads=args.intra_op_threads,
+                intra_op_threads=threads,
                 verify=not args.no_verify,
             )
         )
@@ -154,8 +204,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         batcher=BatcherConfig(
             max_batch_tokens=args.max_batch_tokens,
             max_batch_size=args.max_batch_size,
+            max_padding=args.max_padding,
             max_queue_delay_ms=args.max_queue_delay_ms,
             max_queue_tokens=args.max_queue_tokens,
+            workers=args.batch_workers,
         ),
     )
 
@@ -191,8 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = server_config(args)
         metrics = ServerMetrics()
-        models = [ServedModel.load(spec, config.batcher) for spec in model_specs(args)]
+        specs = model_specs(args)
+        models = [ServedModel.load(spec, config.batcher) for spec in specs]
         check_names(models)
+        log.info(
+            "each model runs up to %d batches at once, %d ONNX Runtime threads each",
+            config.batcher.workers,
+            specs[0].intra_op_threads,
+        )
         asyncio.run(serve(models, config, metrics))
     except (MrlError, ValueError, OSError) as e:
         print(f"mrl-serve: error: {e}", file=sys.stderr)

@@ -68,8 +68,8 @@ class ServedModel:
         self.embedder = embedder
         self.config = config
         self.ready = False
-        # One inference thread per model: one batch at a time, each with all of ONNX Runtime's threads.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"mrl-{name}")
+        # Inference threads of this model only: a slow model never holds up another's batches.
+        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"mrl-{name}")
         self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
             self.run_batch, config, self._executor, name=f"model {name!r}"
         )

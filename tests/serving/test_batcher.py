@@ -36,17 +36,28 @@ def test_select_batch_respects_budget_and_size_and_always_takes_the_anchor():
         select_batch([1], 3, max_tokens=10, max_size=2)
 
 
+def test_select_batch_keeps_padding_under_its_share():
+    lengths = [10, 10, 11, 12, 20, 30]
+    sel = select_batch(lengths, 0, max_tokens=1000, max_size=8, max_padding=0.1)
+    assert (sel.start, sel.stop, sel.full) == (0, 3, True)  # 2 of 33 padded tokens; with 12: 5 of 48, over 10%
+    sel = select_batch(lengths, 5, max_tokens=1000, max_size=8, max_padding=0.0)
+    assert (sel.start, sel.stop, sel.full) == (5, 6, True)  # alone: any neighbour would add padding
+    sel = select_batch(lengths, 5, max_tokens=1000, max_size=8, max_padding=1.0)
+    assert (sel.start, sel.stop) == (0, 6)
+
+
 def test_select_batch_never_breaks_its_limits_on_random_queues():
     rng = random.Random(0)
     for _ in range(500):
         lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 40)))
         anchor = rng.randrange(len(lengths))
-        max_tokens, max_size = rng.randint(1, 400), rng.randint(1, 16)
-        sel = select_batch(lengths, anchor, max_tokens=max_tokens, max_size=max_size)
-        size = sel.stop - sel.start
+        max_tokens, max_size, max_padding = rng.randint(1, 400), rng.randint(1, 16), rng.choice([0, 0.1, 0.5, 1])
+        sel = select_batch(lengths, anchor, max_tokens=max_tokens, max_size=max_size, max_padding=max_padding)
+        size, padded = sel.stop - sel.start, (sel.stop - sel.start) * lengths[sel.stop - 1]
         assert sel.start <= anchor < sel.stop
         assert size <= max_size
-        assert size == 1 or size * lengths[sel.stop - 1] <= max_tokens
+        assert size == 1 or padded <= max_tokens
+        assert size == 1 or padded - sum(lengths[sel.start : sel.stop]) <= max_padding * padded
 
 
 def test_admission_is_monotone_so_one_text_passes_wherever_a_larger_request_holding_it_passes():

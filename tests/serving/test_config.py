@@ -29,6 +29,8 @@ from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredErro
         ({"max_queue_delay_ms": -1}, "max_queue_delay_ms must be 0 or more"),
         ({"max_queue_tokens": 100, "max_batch_tokens": 200}, "raise max_queue_tokens"),
         ({"max_batch_size": True}, "positive number"),
+        ({"max_padding": 1.5}, "max_padding must be in 0..1"),
+        ({"workers": 0}, "workers must be a positive number"),
     ],
 )
 def test_batcher_config_refuses_bad_values(kwargs, message):
