@@ -62,6 +62,9 @@ class ServerMetrics:
         self.queue_depth = Gauge("mrl_queue_depth", "Texts waiting for a batch", ["model"], registry=r)
         self.queue_tokens = Gauge("mrl_queue_tokens", "Tokens waiting for a batch", ["model"], registry=r)
         self.in_flight = Gauge("mrl_requests_in_flight", "Embed requests being handled", ["model"], registry=r)
+        self.auth_denied = Counter(
+            "mrl_auth_denied", "Calls refused for a missing or wrong bearer token", ["method"], registry=r
+        )
         self.ready = Gauge("mrl_model_ready", "1 once a model is warm and serving", ["model"], registry=r)
         self._http: Any = None
         self._thread: threading.Thread | None = None

@@ -60,7 +60,8 @@ class EmbedServer:
             await self.health.set(name, NOT_SERVING)
         interceptors = []
         if self.config.auth_token is not None:
-            interceptors.append(BearerTokenInterceptor(self.config.auth_token))
+            denied = self.metrics.auth_denied
+            interceptors.append(BearerTokenInterceptor(self.config.auth_token, lambda m: denied.labels(m).inc()))
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[

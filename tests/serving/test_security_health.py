@@ -53,13 +53,14 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_never_reaches_the_model
             # Health stays open for probes that carry no credentials.
             health = await check(target, "")
             requests = sample(server, "mrl_requests_total", {"model": model.name, "method": "Embed", "code": "OK"})
-            return codes, ok, health, requests
+            denied = sample(server, "mrl_auth_denied_total", {"method": "/mrl.v1.Embedder/Embed"})
+            return codes, ok, health, (requests, denied)
 
     codes, ok, health, requests = run(scenario())
     for code, details in codes.values():
         assert code == grpc.StatusCode.UNAUTHENTICATED and "Bearer" in details
     assert ok.shape == (1, 32) and health == SERVING
-    assert requests == 1
+    assert requests == (1, 3)  # one call reached the service; three were refused before it
     assert model.ran("allowed") and not any(model.ran("never " + n) for n in codes)
 
 
