@@ -286,9 +286,11 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
                     batches = [cycle(pool, batch, i * batch) for i in range(config.repeats)]
                     tokens = float(np.mean([e.n_tokens for b in batches for e in tokenizer.encode(b)]))
                     progress(f"cell {done}/{n_cells}: dims {dims}, batch {batch}, {tokens:.1f} tokens/text")
+                    before = memory.cpu_snapshot()
                     timings = measure_cell(
                         runners, batches, dims, config.warmup, block=config.block, settle_s=config.settle_ms / 1000
                     )
+                    busy = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
                     fpt = None if model_config is None else flops.flops_per_token(model_config, tokens)
                     for r in runners:
                         row = build_row(
@@ -299,7 +301,7 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
                             flops_per_token=fpt,
                             peak=flops.peak_for(r.precision, {k[1]: v for k, v in peaks.items() if k[0] == r.device}),
                         )
-                        rows.append({**row, "cosine_vs_reference": checked[r.label]})
+                        rows.append({**row, "cosine_vs_reference": checked[r.label], "other_load_cores": busy})
         add_speedups(rows)
     finally:
         for r in runners:
@@ -314,6 +316,7 @@ def engine_table(rows: Sequence[dict[str, Any]]) -> str:
     headers = [
         "backend", "precision", "dims", "batch", "seq", "tok/text", "p50 ms", "p90 ms", "p99 ms",
         "texts/s", "tokens/s", "speed-up", "vs", "GFLOP/s", "% of peak", "peak RSS MiB", "cos mean", "cos min",
+        "other load",
     ]  # fmt: skip
     body = []
     for r in rows:
@@ -338,6 +341,18 @@ def engine_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["peak_rss_mib"],
                 None if not cos else f"{cos['mean']:.5f}",
                 None if not cos else f"{cos['min']:.5f}",
+                r.get("other_load_cores"),
             ]
         )
-    return markdown_table(headers, body)
+    return markdown_table(headers, body) + busy_note(rows)
+
+
+def busy_note(rows: Sequence[dict[str, Any]], limit: float = 0.25) -> str:
+    """A warning line when other processes used more than `limit` cores while rows were measured."""
+    busy = [r["other_load_cores"] for r in rows if (r.get("other_load_cores") or 0) > limit]
+    if not busy:
+        return ""
+    return (
+        f"\nwarning: other processes used up to {max(busy):.2f} cores during {len(busy)} of {len(rows)} rows "
+        "(column 'other load'): those timings are skewed; rerun on an idle machine"
+    )

@@ -1,7 +1,9 @@
-"""Process memory from /proc: current and peak resident set, with the peak reset between cells."""
+"""Process memory and machine CPU use from /proc: peak resident set per cell, and how busy other jobs kept the CPUs."""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 STATUS = Path("/proc/self/status")
@@ -43,3 +45,43 @@ def reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class CpuSnapshot:
+    """Machine-wide busy and total CPU time (from /proc/stat) and this process's own CPU time, in seconds."""
+
+    busy_s: float
+    total_s: float
+    own_s: float
+
+
+def parse_proc_stat(text: str, ticks_per_s: float) -> tuple[float, float]:
+    """(busy, total) seconds of all CPUs together from /proc/stat's first line."""
+    fields = [int(x) for x in text.splitlines()[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    busy = user + nice + system + irq + softirq + steal
+    return busy / ticks_per_s, (busy + idle + iowait) / ticks_per_s
+
+
+def cpu_snapshot() -> CpuSnapshot | None:
+    """Now's CPU counters (None off Linux)."""
+    try:
+        busy, total = parse_proc_stat(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+    t = os.times()
+    return CpuSnapshot(busy_s=busy, total_s=total, own_s=t.user + t.system)
+
+
+def other_load(before: CpuSnapshot | None, after: CpuSnapshot | None, cores: int) -> float | None:
+    """Cores' worth of CPU that other processes used between two snapshots (0: we had the machine to ourselves).
+
+    Our own CPU time (every thread of this process) is subtracted from the machine's busy time; what
+    remains is other jobs, whose competition for the cores skews any timing taken meanwhile.
+    """
+    if before is None or after is None or after.total_s <= before.total_s:
+        return None
+    wall = (after.total_s - before.total_s) / cores
+    others = (after.busy_s - before.busy_s) - (after.own_s - before.own_s)
+    return max(0.0, others / wall)

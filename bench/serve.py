@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mrl.bench import memory
 from mrl.bench.stats import ratio, summarize
 from mrl.bench.texts import cycle
 from mrl.runtime.errors import InvalidInputError
@@ -207,7 +209,10 @@ async def sweep(
         for concurrency in config.concurrency:
             for mix in config.dims_mixes:
                 progress(f"concurrency {concurrency}, dims {mix_label(mix)}")
+                before = memory.cpu_snapshot()
                 row = await run_level(client, config, concurrency, mix)
+                # This process is the load generator: "other" is the server plus any unrelated job.
+                row["other_load_cores"] = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
                 p50 = (row["latency"] or {}).get("p50_ms") or float("nan")
                 errors = row["errors"] or "none"
                 progress(f"  {row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}")
@@ -278,6 +283,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
         "server queue ms",
         "vs offline",
         "vs single dims",
+        "other load",
     ]
     body = []
     for r in rows:
@@ -296,6 +302,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["server_queue_ms_mean"],
                 None if r.get("vs_offline") is None else f"{r['vs_offline']:.2f}",
                 ", ".join(f"{ratio_:.2f} vs {m}" for m, ratio_ in vs.items() if ratio_ is not None) or None,
+                r.get("other_load_cores"),
             ]
         )
     return markdown_table(headers, body)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.bench import retrieval
+from mrl.bench import memory, retrieval
 from mrl.bench.report import markdown_table
 from mrl.bench.texts import Pair
 from mrl.runtime.backends import resolve_backend
@@ -142,7 +142,9 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
             doc_prompt, query_prompt = _prompt(embedder, "document"), _prompt(embedder, "query")
             for dims in sorted(embedder.manifest.dims, reverse=True):
                 progress(f"embedding {len(pool)} documents with {precision} at dims {dims}")
+                before = memory.cpu_snapshot()
                 vectors, seconds = _embed_timed(embedder, pool, dims, config.batch_size, doc_prompt)
+                busy = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
                 queries = None
                 if labelled:
                     queries, _ = _embed_timed(
@@ -167,6 +169,7 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
                         "recall_at_10": retrieval.neighbour_recall(found, reference),
                         "encode_ms_per_text": 1000 * seconds / len(pool),
                         "encode_texts_per_s": len(pool) / seconds,
+                        "other_load_cores": busy,
                     }
                     if labelled:
                         row.update(_labelled(vectors, queries, config, positive_index, dims, encoding))
@@ -212,13 +215,13 @@ def tradeoff_table(rows: Sequence[dict[str, Any]]) -> str:
     labelled = any("mrr_at_10" in r for r in rows)
     headers = ["precision", "dims", "encoding", "bytes/vector", "index MB", "recall@10 vs full"]
     headers += ["recall@10 (pairs)", "MRR@10 (pairs)"] if labelled else []
-    headers += ["encode ms/text", "texts/s"]
+    headers += ["encode ms/text", "texts/s", "other load"]
     body = []
     for r in rows:
         cells = [r["precision"], r["dims"], r["encoding"], r["bytes_per_vector"], r["index_bytes"] / 1e6]
         cells.append(f"{r['recall_at_10']:.3f}")
         if labelled:
             cells += [f"{r['labelled_recall_at_10']:.3f}", f"{r['mrr_at_10']:.3f}"]
-        cells += [r["encode_ms_per_text"], r["encode_texts_per_s"]]
+        cells += [r["encode_ms_per_text"], r["encode_texts_per_s"], r.get("other_load_cores")]
         body.append(cells)
     return markdown_table(headers, body)

@@ -145,3 +145,20 @@ def test_engine_config_validation(tiny_artifact):
         EngineConfig(artifact=tiny_artifact, repeats=1)
     with pytest.raises(InvalidInputError):
         EngineConfig(artifact=tiny_artifact, baseline="tpu")
+
+
+@pytest.mark.gpu
+def test_cuda_baseline_runs_fp32_and_fp16_with_device_memory(tiny_artifact):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here")
+    config = EngineConfig(
+        artifact=tiny_artifact, dims=(32,), batch_sizes=(4,), seq_lens=(12,), warmup=1, repeats=3, settle_ms=1,
+        baseline="cuda", ceiling=True,
+    )  # fmt: skip
+    rows, extra = run_engine(config, lambda _: None)
+    cuda_rows = {r["precision"]: r for r in rows if r["backend"] == "pytorch"}
+    assert set(cuda_rows) == {"fp32", "fp16"} and all(r["device"] == "cuda" for r in cuda_rows.values())
+    assert all(r["peak_device_mib"] > 0 for r in cuda_rows.values())
+    assert {("cuda", "fp16"), ("cuda", "fp32")} <= {(p["device"], p["dtype"]) for p in extra["peaks"]}
+    assert cuda_rows["fp16"]["cosine_vs_reference"]["min"] > 0.99

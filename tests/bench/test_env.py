@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from mrl.bench import env, memory
 
 CPUINFO = """processor\t: 0
@@ -60,3 +62,21 @@ def test_bench_imports_without_torch():
         "assert 'torch' not in sys.modules and 'sentence_transformers' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_other_load_subtracts_our_own_cpu_time():
+    busy, total = memory.parse_proc_stat("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3\n", ticks_per_s=100)
+    assert (busy, total) == (1.5, 10.0)
+    before = memory.CpuSnapshot(busy_s=10.0, total_s=100.0, own_s=5.0)
+    # 2 cores for 10 s of wall time (20 CPU-seconds): 16 busy, 12 of them ours -> others used 0.4 cores.
+    after = memory.CpuSnapshot(busy_s=26.0, total_s=120.0, own_s=17.0)
+    assert memory.other_load(before, after, cores=2) == pytest.approx(0.4)
+    assert memory.other_load(None, after, cores=2) is None
+    assert memory.cpu_snapshot() is None or memory.cpu_snapshot().total_s > 0
+
+
+def test_busy_note_warns_about_skewed_rows():
+    from mrl.bench.engine import busy_note
+
+    assert busy_note([{"other_load_cores": 0.1}, {"other_load_cores": None}]) == ""
+    assert "1 of 2 rows" in busy_note([{"other_load_cores": 0.9}, {"other_load_cores": 0.0}])
