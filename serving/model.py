@@ -147,9 +147,11 @@ class ServedModel:
         try:
             results: list[JobResult[np.ndarray]] = await asyncio.gather(*futures)
         finally:
-            # If this caller goes (cancelled) or one job failed, its other jobs must not run for nobody.
+            # If this caller goes (cancelled) or one job failed, its other jobs must not run for nobody,
+            # and their errors are this request's, already answered: mark them seen.
             for f in futures:
-                f.cancel()
+                if not f.cancel() and not f.cancelled():
+                    f.exception()
         vectors = np.stack([r.value for r in results]).astype(np.float32, copy=False)
         return EmbedResult(
             vectors=vectors,

@@ -178,6 +178,27 @@ def test_an_expired_request_is_dropped_before_compute(tiny_artifact):
     assert model.ran("after")
 
 
+def test_a_cancelled_request_is_dropped_before_compute(tiny_artifact):
+    model = GatedModel.open(tiny_artifact)
+
+    async def scenario():
+        async with running([model]) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.EmbedderStub(channel)
+            model.gate.clear()
+            first = stub.Embed(build_request(["hold"]), timeout=60)
+            await wait_until(lambda: model.batches, "the first batch")
+            call = stub.Embed(build_request(["never mind"]), timeout=60)
+            await wait_until(lambda: model.batcher.queued_jobs == 1, "the second request to queue")
+            call.cancel()
+            await wait_until(lambda: model.batcher.queued_jobs == 0, "the cancelled request to leave the queue")
+            model.gate.set()
+            await first
+            return sample(server, "mrl_requests_total", {"model": model.name, "method": "Embed", "code": "CANCELLED"})
+
+    assert run(scenario()) == 1
+    assert not model.ran("never mind")
+
+
 def test_a_full_queue_answers_resource_exhausted_at_once_but_takes_a_single_text_that_fits(tiny_artifact):
     config = BatcherConfig(max_queue_tokens=40, max_batch_tokens=40, max_batch_size=8)
     model = GatedModel.open(tiny_artifact, config)
