@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from google.protobuf import descriptor_pb2
 
 import mrl.proto
 from mrl.proto import generate
+
+PROTO = "mrl/v1/embedder.proto"
 
 
 def test_stubs_import_as_a_package_and_describe_the_service():
@@ -33,8 +37,41 @@ def test_fix_imports_rewrites_protoc_bare_imports():
     )
 
 
-def test_committed_stubs_are_what_the_proto_generates(tmp_path):
+def compiled_schema(tmp_path: Path) -> descriptor_pb2.FileDescriptorProto:
+    """What protoc makes of the .proto now, without the json names the stubs leave out."""
+    from grpc_tools import protoc
+
+    out = tmp_path / "schema.pb"
+    assert protoc.main(["protoc", f"-I{generate.PROTO_ROOT}", f"--descriptor_set_out={out}", PROTO]) == 0
+    (schema,) = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
+    pending = list(schema.message_type)
+    while pending:
+        message = pending.pop()
+        pending.extend(message.nested_type)
+        for field in message.field:
+            field.ClearField("json_name")
+    return schema
+
+
+def test_committed_stubs_hold_the_schema_of_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) compiles the .proto")
+    from mrl.proto import embedder_pb2
+
+    committed = descriptor_pb2.FileDescriptorProto.FromString(embedder_pb2.DESCRIPTOR.serialized_pb)
+    assert committed == compiled_schema(tmp_path), (
+        "the committed stubs are stale: run python -m mrl.proto.generate and commit the result"
+    )
+
+
+def test_committed_stubs_are_what_the_generator_writes(tmp_path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools (the dev extra) regenerates the stubs")
+    from mrl.proto import embedder_pb2_grpc
+
+    if version("grpcio-tools") != embedder_pb2_grpc.GRPC_GENERATED_VERSION:
+        pytest.skip(
+            f"grpcio-tools {version('grpcio-tools')} is not the {embedder_pb2_grpc.GRPC_GENERATED_VERSION} that "
+            "wrote the stubs: their text differs by version (the schema test still runs)"
+        )
     written = generate.generate(tmp_path)
     assert {p.name for p in written} == {"embedder_pb2.py", "embedder_pb2_grpc.py"}
     for path in written:
