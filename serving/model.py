@@ -68,6 +68,7 @@ class ServedModel:
         self.embedder = embedder
         self.config = config
         self.ready = False
+        self._closed = False
         # Inference threads of this model only: a slow model never holds up another's batches.
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"mrl-{name}")
         self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
@@ -106,7 +107,7 @@ class ServedModel:
 
     async def close(self) -> None:
         """Finish queued work, stop the batcher and release the model."""
-        self.ready = False
+        self.ready, self._closed = False, True
         await self.batcher.close()
         self._executor.shutdown(wait=True)
         self.embedder.close()
@@ -139,7 +140,8 @@ class ServedModel:
     ) -> EmbedResult:
         """Validate, tokenise, batch with other callers' texts and return this request's embeddings."""
         if not self.ready:
-            raise NotReadyError(f"model {self.name!r} is warming up: retry shortly, or wait for its health SERVING")
+            state = "shutting down" if self._closed else "warming up"
+            raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
         want = self.validate(texts, dims)
         encoded = await self.tokenize(texts, prompt, truncate)
         jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
