@@ -36,6 +36,9 @@ def test_wheel_maps_the_root_folders_into_mrl(wheel):
         "mrl/export/data/validation.txt",
         "mrl/serving/__init__.py",
         "mrl/proto/__init__.py",
+        "mrl/proto/mrl/v1/embedder.proto",
+        "mrl/proto/mrl/v1/embedder_pb2.py",
+        "mrl/proto/mrl/v1/embedder_pb2_grpc.py",
         "mrl/bench/__init__.py",
     ):
         assert expected in names, expected
@@ -49,7 +52,7 @@ def test_wheel_maps_the_root_folders_into_mrl(wheel):
 def test_package_imports_from_the_wheel(wheel, tmp_path):
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = (
-        "import mrl, mrl.runtime, mrl.export.parity as p; "
+        "import mrl, mrl.runtime, mrl.serving.client, mrl.export.parity as p; "
         "print(mrl.runtime.__file__); print(len(p.validation_texts()))"
     )
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
