@@ -68,19 +68,39 @@ def knn(
 
 
 def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
-    """Smallest dims meeting `target` label-free recall per precision and encoding, and the fewest bytes overall."""
-    per_variant: dict[str, int | None] = {}
-    for key in dict.fromkeys((r["precision"], r["encoding"]) for r in rows):
-        ok = [r["dims"] for r in rows if (r["precision"], r["encoding"]) == key and r["recall_at_10"] >= target]
-        per_variant[f"{key[0]}/{key[1]}"] = min(ok) if ok else None
+    """Smallest dims meeting the target per precision and encoding, and the fewest bytes overall.
+
+    Label-free: recall@10 against the full-width neighbours >= target. Labelled (when pairs were
+    given): labelled recall@10 >= target x the full-width fp32 float32 labelled recall@10, i.e. keeps
+    that share of the best quality this artifact reaches on the user's own pairs.
+    """
+    variants = list(dict.fromkeys((r["precision"], r["encoding"]) for r in rows))
+    full = max(
+        (r for r in rows if r["encoding"] == "float32"),
+        key=lambda r: (r["precision"] == "fp32", r["dims"]),
+        default=None,
+    )
+    labelled_floor = None
+    if full is not None and "labelled_recall_at_10" in full:
+        labelled_floor = target * full["labelled_recall_at_10"]
+
+    def smallest(metric: str, floor: float) -> dict[str, int | None]:
+        out: dict[str, int | None] = {}
+        for key in variants:
+            ok = [r["dims"] for r in rows if (r["precision"], r["encoding"]) == key and r[metric] >= floor]
+            out[f"{key[0]}/{key[1]}"] = min(ok) if ok else None
+        return out
+
     passing = [r for r in rows if r["recall_at_10"] >= target]
     best = min(passing, key=lambda r: (r["bytes_per_vector"], -r["recall_at_10"])) if passing else None
     return {
         "target_recall_at_10": target,
-        "smallest_dims": per_variant,
+        "smallest_dims": smallest("recall_at_10", target),
         "fewest_bytes": None
         if best is None
         else {k: best[k] for k in ("precision", "dims", "encoding", "bytes_per_vector", "recall_at_10")},
+        "labelled_floor": labelled_floor,
+        "labelled_smallest_dims": None if labelled_floor is None else smallest("labelled_recall_at_10", labelled_floor),
     }
 
 

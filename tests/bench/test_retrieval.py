@@ -93,3 +93,16 @@ def test_recommend_smallest_dims_and_fewest_bytes():
     assert rec["smallest_dims"] == {"fp32/float32": 128, "fp32/int8": 256}
     assert rec["fewest_bytes"]["encoding"] == "int8" and rec["fewest_bytes"]["dims"] == 256
     assert recommend(rows, 0.999)["smallest_dims"]["fp32/int8"] is None
+
+
+def test_recommend_from_labelled_pairs_keeps_a_share_of_full_quality():
+    rows = [
+        {"precision": "fp32", "encoding": "float32", "dims": d, "recall_at_10": r, "labelled_recall_at_10": q,
+         "bytes_per_vector": 4 * d}
+        for d, r, q in [(256, 1.0, 0.80), (128, 0.7, 0.77), (64, 0.5, 0.70)]
+    ]  # fmt: skip
+    rec = recommend(rows, 0.95)
+    assert rec["labelled_floor"] == pytest.approx(0.76)
+    assert rec["labelled_smallest_dims"] == {"fp32/float32": 128}
+    assert rec["smallest_dims"] == {"fp32/float32": 256}
+    assert recommend([{**r, "labelled_recall_at_10": None} for r in rows][:0], 0.95)["labelled_floor"] is None
