@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also measure the offline Embedder at batch 32 on the same texts",
     )
     s.add_argument("--offline-precision", help="precision of the offline baseline (default: the manifest's first)")
+    s.add_argument(
+        "--server-pid", type=int, help="pid of a server on this machine: its CPU is not counted as other load"
+    )
     s.add_argument("--timeout", type=_positive_float, default=60.0, help="per-request deadline in seconds (default 60)")
     s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     s.add_argument("--tls-ca", type=Path, help="PEM root certificates: connect with TLS")
@@ -251,6 +254,7 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         dims_mixes=tuple(args.dims_mix) if args.dims_mix else (None,),
         request_timeout_s=args.timeout,
         token=token,
+        server_pid=args.server_pid,
     )
     extra: dict[str, Any] = {}
     offline = []

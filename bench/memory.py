@@ -64,14 +64,23 @@ def parse_proc_stat(text: str, ticks_per_s: float) -> tuple[float, float]:
     return busy / ticks_per_s, (busy + idle + iowait) / ticks_per_s
 
 
-def cpu_snapshot() -> CpuSnapshot | None:
-    """Now's CPU counters (None off Linux)."""
+def parse_pid_cpu_s(text: str, ticks_per_s: float) -> float:
+    """User + system CPU seconds of a process from its /proc/<pid>/stat text."""
+    # The command name (field 2) may hold spaces and parentheses: count fields after the last ")".
+    fields = text[text.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / ticks_per_s
+
+
+def cpu_snapshot(also_ours: tuple[int, ...] = ()) -> CpuSnapshot | None:
+    """Now's CPU counters (None off Linux); `also_ours` are pids whose CPU counts as ours (a local server)."""
     try:
-        busy, total = parse_proc_stat(Path("/proc/stat").read_text(), os.sysconf("SC_CLK_TCK"))
+        ticks = os.sysconf("SC_CLK_TCK")
+        busy, total = parse_proc_stat(Path("/proc/stat").read_text(), ticks)
+        partners = sum(parse_pid_cpu_s(Path(f"/proc/{pid}/stat").read_text(), ticks) for pid in also_ours)
     except (OSError, ValueError, IndexError):
         return None
     t = os.times()
-    return CpuSnapshot(busy_s=busy, total_s=total, own_s=t.user + t.system)
+    return CpuSnapshot(busy_s=busy, total_s=total, own_s=t.user + t.system + partners)
 
 
 def other_load(before: CpuSnapshot | None, after: CpuSnapshot | None, cores: int) -> float | None:

@@ -41,6 +41,7 @@ class ServeConfig:
     dims_mixes: tuple[tuple[int, ...] | None, ...] = (None,)  # None: the server's default dims
     request_timeout_s: float = 60.0
     token: str | None = None
+    server_pid: int | None = None  # a local server's pid: its CPU is not counted as other load
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -209,10 +210,11 @@ async def sweep(
         for concurrency in config.concurrency:
             for mix in config.dims_mixes:
                 progress(f"concurrency {concurrency}, dims {mix_label(mix)}")
-                before = memory.cpu_snapshot()
+                ours = () if config.server_pid is None else (config.server_pid,)
+                before = memory.cpu_snapshot(ours)
                 row = await run_level(client, config, concurrency, mix)
-                # This process is the load generator: "other" is the server plus any unrelated job.
-                row["other_load_cores"] = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
+                # Without --server-pid, "other" includes the server itself, not only unrelated jobs.
+                row["other_load_cores"] = memory.other_load(before, memory.cpu_snapshot(ours), os.cpu_count() or 1)
                 p50 = (row["latency"] or {}).get("p50_ms") or float("nan")
                 errors = row["errors"] or "none"
                 progress(f"  {row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}")

@@ -80,3 +80,13 @@ def test_busy_note_warns_about_skewed_rows():
 
     assert busy_note([{"other_load_cores": 0.1}, {"other_load_cores": None}]) == ""
     assert "1 of 2 rows" in busy_note([{"other_load_cores": 0.9}, {"other_load_cores": 0.0}])
+
+
+def test_cpu_of_a_partner_process_counts_as_ours():
+    stat = "4242 (mrl serve (x)) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0 3 0"
+    assert memory.parse_pid_cpu_s(stat, ticks_per_s=100) == 3.0
+    import os
+
+    alone, with_self = memory.cpu_snapshot(), memory.cpu_snapshot((os.getpid(),))
+    if alone is not None:
+        assert with_self.own_s > alone.own_s  # our own pid's CPU counted twice: it was read
