@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-lens", type=_ints, default=(32,), help="synthetic texts of exactly these token counts (default 32)"
     )
     e.add_argument("--texts", type=Path, help="real texts, one a line, instead of --seq-lens")
+    e.add_argument(
+        "--length-sorted",
+        action="store_true",
+        help="with --texts: batch texts of similar length (as Embedder.embed does over a corpus) instead of file order",
+    )
     e.add_argument("--warmup", type=int, default=5, help="untimed calls per runner and cell (default 5)")
     e.add_argument("--repeats", type=int, default=50, help="timed calls per runner and cell (default 50)")
     e.add_argument(
@@ -219,6 +224,7 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
         batch_sizes=args.batch_sizes,
         seq_lens=args.seq_lens,
         texts=None if args.texts is None else tuple(read_lines(args.texts)),
+        length_sorted=args.length_sorted,
         warmup=args.warmup,
         repeats=args.repeats,
         block=args.block,

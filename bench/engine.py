@@ -44,6 +44,7 @@ class EngineConfig:
     batch_sizes: tuple[int, ...] = (1, 32)
     seq_lens: tuple[int, ...] = (32,)
     texts: tuple[str, ...] | None = None  # real texts replace the synthetic seq lens
+    length_sorted: bool = False  # batches of neighbours in length order, as Embedder.embed cuts a corpus
     warmup: int = 5
     repeats: int = 50
     block: int = 5  # timed calls in a row per runner before the next runner's turn
@@ -248,9 +249,23 @@ def add_speedups(rows: list[dict[str, Any]]) -> None:
         }
 
 
+def batch_plan(pool: Sequence[str], batch: int, repeats: int, *, spread: bool) -> list[list[str]]:
+    """The texts of each timed round: consecutive runs of `batch` texts from the pool.
+
+    `spread`: rounds start at evenly spaced points of the pool (for a length-sorted pool, so every
+    length range is measured); otherwise round i takes the i-th run, wrapping around.
+    """
+    if not spread:
+        return [cycle(pool, batch, i * batch) for i in range(repeats)]
+    return [cycle(pool, batch, (i * len(pool)) // repeats) for i in range(repeats)]
+
+
 def _cells(config: EngineConfig, tokenizer: TextTokenizer, progress: Progress) -> list[tuple[int | None, list[str]]]:
     if config.texts is not None:
-        return [(None, list(config.texts))]
+        if not config.length_sorted:
+            return [(None, list(config.texts))]
+        lengths = [e.n_tokens for e in tokenizer.encode(config.texts)]
+        return [(None, [t for _, t in sorted(zip(lengths, config.texts, strict=True), key=lambda p: p[0])])]
     pool = max(config.batch_sizes) * 2  # two batches' worth: rounds see different texts
     pools = []
     for n in config.seq_lens:
@@ -283,7 +298,7 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
                 checked = quality(runners, pool[:64], dims)
                 for batch in config.batch_sizes:
                     done += 1
-                    batches = [cycle(pool, batch, i * batch) for i in range(config.repeats)]
+                    batches = batch_plan(pool, batch, config.repeats, spread=config.length_sorted)
                     tokens = float(np.mean([e.n_tokens for b in batches for e in tokenizer.encode(b)]))
                     progress(f"cell {done}/{n_cells}: dims {dims}, batch {batch}, {tokens:.1f} tokens/text")
                     before = memory.cpu_snapshot()

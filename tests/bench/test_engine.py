@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mrl.bench import flops
-from mrl.bench.engine import EngineConfig, add_speedups, cosine_stats, pair_baseline, peaks_list, run_engine
+from mrl.bench.engine import EngineConfig, add_speedups, batch_plan, cosine_stats, pair_baseline, peaks_list, run_engine
 from mrl.bench.runners import plan_baseline
 from mrl.bench.texts import texts_of_length
 from mrl.runtime.embedder import Embedder
@@ -162,3 +162,20 @@ def test_cuda_baseline_runs_fp32_and_fp16_with_device_memory(tiny_artifact):
     assert all(r["peak_device_mib"] > 0 for r in cuda_rows.values())
     assert {("cuda", "fp16"), ("cuda", "fp32")} <= {(p["device"], p["dtype"]) for p in extra["peaks"]}
     assert cuda_rows["fp16"]["cosine_vs_reference"]["min"] > 0.99
+
+
+def test_batch_plan_in_file_order_or_spread_over_a_sorted_pool():
+    pool = [str(i) for i in range(10)]
+    assert batch_plan(pool, 3, 4, spread=False) == [["0", "1", "2"], ["3", "4", "5"], ["6", "7", "8"], ["9", "0", "1"]]
+    assert batch_plan(pool, 2, 4, spread=True) == [["0", "1"], ["2", "3"], ["5", "6"], ["7", "8"]]
+
+
+def test_engine_on_real_texts_length_sorted(tiny_artifact):
+    texts = ("a short one", "a somewhat longer text about the river and the mill", "tiny", "the train leaves at six")
+    config = EngineConfig(
+        artifact=tiny_artifact, dims=(8,), batch_sizes=(2,), texts=texts, length_sorted=True, warmup=1, repeats=2,
+        threads=1, ceiling=False, settle_ms=1, baseline="none",
+    )  # fmt: skip
+    rows, _ = run_engine(config, lambda _: None)
+    (row,) = rows
+    assert row["seq_len"] is None and row["speedup"] is None and 2 < row["tokens_per_text"] < 20
