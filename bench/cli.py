@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     amount = s.add_mutually_exclusive_group()
     amount.add_argument("--requests", type=int, help="measured requests per level (default 1000)")
     amount.add_argument("--duration", type=_positive_float, help="seconds per level instead of a request count")
+    s.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat each level and mix, mixes in ABBA order; results pooled (default 1)",
+    )
     s.add_argument("--warmup-requests", type=int, help="unmeasured requests per level (default: 2 x concurrency)")
     s.add_argument("--texts", type=Path, help="request texts, one a line (default: built-in sentences)")
     s.add_argument("--texts-per-request", type=int, default=1, help="default 1")
@@ -261,6 +267,7 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         request_timeout_s=args.timeout,
         token=token,
         server_pid=args.server_pid,
+        rounds=args.rounds,
     )
     extra: dict[str, Any] = {}
     offline = []

@@ -42,6 +42,7 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     token: str | None = None
     server_pid: int | None = None  # a local server's pid: its CPU is not counted as other load
+    rounds: int = 1  # each (level, mix) this many times, mixes in ABBA order; results pooled
 
     def __post_init__(self) -> None:
         check_target(self.target)
@@ -55,6 +56,8 @@ class ServeConfig:
             raise InvalidInputError(f"requests per level must be within 2..{MAX_REQUESTS:,}")
         if self.duration_s is not None and not 0 < self.duration_s <= MAX_DURATION_S:
             raise InvalidInputError(f"duration per level must be within 0..{MAX_DURATION_S:.0f} s")
+        if not 1 <= self.rounds <= 100:
+            raise InvalidInputError("rounds must be within 1..100")
         if self.texts_per_request < 1:
             raise InvalidInputError("texts per request must be at least 1")
 
@@ -127,9 +130,9 @@ async def _one(client, index: int, texts: list[str], dims: int | None, timeout: 
     )
 
 
-async def run_level(client, config: ServeConfig, concurrency: int, mix: tuple[int, ...] | None) -> dict[str, Any]:
-    """Drive one concurrency level: warm-up requests, then the measured ones; returns its row."""
-    warmup = 2 * concurrency if config.warmup_requests is None else config.warmup_requests
+async def run_level(client, config: ServeConfig, concurrency: int, mix: tuple[int, ...] | None) -> list[Outcome]:
+    """Drive one concurrency level once: warm-up requests, then the measured ones; returns every outcome."""
+    warmup = warmup_count(config, concurrency)
     last = warmup + (config.requests if config.requests is not None else MAX_REQUESTS)
     limit = (config.duration_s or MAX_DURATION_S) + config.request_timeout_s + 60
     hard_stop = time.perf_counter() + limit  # bounds the level even if the server stalls
@@ -149,7 +152,7 @@ async def run_level(client, config: ServeConfig, concurrency: int, mix: tuple[in
             outcomes.append(await _one(client, index, texts, dims_for(mix, index), config.request_timeout_s))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return level_row(outcomes, warmup=warmup, concurrency=concurrency, mix=mix)
+    return outcomes
 
 
 def measurement_window(outcomes: Sequence[Outcome], warmup: int) -> tuple[float, float] | None:
@@ -167,24 +170,35 @@ def measurement_window(outcomes: Sequence[Outcome], warmup: int) -> tuple[float,
     return (start, end) if end > start else None
 
 
+def warmup_count(config: ServeConfig, concurrency: int) -> int:
+    """Unmeasured requests at the start of each level: the configured count, else twice the concurrency."""
+    return 2 * concurrency if config.warmup_requests is None else config.warmup_requests
+
+
 def level_row(
-    outcomes: Sequence[Outcome], *, warmup: int, concurrency: int, mix: tuple[int, ...] | None
+    rounds: Sequence[Sequence[Outcome]], *, warmup: int, concurrency: int, mix: tuple[int, ...] | None
 ) -> dict[str, Any]:
-    """Throughput over the steady window, latency percentiles of successful measured requests, errors by code."""
-    measured = [o for o in outcomes if o.index >= warmup]
+    """Throughput over each round's steady window (summed), latency percentiles of successful measured
+    requests of all rounds, errors by status code."""
+    measured = [o for outcomes in rounds for o in outcomes if o.index >= warmup]
     ok = [o for o in measured if o.code == "OK"]
     errors = dict(sorted(Counter(o.code for o in measured if o.code != "OK").items()))
-    window = measurement_window(outcomes, warmup)
     texts = tokens = done = 0
     seconds = 0.0
-    if window is not None:
-        seconds = window[1] - window[0]
+    for outcomes in rounds:
+        window = measurement_window(outcomes, warmup)
+        if window is None:
+            continue
+        seconds += window[1] - window[0]
         # Every request answered inside the window counts, warm-up ones too: they were real load.
         inside = [o for o in outcomes if o.code == "OK" and window[0] < o.done_at <= window[1]]
-        texts, tokens, done = sum(o.texts for o in inside), sum(o.tokens for o in inside), len(inside)
+        texts += sum(o.texts for o in inside)
+        tokens += sum(o.tokens for o in inside)
+        done += len(inside)
     return {
         "dims_mix": mix_label(mix),
         "concurrency": concurrency,
+        "rounds": len(rounds),
         "requests": len(measured),
         "ok": len(ok),
         "errors": errors,
@@ -198,26 +212,41 @@ def level_row(
     }
 
 
+def round_orders(mixes: Sequence[Any], rounds: int) -> list[list[Any]]:
+    """Mix order per round, reversed every other round (ABBA): a slow drift then weighs on all mixes alike."""
+    return [list(mixes) if r % 2 == 0 else list(reversed(mixes)) for r in range(rounds)]
+
+
 async def sweep(
     config: ServeConfig, progress: Progress, *, root_certificates: bytes | None = None
 ) -> list[dict[str, Any]]:
-    """Every concurrency level, each dims mix within a level back to back so they see the same machine."""
+    """Every concurrency level; within a level, each dims mix in alternating order for `config.rounds` rounds."""
     from mrl.serving.client import AsyncEmbedClient
 
     client = AsyncEmbedClient(config.target, token=config.token, root_certificates=root_certificates)
+    ours = () if config.server_pid is None else (config.server_pid,)
     rows = []
     try:
         for concurrency in config.concurrency:
+            outcomes: dict[str, list[list[Outcome]]] = {mix_label(m): [] for m in config.dims_mixes}
+            busy: dict[str, list[float]] = {mix_label(m): [] for m in config.dims_mixes}
+            for r, order in enumerate(round_orders(config.dims_mixes, config.rounds)):
+                for mix in order:
+                    progress(f"concurrency {concurrency}, dims {mix_label(mix)}, round {r + 1}/{config.rounds}")
+                    before = memory.cpu_snapshot(ours)
+                    outcomes[mix_label(mix)].append(await run_level(client, config, concurrency, mix))
+                    # Without --server-pid, "other" includes the server itself, not only unrelated jobs.
+                    load = memory.other_load(before, memory.cpu_snapshot(ours), os.cpu_count() or 1)
+                    busy[mix_label(mix)].append(load or 0.0)
             for mix in config.dims_mixes:
-                progress(f"concurrency {concurrency}, dims {mix_label(mix)}")
-                ours = () if config.server_pid is None else (config.server_pid,)
-                before = memory.cpu_snapshot(ours)
-                row = await run_level(client, config, concurrency, mix)
-                # Without --server-pid, "other" includes the server itself, not only unrelated jobs.
-                row["other_load_cores"] = memory.other_load(before, memory.cpu_snapshot(ours), os.cpu_count() or 1)
+                label = mix_label(mix)
+                row = level_row(
+                    outcomes[label], warmup=warmup_count(config, concurrency), concurrency=concurrency, mix=mix
+                )
+                row["other_load_cores"] = max(busy[label]) if busy[label] else None
                 p50 = (row["latency"] or {}).get("p50_ms") or float("nan")
                 errors = row["errors"] or "none"
-                progress(f"  {row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}")
+                progress(f"  dims {label}: {row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}")
                 rows.append(row)
     finally:
         await client.close()

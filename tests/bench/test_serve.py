@@ -14,6 +14,7 @@ from mrl.bench.serve import (
     level_row,
     measurement_window,
     offline_throughput,
+    round_orders,
     serve_table,
     sweep,
 )
@@ -58,11 +59,20 @@ def test_level_row_counts_the_steady_window():
     ]
     outcomes.append(Outcome(index=6, sent_at=6.0, done_at=6.5, code="UNAVAILABLE", texts=0))
     assert measurement_window(outcomes, warmup=2) == (2.0, 6.0)
-    row = level_row(outcomes, warmup=2, concurrency=1, mix=(8, 16))
+    row = level_row([outcomes], warmup=2, concurrency=1, mix=(8, 16))
     # Answered inside (2, 6]: requests 2, 3, 4 and 5 (done at 3, 4, 5, 6): 8 texts in 4 s.
     assert row["texts_per_s"] == pytest.approx(2.0) and row["tokens_per_s"] == pytest.approx(20.0)
     assert row["requests"] == 5 and row["ok"] == 4 and row["errors"] == {"UNAVAILABLE": 1}
     assert row["latency"]["p50_ms"] == pytest.approx(1000.0) and row["dims_mix"] == "8,16"
+
+
+def test_rounds_are_pooled_and_alternate():
+    one = [Outcome(index=i, sent_at=float(i), done_at=float(i + 1), code="OK", texts=1) for i in range(4)]
+    two = [Outcome(index=i, sent_at=10 + 2.0 * i, done_at=12 + 2.0 * i, code="OK", texts=1) for i in range(4)]
+    row = level_row([one, two], warmup=0, concurrency=1, mix=None)
+    # Round one: 3 texts in 3 s; round two: 3 texts in 6 s -> 6 texts in 9 s.
+    assert row["texts_per_s"] == pytest.approx(6 / 9) and row["rounds"] == 2 and row["latency"]["n"] == 8
+    assert round_orders(["a", "b"], 3) == [["a", "b"], ["b", "a"], ["a", "b"]]
 
 
 def test_comparisons():
@@ -83,12 +93,13 @@ def test_sweep_against_a_real_server(server):
         warmup_requests=2,
         dims_mixes=((8,), (8, 16, 32)),
         texts_per_request=2,
+        rounds=2,
     )
     rows = asyncio.run(sweep(config, lambda _: None))
     assert [(r["concurrency"], r["dims_mix"]) for r in rows] == [(1, "8"), (1, "8,16,32"), (4, "8"), (4, "8,16,32")]
     for r in rows:
-        assert r["requests"] == 12 and r["ok"] == 12 and r["errors"] == {}
-        assert r["texts_per_s"] > 0 and r["latency"]["n"] == 12
+        assert r["requests"] == 24 and r["ok"] == 24 and r["errors"] == {} and r["rounds"] == 2
+        assert r["texts_per_s"] > 0 and r["latency"]["n"] == 24
         assert r["latency"]["p50_ms"] <= r["latency"]["p99_ms"]
         assert r["tokens_per_s"] > r["texts_per_s"]  # each text is several tokens
     add_comparisons(rows, None)
