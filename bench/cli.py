@@ -289,11 +289,9 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "token_file"}
     note = ""
     if offline:
-        note = (
-            "\noffline Embedder, batch 32: "
-            + ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
-            + " texts/s (before, after)"
-        )
+        speeds = ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
+        loads = ", ".join("–" if o["other_load_cores"] is None else f"{o['other_load_cores']:.2f}" for o in offline)
+        note = f"\noffline Embedder, batch 32: {speeds} texts/s (before, after the sweep); other load {loads} cores"
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.offline_baseline}, serve_table(
         rows
     ) + note

@@ -267,6 +267,7 @@ def offline_throughput(
     try:
         embedder.embed(list(texts[:64]), batch_size=32)  # warm-up
         passes = []
+        before = memory.cpu_snapshot()
         start = time.perf_counter()
         while not passes or time.perf_counter() - start < min_seconds:
             t0 = time.perf_counter()
@@ -280,6 +281,7 @@ def offline_throughput(
             "passes": len(passes),
             "texts_per_s": len(texts) * len(passes) / sum(passes),
             "pass_seconds": passes,
+            "other_load_cores": memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1),
         }
     finally:
         embedder.close()
