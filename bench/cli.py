@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -161,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARTIFACT",
         help="also measure the offline Embedder at batch 32 on the same texts",
     )
+    s.add_argument(
+        "--offline-seconds", type=_positive_float, default=3.0, help="length of each offline pass (default 3)"
+    )
     s.add_argument("--offline-precision", help="precision of the offline baseline (default: the manifest's first)")
     s.add_argument(
         "--server-pid", type=int, help="pid of a server on this machine: its CPU is not counted as other load"
@@ -249,7 +251,7 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
 
 
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
-    from mrl.bench.serve import ServeConfig, add_comparisons, offline_throughput, serve_table, sweep
+    from mrl.bench.serve import ServeConfig, offline_throughput, serve_table, sweep_with_offline
     from mrl.bench.texts import passage_sentences, read_lines
 
     texts = tuple(read_lines(args.texts)) if args.texts else tuple(passage_sentences())
@@ -269,29 +271,27 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         server_pid=args.server_pid,
         rounds=args.rounds,
     )
-    extra: dict[str, Any] = {}
-    offline = []
+    measure = None
     if args.offline_baseline:
-        # Before and after the sweep: the pair shows how much the machine drifted during it.
-        progress(f"offline Embedder at batch 32 on {len(texts)} texts (before the sweep)")
-        offline.append(
-            offline_throughput(args.offline_baseline, texts, precision=args.offline_precision, threads=args.threads)
-        )
-    rows = asyncio.run(sweep(config, progress, root_certificates=roots))
-    if args.offline_baseline:
-        progress("offline Embedder again (after the sweep)")
-        offline.append(
-            offline_throughput(args.offline_baseline, texts, precision=args.offline_precision, threads=args.threads)
-        )
-        extra["offline"] = offline
-        extra["offline_texts_per_s"] = sum(o["texts_per_s"] for o in offline) / len(offline)
-    add_comparisons(rows, extra.get("offline_texts_per_s"))
+
+        def measure() -> dict[str, Any]:
+            return offline_throughput(
+                args.offline_baseline,
+                texts,
+                precision=args.offline_precision,
+                threads=args.threads,
+                min_seconds=args.offline_seconds,
+            )
+
+    rows, offline = sweep_with_offline(config, progress, measure, root_certificates=roots)
+    extra: dict[str, Any] = {"offline": offline}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "token_file"}
     note = ""
     if offline:
         speeds = ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
         loads = ", ".join("–" if o["other_load_cores"] is None else f"{o['other_load_cores']:.2f}" for o in offline)
-        note = f"\noffline Embedder, batch 32: {speeds} texts/s (before, after the sweep); other load {loads} cores"
+        note = f"\noffline Embedder, batch 32, before each level and after the last: {speeds} texts/s"
+        note += f"; other load {loads} cores"
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.offline_baseline}, serve_table(
         rows
     ) + note
@@ -331,6 +331,12 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
             f"fewest bytes meeting it: {best['precision']} {best['encoding']} at dims {best['dims']} "
             f"({best['bytes_per_vector']} bytes/vector, recall@10 {best['recall_at_10']:.3f})"
         )
+    if rec["labelled_smallest_dims"] is not None:
+        lines.append(
+            f"smallest dims keeping {rec['target_recall_at_10']:.0%} of the full-width labelled recall@10 "
+            f"(>= {rec['labelled_floor']:.3f}) on the pairs:"
+        )
+        lines += [f"  {variant}: {d if d else 'none'}" for variant, d in rec["labelled_smallest_dims"].items()]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_table(
         rows

@@ -287,11 +287,47 @@ def offline_throughput(
         embedder.close()
 
 
-def add_comparisons(rows: list[dict[str, Any]], offline_texts_per_s: float | None) -> None:
-    """Each row's throughput against the offline Embedder and, for mixed dims, against each single-dims mix."""
+def bracketing_offline(level_index: int, offline: Sequence[float]) -> float | None:
+    """The offline rate a level is held against: the mean of the passes just before and just after it."""
+    near = offline[level_index : level_index + 2]
+    return sum(near) / len(near) if near else None
+
+
+def sweep_with_offline(
+    config: ServeConfig,
+    progress: Progress,
+    measure_offline: Callable[[], dict[str, Any]] | None,
+    *,
+    root_certificates: bytes | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The sweep with an offline pass before every concurrency level and after the last.
+
+    A shared machine drifts over minutes; holding each level against the offline passes right
+    around it keeps the ratio honest where one before/after pair would not.
+    """
+    rows: list[dict[str, Any]] = []
+    offline: list[dict[str, Any]] = []
+    for concurrency in config.concurrency:
+        if measure_offline is not None:
+            progress(f"offline Embedder at batch 32 (before concurrency {concurrency})")
+            offline.append(measure_offline())
+        level = dataclasses.replace(config, concurrency=(concurrency,))
+        rows += asyncio.run(sweep(level, progress, root_certificates=root_certificates))
+    if measure_offline is not None:
+        progress("offline Embedder at batch 32 (after the sweep)")
+        offline.append(measure_offline())
+        rates = [o["texts_per_s"] for o in offline]
+        for row in rows:
+            row["offline_texts_per_s"] = bracketing_offline(config.concurrency.index(row["concurrency"]), rates)
+    add_comparisons(rows)
+    return rows, offline
+
+
+def add_comparisons(rows: list[dict[str, Any]]) -> None:
+    """Each row's throughput against its offline rate and, for mixed dims, against each single-dims mix."""
     singles = {(r["concurrency"], r["dims_mix"]): r for r in rows if "," not in r["dims_mix"]}
     for row in rows:
-        row["vs_offline"] = ratio(row["texts_per_s"], offline_texts_per_s)
+        row["vs_offline"] = ratio(row["texts_per_s"], row.get("offline_texts_per_s"))
         if "," in row["dims_mix"]:
             row["vs_single_dims"] = {
                 mix: ratio(row["texts_per_s"], other["texts_per_s"])
@@ -314,6 +350,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
         "p90 ms",
         "p99 ms",
         "server queue ms",
+        "offline texts/s",
         "vs offline",
         "vs single dims",
         "other load",
@@ -333,6 +370,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
                 lat.get("p90_ms"),
                 lat.get("p99_ms"),
                 r["server_queue_ms_mean"],
+                r.get("offline_texts_per_s"),
                 None if r.get("vs_offline") is None else f"{r['vs_offline']:.2f}",
                 ", ".join(f"{ratio_:.2f} vs {m}" for m, ratio_ in vs.items() if ratio_ is not None) or None,
                 r.get("other_load_cores"),

@@ -69,6 +69,7 @@ def test_tradeoff_command_writes_json_and_png(tiny_artifact, tmp_path, capsys):
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "smallest dims with recall@10 >= 0.95" in text and "MRR@10" in text
+    assert "of the full-width labelled recall@10" in text
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     report = load_report(out)
     assert len(report["results"]) == 6 and report["extra"]["plot"].endswith(".png")
@@ -82,13 +83,16 @@ def test_serve_command_and_compare(server, tiny_artifact, tmp_path, capsys):
         out = tmp_path / f"{name}.json"
         flags = "--concurrency 1,2 --requests 6 --dims-mix 8 --dims-mix 8,16 --threads 1"
         argv = ["serve", "--target", server, *flags.split(), "--texts", str(texts), "--out", str(out)]
-        argv += ["--offline-baseline", str(tiny_artifact)]
+        argv += ["--offline-baseline", str(tiny_artifact), "--offline-seconds", "0.1"]
         assert main(argv) == 0
         outs.append(out)
     table = capsys.readouterr().out
     assert "offline Embedder, batch 32" in table and "vs 8" in table
+    assert len(load_report(outs[0])["extra"]["offline"]) == 3  # before each of 2 levels, and after
     report = load_report(outs[0])
-    assert len(report["results"]) == 4 and report["extra"]["offline_texts_per_s"] > 0
+    assert len(report["results"]) == 4 and all(
+        r["offline_texts_per_s"] > 0 and r["vs_offline"] > 0 for r in report["results"]
+    )
     assert all(r["errors"] == {} for r in report["results"])
     assert main(["--compare", str(outs[0]), str(outs[1])]) == 0
     assert "texts_per_s A" in capsys.readouterr().out

@@ -9,6 +9,7 @@ from mrl.bench.serve import (
     Outcome,
     ServeConfig,
     add_comparisons,
+    bracketing_offline,
     check_target,
     dims_for,
     level_row,
@@ -80,8 +81,13 @@ def test_comparisons():
         {"dims_mix": "128", "concurrency": 8, "texts_per_s": 100.0},
         {"dims_mix": "64,128,256", "concurrency": 8, "texts_per_s": 90.0},
     ]
-    add_comparisons(rows, offline_texts_per_s=200.0)
+    for row in rows:
+        row["offline_texts_per_s"] = 200.0
+    add_comparisons(rows)
     assert rows[0]["vs_offline"] == 0.5 and rows[1]["vs_single_dims"] == {"128": 0.9}
+    assert bracketing_offline(0, [100.0, 200.0, 400.0]) == 150.0
+    assert bracketing_offline(2, [100.0, 200.0, 400.0]) == 400.0
+    assert bracketing_offline(0, []) is None
 
 
 def test_sweep_against_a_real_server(server):
@@ -102,7 +108,7 @@ def test_sweep_against_a_real_server(server):
         assert r["texts_per_s"] > 0 and r["latency"]["n"] == 24
         assert r["latency"]["p50_ms"] <= r["latency"]["p99_ms"]
         assert r["tokens_per_s"] > r["texts_per_s"]  # each text is several tokens
-    add_comparisons(rows, None)
+    add_comparisons(rows)
     assert "8,16,32" in serve_table(rows)
 
 
