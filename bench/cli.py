@@ -81,11 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--compare", nargs=2, type=Path, metavar=("A.json", "B.json"), help="print two reports side by side"
-    )
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="print two JSON reports side by side")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
+    _add_engine(sub)
+    _add_serve(sub)
+    _add_tradeoff(sub)
+    _add_corpus(sub)
+    return parser
+
+
+def _add_engine(sub: argparse._SubParsersAction) -> None:
+    """The `mrl-bench engine` flags."""
     e = sub.add_parser(
         "engine",
         help="latency and throughput per backend x profile x batch x length",
@@ -97,14 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", type=_names, help="precisions to run (default: all the artifact has)")
     e.add_argument("--dims", type=_ints, help="dims to run (default: all served)")
     e.add_argument("--batch-sizes", type=_ints, default=(1, 32), help="default 1,32")
-    e.add_argument(
-        "--seq-lens", type=_ints, default=(32,), help="synthetic texts of exactly these token counts (default 32)"
-    )
+    e.add_argument("--seq-lens", type=_ints, default=(32,), help="synthetic texts of exactly N tokens (default 32)")
     e.add_argument("--texts", type=Path, help="real texts, one a line, instead of --seq-lens")
     e.add_argument(
-        "--length-sorted",
-        action="store_true",
-        help="with --texts: batch texts of similar length (as Embedder.embed does over a corpus) instead of file order",
+        "--length-sorted", action="store_true", help="with --texts: batch similar lengths, as Embedder.embed"
     )
     e.add_argument("--warmup", type=int, default=5, help="untimed calls per runner and cell (default 5)")
     e.add_argument("--repeats", type=int, default=50, help="timed calls per runner and cell (default 50)")
@@ -112,20 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         choices=["auto", "none", "cpu", "cuda"],
         default="auto",
-        help="PyTorch baseline (default auto: when torch is installed; CUDA where present)",
+        help="PyTorch baseline (default auto: when torch is installed; on CUDA where torch sees a GPU)",
     )
-    e.add_argument(
-        "--block", type=int, default=5, help="timed calls in a row per runner before alternating (default 5)"
-    )
+    e.add_argument("--block", type=int, default=5, help="timed calls in a row per runner (default 5)")
     e.add_argument(
         "--settle-ms",
         type=float,
         default=100.0,
-        help="pause between blocks so the previous runner's threads stop spinning (default 100)",
+        help="pause between blocks, so the previous runner's threads stop spinning (default 100)",
     )
     e.add_argument("--no-ceiling", action="store_true", help="skip the GEMM peak measurement")
     _common(e, "mrl-bench-engine.json")
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    """The `mrl-bench serve` flags."""
     s = sub.add_parser(
         "serve",
         help="closed-loop load on an mrl-serve server",
@@ -133,45 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--target", required=True, help="HOST:PORT of the server; nothing else is contacted")
-    s.add_argument(
-        "--concurrency", type=_ints, default=(1, 8, 32, 128), help="requests in flight per level (default 1,8,32,128)"
-    )
+    s.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 128), help="levels (default 1,8,32,128)")
     amount = s.add_mutually_exclusive_group()
     amount.add_argument("--requests", type=int, help="measured requests per level (default 1000)")
     amount.add_argument("--duration", type=_positive_float, help="seconds per level instead of a request count")
-    s.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="repeat each level and mix, mixes in ABBA order; results pooled (default 1)",
-    )
+    s.add_argument("--rounds", type=int, default=1, help="repeat each level and mix, ABBA order, pooled (default 1)")
     s.add_argument("--warmup-requests", type=int, help="unmeasured requests per level (default: 2 x concurrency)")
     s.add_argument("--texts", type=Path, help="request texts, one a line (default: built-in sentences)")
     s.add_argument("--texts-per-request", type=int, default=1, help="default 1")
-    s.add_argument(
-        "--dims-mix",
-        action="append",
-        type=_ints,
-        help="dims sent round-robin, e.g. 64,128,256; repeat to compare mixes (default: server's dims)",
-    )
-    s.add_argument(
-        "--offline-baseline",
-        type=Path,
-        metavar="ARTIFACT",
-        help="also measure the offline Embedder at batch 32 on the same texts",
-    )
-    s.add_argument(
-        "--offline-seconds", type=_positive_float, default=3.0, help="length of each offline pass (default 3)"
-    )
+    s.add_argument("--dims-mix", action="append", type=_ints, help="dims sent round-robin; repeatable (64,128,256)")
+    s.add_argument("--offline-baseline", type=Path, metavar="ARTIFACT", help="also time Embedder at batch 32")
+    s.add_argument("--offline-seconds", type=_positive_float, default=3.0, help="each offline pass (default 3)")
     s.add_argument("--offline-precision", help="precision of the offline baseline (default: the manifest's first)")
-    s.add_argument(
-        "--server-pid", type=int, help="pid of a server on this machine: its CPU is not counted as other load"
-    )
+    s.add_argument("--server-pid", type=int, help="a local server's pid: not counted as other load")
     s.add_argument("--timeout", type=_positive_float, default=60.0, help="per-request deadline in seconds (default 60)")
     s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     s.add_argument("--tls-ca", type=Path, help="PEM root certificates: connect with TLS")
     _common(s, "mrl-bench-serve.json")
 
+
+def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
+    """The `mrl-bench tradeoff` flags."""
     t = sub.add_parser(
         "tradeoff",
         help="recall@10, bytes and encode time for every dims and encoding",
@@ -182,15 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--corpus", type=Path, required=True, help="documents, one a line")
     t.add_argument("--pairs", type=Path, help='JSONL of {"query": ..., "positive": ...} for labelled recall and MRR')
     t.add_argument("--precision", type=_names, help="precisions (default: all the artifact has)")
-    t.add_argument(
-        "--encodings",
-        type=_names,
-        default=("float32", "int8", "ubinary"),
-        help="float32, float16, int8, ubinary (default float32,int8,ubinary)",
-    )
-    t.add_argument(
-        "--target-recall", type=float, default=0.95, help="recall@10 against full width to keep (default 0.95)"
-    )
+    t.add_argument("--encodings", type=_names, default=("float32", "int8", "ubinary"), help="also float16")
+    t.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to keep (default 0.95)")
     t.add_argument(
         "--max-queries", type=int, default=1000, help="corpus documents used as label-free queries (default 1000)"
     )
@@ -199,12 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-plot", action="store_true", help="write no plot")
     _common(t, "mrl-bench-tradeoff.json")
 
+
+def _add_corpus(sub: argparse._SubParsersAction) -> None:
+    """The `mrl-bench corpus` flags."""
     c = sub.add_parser("corpus", help="write real offline benchmark texts (chatterbot-corpus)")
     c.add_argument("source", choices=["chatterbot"])
     c.add_argument("--out", type=Path, required=True, help="directory for corpus.txt, pairs.jsonl, texts-MIN-MAX.txt")
     c.add_argument("--min-words", type=int, default=10)
     c.add_argument("--max-words", type=int, default=40)
-    return parser
 
 
 def _quiet_libraries(verbose: bool) -> None:
@@ -251,7 +232,7 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
 
 
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
-    from mrl.bench.serve import ServeConfig, offline_throughput, serve_table, sweep_with_offline
+    from mrl.bench.serve import ServeConfig, offline_note, offline_throughput, serve_table, sweep_with_offline
     from mrl.bench.texts import passage_sentences, read_lines
 
     texts = tuple(read_lines(args.texts)) if args.texts else tuple(passage_sentences())
@@ -286,20 +267,14 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
     rows, offline = sweep_with_offline(config, progress, measure, root_certificates=roots)
     extra: dict[str, Any] = {"offline": offline}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "token_file"}
-    note = ""
-    if offline:
-        speeds = ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
-        loads = ", ".join("–" if o["other_load_cores"] is None else f"{o['other_load_cores']:.2f}" for o in offline)
-        note = f"\noffline Embedder, batch 32, before each level and after the last: {speeds} texts/s"
-        note += f"; other load {loads} cores"
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.offline_baseline}, serve_table(
         rows
-    ) + note
+    ) + offline_note(offline)
 
 
 def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
     from mrl.bench.texts import read_lines, read_pairs
-    from mrl.bench.tradeoff import TradeoffConfig, run_tradeoff, tradeoff_table
+    from mrl.bench.tradeoff import TradeoffConfig, recommendation_lines, run_tradeoff, tradeoff_table
 
     config = TradeoffConfig(
         artifact=args.artifact,
@@ -320,23 +295,7 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
         title = f"{args.artifact.name}: {extra['n_documents']} documents from {args.corpus.name}"
         extra["plot"] = str(plot_tradeoff(rows, path, target=args.target_recall, title=title))
         progress(f"plot written to {path}")
-    rec = extra["recommendation"]
-    lines = [f"\nsmallest dims with recall@10 >= {rec['target_recall_at_10']} against {extra['reference']}:"]
-    lines += [
-        f"  {variant}: {dims if dims else 'none meets the target'}" for variant, dims in rec["smallest_dims"].items()
-    ]
-    best = rec["fewest_bytes"]
-    if best:
-        lines.append(
-            f"fewest bytes meeting it: {best['precision']} {best['encoding']} at dims {best['dims']} "
-            f"({best['bytes_per_vector']} bytes/vector, recall@10 {best['recall_at_10']:.3f})"
-        )
-    if rec["labelled_smallest_dims"] is not None:
-        lines.append(
-            f"smallest dims keeping {rec['target_recall_at_10']:.0%} of the full-width labelled recall@10 "
-            f"(>= {rec['labelled_floor']:.3f}) on the pairs:"
-        )
-        lines += [f"  {variant}: {d if d else 'none'}" for variant, d in rec["labelled_smallest_dims"].items()]
+    lines = ["", *recommendation_lines(extra["recommendation"], extra["reference"])]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_table(
         rows

@@ -377,3 +377,12 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
             ]
         )
     return markdown_table(headers, body)
+
+
+def offline_note(offline: Sequence[dict[str, Any]]) -> str:
+    """The line under the serve table naming the offline passes (empty without any)."""
+    if not offline:
+        return ""
+    speeds = ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
+    loads = ", ".join("–" if o["other_load_cores"] is None else f"{o['other_load_cores']:.2f}" for o in offline)
+    return f"\noffline Embedder, batch 32, before each level and after the last: {speeds} texts/s; other load {loads}"

@@ -146,15 +146,7 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
             f"the widest profile has {full} dims, below the model's {manifest.full_dims}: recall is relative to {full}"
         )
     progress(f"embedding {len(docs)} documents with {reference_precision} at dims {full} (the reference)")
-    embedder = _load(config, reference_precision)
-    try:
-        ref_vectors = embedder.embed(docs, full, _prompt(embedder, "document"), batch_size=config.batch_size)
-    finally:
-        embedder.close()
-    enc_ref = retrieval.encode(ref_vectors, "float32")
-    reference = knn(
-        retrieval.Encoded(codes=enc_ref.codes[query_rows], encoding="float32"), enc_ref, full, config.k, query_rows
-    )
+    reference = _reference_neighbours(config, docs, query_rows, reference_precision, full)
     rows: list[dict[str, Any]] = []
     for precision in precisions:
         embedder = _load(config, precision)
@@ -170,35 +162,92 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
                     queries, _ = _embed_timed(
                         embedder, [p.query for p in config.pairs], dims, config.batch_size, query_prompt
                     )
-                corpus_vectors = vectors[: len(docs)]
-                for encoding in config.encodings:
-                    enc_docs = retrieval.encode(corpus_vectors, encoding)
-                    found = knn(
-                        retrieval.Encoded(codes=enc_docs.codes[query_rows], encoding=encoding),
-                        enc_docs,
-                        dims,
-                        config.k,
-                        exclude=query_rows,
-                    )
-                    row: dict[str, Any] = {
-                        "precision": precision,
-                        "dims": dims,
-                        "encoding": encoding,
-                        "bytes_per_vector": retrieval.bytes_per_vector(encoding, dims),
-                        "index_bytes": retrieval.bytes_per_vector(encoding, dims) * len(docs),
-                        "recall_at_10": retrieval.neighbour_recall(found, reference),
-                        "encode_ms_per_text": 1000 * seconds / len(pool),
-                        "encode_texts_per_s": len(pool) / seconds,
-                        "other_load_cores": busy,
-                    }
-                    if labelled:
-                        row.update(_labelled(vectors, queries, config, positive_index, dims, encoding))
-                    rows.append(row)
+                embedded = Embedded(
+                    precision=precision, dims=dims, pool=vectors, n_docs=len(docs), queries=queries,
+                    seconds=seconds, other_load=busy,
+                )  # fmt: skip
+                rows += _score(config, embedded, reference, query_rows, positive_index)
         finally:
             embedder.close()
     rows.sort(key=lambda r: (precisions.index(r["precision"]), config.encodings.index(r["encoding"]), -r["dims"]))
     extra["recommendation"] = recommend(rows, config.target_recall)
     return rows, extra
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embedded:
+    """One profile's vectors of the whole pool (corpus first), the queries', and how long the pool took."""
+
+    precision: str
+    dims: int
+    pool: np.ndarray
+    n_docs: int
+    queries: np.ndarray | None
+    seconds: float
+    other_load: float | None
+
+
+def _reference_neighbours(
+    config: TradeoffConfig, docs: list[str], query_rows: list[int], precision: str, dims: int
+) -> np.ndarray:
+    embedder = _load(config, precision)
+    try:
+        vectors = embedder.embed(docs, dims, _prompt(embedder, "document"), batch_size=config.batch_size)
+    finally:
+        embedder.close()
+    enc = retrieval.encode(vectors, "float32")
+    return knn(retrieval.Encoded(codes=enc.codes[query_rows], encoding="float32"), enc, dims, config.k, query_rows)
+
+
+def _score(
+    config: TradeoffConfig,
+    embedded: Embedded,
+    reference: np.ndarray,
+    query_rows: list[int],
+    positive_index: dict[str, int],
+) -> list[dict[str, Any]]:
+    """One row per output encoding for one profile's vectors."""
+    rows = []
+    corpus = embedded.pool[: embedded.n_docs]
+    for encoding in config.encodings:
+        enc_docs = retrieval.encode(corpus, encoding)
+        queries = retrieval.Encoded(codes=enc_docs.codes[query_rows], encoding=encoding)
+        found = knn(queries, enc_docs, embedded.dims, config.k, exclude=query_rows)
+        size = retrieval.bytes_per_vector(encoding, embedded.dims)
+        row: dict[str, Any] = {
+            "precision": embedded.precision,
+            "dims": embedded.dims,
+            "encoding": encoding,
+            "bytes_per_vector": size,
+            "index_bytes": size * embedded.n_docs,
+            "recall_at_10": retrieval.neighbour_recall(found, reference),
+            "encode_ms_per_text": 1000 * embedded.seconds / len(embedded.pool),
+            "encode_texts_per_s": len(embedded.pool) / embedded.seconds,
+            "other_load_cores": embedded.other_load,
+        }
+        if embedded.queries is not None:
+            row.update(_labelled(embedded.pool, embedded.queries, config, positive_index, embedded.dims, encoding))
+        rows.append(row)
+    return rows
+
+
+def recommendation_lines(rec: dict[str, Any], reference: str) -> list[str]:
+    """The recommendation as the lines `mrl-bench tradeoff` prints under its table."""
+    lines = [f"smallest dims with recall@10 >= {rec['target_recall_at_10']} against {reference}:"]
+    lines += [f"  {variant}: {d if d else 'none meets the target'}" for variant, d in rec["smallest_dims"].items()]
+    best = rec["fewest_bytes"]
+    if best:
+        lines.append(
+            f"fewest bytes meeting it: {best['precision']} {best['encoding']} at dims {best['dims']} "
+            f"({best['bytes_per_vector']} bytes/vector, recall@10 {best['recall_at_10']:.3f})"
+        )
+    if rec.get("labelled_smallest_dims") is not None:
+        lines.append(
+            f"smallest dims keeping {rec['target_recall_at_10']:.0%} of the full-width labelled recall@10 "
+            f"(>= {rec['labelled_floor']:.3f}) on the pairs:"
+        )
+        lines += [f"  {variant}: {d if d else 'none'}" for variant, d in rec["labelled_smallest_dims"].items()]
+    return lines
 
 
 def _labelled(
