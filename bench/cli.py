@@ -349,15 +349,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mrl-bench: internal error: {type(e).__name__}: {e} (rerun with --verbose for details)", file=sys.stderr)
         return 1
     progress(f"report written to {args.out}")
-    print(table)
+    _emit(table)
     return 0
+
+
+def _emit(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `mrl-bench ... | head` closed stdout early: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _compare(a: Path, b: Path) -> int:
     from mrl.bench.report import compare_reports, load_report
 
     try:
-        print(compare_reports(load_report(a), load_report(b)))
+        _emit(compare_reports(load_report(a), load_report(b)))
     except MrlError as e:
         print(f"mrl-bench: error: {e}", file=sys.stderr)
         return 2
