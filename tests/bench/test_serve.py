@@ -1,11 +1,11 @@
 """The load generator: its pure pieces, then a real `mrl-serve` on 127.0.0.1 in a subprocess."""
 
 import asyncio
-import time
 
 import pytest
 
 from mrl.bench.serve import (
+    MAX_REQUESTS,
     Outcome,
     ServeConfig,
     add_comparisons,
@@ -122,9 +122,9 @@ def test_errors_are_counted_by_status_code(server):
 
 def test_duration_mode_stops(server):
     config = ServeConfig(target=server, texts=TEXTS, concurrency=(2,), requests=None, duration_s=0.5, warmup_requests=2)
-    start = time.monotonic()
     (row,) = asyncio.run(sweep(config, lambda _: None))
-    assert row["ok"] > 0 and time.monotonic() - start < 30
+    # It ended on the deadline, not on the request cap (pytest-timeout would catch a hang).
+    assert 0 < row["ok"] < MAX_REQUESTS and row["errors"] == {}
 
 
 def test_nothing_listening_is_an_error_not_a_hang(free_port):
