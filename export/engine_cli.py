@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mrl.cli import OneLineParser
 from mrl.export.engine import (
     BuildResult,
     EngineBuildOptions,
@@ -34,11 +35,6 @@ keeps one). Engines are per GPU and TensorRT version: build them on the machine 
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one readable line, exit code 2
-        self.exit(2, f"mrl-export build-engine: error: {message} (see --help)\n")
-
-
 def _span(what: str) -> Callable[[str], Span]:
     """An argparse type that reads MIN:OPT:MAX for the flag `what`."""
 
@@ -53,7 +49,7 @@ def _span(what: str) -> Callable[[str], Span]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for `mrl-export build-engine ...`."""
-    parser = _Parser(
+    parser = OneLineParser(
         prog="mrl-export build-engine",
         description="Build a TensorRT engine per profile of an artifact on this GPU, check each against "
         "ONNX Runtime CPU and list them in the manifest.",

@@ -11,6 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
+from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
 from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig, TlsConfig
 from mrl.serving.metrics import ServerMetrics
@@ -41,7 +42,7 @@ from Python (float32 numpy arrays):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, parsed."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="mrl-serve",
         description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder).",
         epilog=EXAMPLES,
