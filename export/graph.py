@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from mrl.runtime.errors import ExportError
 from mrl.runtime.manifest import OUTPUT_NAME
-
-log = logging.getLogger(__name__)
 
 POOLED = "mrl_pooled"  # the base graph's one output: [batch, full_dims], before truncation
 EXPORTERS = ("auto", "legacy", "dynamo")
