@@ -16,8 +16,9 @@ import onnx
 
 import mrl
 from mrl.export import graph, parity, precision
+from mrl.export.errors import ExportError, ParityError
 from mrl.export.source import SourceModel
-from mrl.runtime.errors import DimsError, ExportError, ParityError
+from mrl.runtime.errors import DimsError
 from mrl.runtime.manifest import (
     PRECISIONS,
     Manifest,

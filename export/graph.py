@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from mrl.runtime.errors import ExportError
+from mrl.export.errors import ExportError
 from mrl.runtime.manifest import OUTPUT_NAME
 
 POOLED = "mrl_pooled"  # the base graph's one output: [batch, full_dims], before truncation

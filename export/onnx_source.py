@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from mrl.export.errors import ExportError
 from mrl.export.graph import pool_token_states, use_as_pooled
 from mrl.export.source import SourceModel, hash_model_dir, trained_dims_from_card
-from mrl.runtime.errors import ExportError
 from mrl.runtime.manifest import TokenizerSettings
 from mrl.runtime.tokenize import TextTokenizer
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mrl.export.errors import ExportError
 from mrl.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from mrl.runtime.embedder import truncate_normalize
-from mrl.runtime.errors import ExportError
 from mrl.runtime.manifest import Parity
 from mrl.runtime.tokenize import TextTokenizer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx
 
-from mrl.runtime.errors import ExportError
+from mrl.export.errors import ExportError
 
 # Ops whose fp16 versions overflow or lose too much (TensorRT 11 is strongly typed, so this must be
 # decided in the graph): statistics over the hidden dim, exponentials, and reductions.

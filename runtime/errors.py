@@ -41,11 +41,3 @@ class SchemaVersionError(ArtifactError):
 
 class BackendUnavailableError(MrlError):
     """A backend whose libraries or hardware are not present here."""
-
-
-class ExportError(MrlError):
-    """An export that cannot proceed (unreadable model, unwritable output, ...)."""
-
-
-class ParityError(ExportError):
-    """An exported graph whose output does not match the reference model closely enough."""

@@ -25,9 +25,10 @@ from mrl.export.engine import (
     plan_for,
     timing_cache_path,
 )
+from mrl.export.errors import ExportError
 from mrl.runtime.backends.engines import cache_key
 from mrl.runtime.backends.gpu import GpuInfo
-from mrl.runtime.errors import ExportError, InvalidInputError, NotFoundError
+from mrl.runtime.errors import InvalidInputError, NotFoundError
 from mrl.runtime.manifest import Engine, ShapeRange, Span, load_manifest, sha256_file
 
 H100 = GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0")

@@ -7,7 +7,8 @@ import onnx
 import pytest
 from tinymodels import export, save_sentence_transformer
 
-from mrl.runtime import Embedder, ParityError, load_manifest
+from mrl.export.errors import ParityError
+from mrl.runtime import Embedder, load_manifest
 
 
 @pytest.fixture(scope="module")
