@@ -264,7 +264,7 @@ def _cells(config: EngineConfig, tokenizer: TextTokenizer, progress: Progress) -
     if config.texts is not None:
         if not config.length_sorted:
             return [(None, list(config.texts))]
-        lengths = [e.n_tokens for e in tokenizer.encode(config.texts)]
+        lengths = [e.n_tokens for e in tokenizer.encode(config.texts, truncate=True)]
         return [(None, [t for _, t in sorted(zip(lengths, config.texts, strict=True), key=lambda p: p[0])])]
     pool = max(config.batch_sizes) * 2  # two batches' worth: rounds see different texts
     pools = []
@@ -299,7 +299,7 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
                 for batch in config.batch_sizes:
                     done += 1
                     batches = batch_plan(pool, batch, config.repeats, spread=config.length_sorted)
-                    tokens = float(np.mean([e.n_tokens for b in batches for e in tokenizer.encode(b)]))
+                    tokens = float(np.mean([e.n_tokens for b in batches for e in tokenizer.encode(b, truncate=True)]))
                     progress(f"cell {done}/{n_cells}: dims {dims}, batch {batch}, {tokens:.1f} tokens/text")
                     before = memory.cpu_snapshot()
                     timings = measure_cell(

@@ -108,7 +108,7 @@ def _embed_timed(
     embedder: Embedder, texts: Sequence[str], dims: int, batch: int, prompt: str | None
 ) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    vectors = embedder.embed(texts, dims, prompt, batch_size=batch)
+    vectors = embedder.embed(texts, dims, prompt, batch_size=batch, truncate=True)
     return vectors, time.perf_counter() - start
 
 
@@ -192,7 +192,7 @@ def _reference_neighbours(
 ) -> np.ndarray:
     embedder = _load(config, precision)
     try:
-        vectors = embedder.embed(docs, dims, _prompt(embedder, "document"), batch_size=config.batch_size)
+        vectors = embedder.embed(docs, dims, _prompt(embedder, "document"), batch_size=config.batch_size, truncate=True)
     finally:
         embedder.close()
     enc = retrieval.encode(vectors, "float32")

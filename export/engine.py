@@ -208,7 +208,7 @@ def serialize_engine(
 
 
 def _embed(backend: Any, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 8) -> np.ndarray:
-    encoded = tokenizer.encode(texts)
+    encoded = tokenizer.encode(texts, truncate=True)
     parts = [backend.run(tokenizer.pad(encoded[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
     return np.concatenate(parts)
 

@@ -128,7 +128,7 @@ def reference_embeddings(source: SourceModel, texts: list[str]) -> np.ndarray:
     names = [o.name for o in session.get_outputs()]
     rows = []
     for text in texts:  # one at a time: no padding, so the reference cannot be skewed by it
-        feed = tokenizer.pad(tokenizer.encode([text]))
+        feed = tokenizer.pad(tokenizer.encode([text], truncate=True))
         if source.pooling == "model":
             rows.append(session.run([next(o for o in POOLED_OUTPUTS if o in names)], feed)[0][0])
             continue

@@ -26,7 +26,7 @@ def validation_texts() -> list[str]:
 def embed_graph(graph: Path, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 8) -> np.ndarray:
     """Embed texts with one profile graph through the runtime's tokenizer and ONNX Runtime CPU."""
     backend = OnnxRuntimeBackend(graph, providers=["CPUExecutionProvider"])
-    encoded = tokenizer.encode(texts)
+    encoded = tokenizer.encode(texts, truncate=True)  # as sentence-transformers does
     # Batches mix lengths on purpose, so padding is part of what parity checks.
     out = [backend.run(tokenizer.pad(encoded[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
     backend.close()

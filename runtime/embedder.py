@@ -104,7 +104,7 @@ class Embedder:
 
     @property
     def default_dims(self) -> int:
-        """The largest dims this precision serves."""
+        """The largest dims this precision serves: what a request that names no dims gets."""
         return max(p.dims for p in self.profiles)
 
     @property
@@ -112,9 +112,16 @@ class Embedder:
         """What the loaded backends really run on (e.g. onnxruntime's providers)."""
         return sorted({p for b in self._backends.values() for p in b.providers})
 
-    def profile_for(self, dims: int | None) -> Profile:
-        """The profile that computes `dims` (None: the largest)."""
-        return choose_profile(self.profiles, self.default_dims if dims is None else dims)
+    def resolve_dims(self, dims: int | None) -> int:
+        """The dims a request gets: `dims` if some profile covers it, None the default; else DimsError."""
+        if dims is None:
+            return self.default_dims
+        choose_profile(self.profiles, dims)
+        return int(dims)
+
+    def profile_for(self, dims: int) -> Profile:
+        """The profile that computes `dims`: exactly that width, else the smallest wider one."""
+        return choose_profile(self.profiles, dims)
 
     def backend_for(self, profile: Profile) -> Backend:
         """The backend for a profile, created on first use."""
@@ -124,11 +131,11 @@ class Embedder:
             self._backends[profile.name] = backend
         return self._backends[profile.name]
 
-    def apply_prompt(self, texts: Sequence[str], prompt: str | None) -> list[str]:
+    def apply_prompt(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
         """Prepend the named prompt's text (None: the model's default prompt, if any)."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
-        name = prompt if prompt is not None else self.manifest.default_prompt
+        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
         if name is None:
             return list(texts)
         if name not in self.manifest.prompts:
@@ -137,42 +144,54 @@ class Embedder:
         prefix = self.manifest.prompts[name]
         return [prefix + t for t in texts]
 
-    def prepare(self, texts: Sequence[str], prompt: str | None = None, truncate: bool = True) -> PreparedBatch:
+    def prepare(self, texts: Sequence[str], prompt_name: str | None = None, *, truncate: bool = False) -> PreparedBatch:
         """Apply the prompt and tokenise, raising on inputs the model cannot take."""
-        return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt), truncate))
+        return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt_name), truncate=truncate))
 
-    def run_encoded(self, encoded: Sequence[Encoded], dims: int | None = None) -> np.ndarray:
-        """Run already-tokenised texts as one batch and return `[n, dims]` unit vectors."""
-        profile = self.profile_for(dims)
-        want = profile.dims if dims is None else dims
+    def run_encoded(self, encoded: Sequence[Encoded], dims: Sequence[int]) -> list[np.ndarray]:
+        """Run tokenised texts as one forward pass; row i comes back as a unit vector of `dims[i]` components.
+
+        Texts that want different dims share the pass: the profile covering the widest runs, and the
+        others are sliced from it and re-normalised (a truncated unit vector is not a unit vector).
+        """
+        if len(dims) != len(encoded):
+            raise ValueError(f"{len(encoded)} texts but {len(dims)} dims")
+        profile = self.profile_for(max(dims))
         out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
-        return out if want == profile.dims else truncate_normalize(out, want)
+        rows: list[np.ndarray] = list(out)
+        for want in set(dims) - {profile.dims}:
+            index = [i for i, d in enumerate(dims) if d == want]
+            for i, row in zip(index, truncate_normalize(out[index], want), strict=True):
+                rows[i] = row
+        return rows
 
     def embed(
         self,
         texts: Sequence[str],
         dims: int | None = None,
-        prompt: str | None = None,
+        prompt_name: str | None = None,
         *,
         batch_size: int = 32,
-        truncate: bool = True,
+        truncate: bool = False,
     ) -> np.ndarray:
-        """Embed texts; returns float32 `[len(texts), dims]` with unit-norm rows, in input order."""
-        self.profile_for(dims)  # validate dims before any work
-        encoded = self.prepare(texts, prompt, truncate).encoded
-        want = self.default_dims if dims is None else dims
+        """Embed texts; returns float32 `[len(texts), dims]` with unit-norm rows, in input order.
+
+        Texts longer than the model's max length raise InputTooLongError unless `truncate` cuts them.
+        """
+        want = self.resolve_dims(dims)  # before any work
+        encoded = self.prepare(texts, prompt_name, truncate=truncate).encoded
         result = np.empty((len(encoded), want), dtype=np.float32)
         # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
         order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            result[rows] = self.run_encoded([encoded[i] for i in rows], dims)
+            result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows))
         return result
 
     def warmup(self) -> None:
         """Load and run every profile once."""
         for profile in self.profiles:
-            self.run_encoded(self.tokenizer.encode(["warm-up"]), profile.dims)
+            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims])
 
     def close(self) -> None:
         """Release every backend."""

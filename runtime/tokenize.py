@@ -51,8 +51,8 @@ class TextTokenizer:
         """The model's max input length in tokens."""
         return self.settings.max_length
 
-    def encode(self, texts: Sequence[str], truncate: bool = True) -> list[Encoded]:
-        """Tokenise texts, cutting them to max length or, without `truncate`, refusing long ones."""
+    def encode(self, texts: Sequence[str], *, truncate: bool = False) -> list[Encoded]:
+        """Tokenise texts; one longer than max length raises InputTooLongError unless `truncate` cuts it."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
         for i, t in enumerate(texts):
@@ -66,7 +66,7 @@ class TextTokenizer:
                 full = len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
                 raise InputTooLongError(
                     f"input {i} has about {full} tokens, more than the model's max of "
-                    f"{self.max_length}: shorten it or allow truncation"
+                    f"{self.max_length}: shorten it or ask for truncation (truncate=true)"
                 )
             out.append(Encoded(ids=enc.ids, type_ids=enc.type_ids, truncated=cut))
         return out

@@ -164,8 +164,8 @@ def parity_rows(artifact: Path, backends: list[tuple[str, str, dict]]) -> list[R
                 candidate = Embedder.load(artifact, name, precision=precision, **opts)
                 for profile in candidate.profiles:
                     result = compare(
-                        candidate.embed(texts, profile.dims),
-                        reference.embed(texts, profile.dims),
+                        candidate.embed(texts, profile.dims, truncate=True),
+                        reference.embed(texts, profile.dims, truncate=True),
                         profile.dims,
                         precision,
                         "onnxruntime-cpu",

@@ -22,7 +22,7 @@ def build_request(
     dims: int | None = None,
     model: str | None = None,
     prompt_name: str | None = None,
-    truncate: bool = True,
+    truncate: bool = False,
     request_id: str = "",
 ) -> pb.EmbedRequest:
     """An EmbedRequest for `texts` (unset options take the server's defaults)."""
@@ -86,7 +86,7 @@ class EmbedClient:
         dims: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
-        truncate: bool = True,
+        truncate: bool = False,
         timeout: float | None = None,
     ) -> pb.EmbedResponse:
         """The raw EmbedResponse for `texts` (usage, timing, dims used)."""
@@ -100,7 +100,7 @@ class EmbedClient:
         dims: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
-        truncate: bool = True,
+        truncate: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Embed `texts`: float32 `[len(texts), dims]`, unit-norm rows in input order."""
@@ -169,7 +169,7 @@ class AsyncEmbedClient:
         dims: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
-        truncate: bool = True,
+        truncate: bool = False,
         timeout: float | None = None,
     ) -> pb.EmbedResponse:
         """The raw EmbedResponse for `texts` (usage, timing, dims used)."""
@@ -183,7 +183,7 @@ class AsyncEmbedClient:
         dims: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
-        truncate: bool = True,
+        truncate: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Embed `texts`: float32 `[len(texts), dims]`, unit-norm rows in input order."""

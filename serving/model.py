@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mrl.runtime import Embedder, truncate_normalize
+from mrl.runtime import Embedder
 from mrl.runtime.errors import InvalidInputError
 from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
@@ -44,15 +44,8 @@ class EmbedResult:
 
 
 def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
-    """Run texts wanting different dims as one batch: the largest needed profile, sliced and re-normalised."""
-    widest = max(j.dims for j in jobs)
-    out = embedder.run_encoded([j.encoded for j in jobs], widest)
-    rows: list[np.ndarray] = [out[i] for i in range(len(jobs))]
-    for dims in {j.dims for j in jobs} - {widest}:
-        index = [i for i, j in enumerate(jobs) if j.dims == dims]
-        for i, row in zip(index, truncate_normalize(out[index], dims), strict=True):
-            rows[i] = row
-    return rows
+    """Run texts wanting different dims as one batch (the runtime slices and re-normalises per row)."""
+    return embedder.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs])
 
 
 class ServedModel:
@@ -103,7 +96,7 @@ class ServedModel:
         self.embedder.warmup()
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)
-        self.embedder.run_encoded(encoded, self.embedder.default_dims)
+        self.embedder.run_encoded(encoded, [self.embedder.default_dims] * len(encoded))
 
     async def close(self) -> None:
         """Finish queued work, stop the batcher and release the model."""
@@ -119,14 +112,13 @@ class ServedModel:
         for i, text in enumerate(texts):
             if not text:
                 raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
-        self.embedder.profile_for(dims)  # DimsError for 0, or above the largest profile
-        return self.embedder.default_dims if dims is None else dims
+        return self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
 
     async def tokenize(self, texts: Sequence[str], prompt: str | None, truncate: bool) -> list[Encoded]:
         """Apply the prompt and tokenise (raises UnknownPromptError, InputTooLongError)."""
         if len(texts) <= INLINE_TOKENIZE_TEXTS:
-            return self.embedder.prepare(texts, prompt, truncate).encoded
-        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt, truncate)
+            return self.embedder.prepare(texts, prompt, truncate=truncate).encoded
+        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt, truncate=truncate)
         return prepared.encoded
 
     async def embed(

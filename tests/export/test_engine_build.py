@@ -232,5 +232,8 @@ def test_build_engines_run_them_and_keep_them(artifact):
     trt = Embedder.load(artifact, "tensorrt")
     cpu = Embedder.load(artifact, "onnxruntime-cpu")
     for dims in (8, 32):
-        assert np.sum(trt.embed(texts, dims) * cpu.embed(texts, dims), axis=1).min() >= 0.9999
+        assert (
+            np.sum(trt.embed(texts, dims, truncate=True) * cpu.embed(texts, dims, truncate=True), axis=1).min()
+            >= 0.9999
+        )
     assert Embedder.load(artifact).backend_name == "tensorrt"

@@ -22,7 +22,7 @@ def st_model():
 @pytest.mark.parametrize("dims", [64, 256])
 def test_matches_sentence_transformers(minilm_artifact, st_model, dims):
     texts = validation_texts()
-    got = Embedder.load(minilm_artifact).embed(texts, dims=dims)
+    got = Embedder.load(minilm_artifact).embed(texts, dims=dims, truncate=True)
     want = st_model.encode(texts, truncate_dim=dims, normalize_embeddings=True)
     assert np.sum(got * want, axis=1).min() >= 0.9999
 
@@ -30,7 +30,7 @@ def test_matches_sentence_transformers(minilm_artifact, st_model, dims):
 def test_runtime_tokenizer_reproduces_transformers_ids(minilm_artifact, st_model):
     embedder = Embedder.load(minilm_artifact)
     texts = validation_texts()
-    ours = [e.ids for e in embedder.tokenizer.encode(texts)]
+    ours = [e.ids for e in embedder.tokenizer.encode(texts, truncate=True)]
     theirs = st_model.tokenizer(texts, truncation=True, max_length=256)["input_ids"]
     assert ours == theirs
     assert max(len(ids) for ids in ours) == 256  # the long validation text was cut, as in PyTorch

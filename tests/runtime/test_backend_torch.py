@@ -22,7 +22,9 @@ def _compare(artifact, backend: str, **options) -> dict[int, float]:
     candidate = Embedder.load(artifact, backend, **options)
     worst = {}
     for dims in reference.manifest.dims:
-        cosine = np.sum(reference.embed(texts, dims) * candidate.embed(texts, dims), axis=1)
+        cosine = np.sum(
+            reference.embed(texts, dims, truncate=True) * candidate.embed(texts, dims, truncate=True), axis=1
+        )
         worst[dims] = float(cosine.min())
     reference.close()
     candidate.close()

@@ -33,7 +33,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dims", [8, 12, 16, 32])
 def test_matches_sentence_transformers_truncated(embedder, reference, dims):
-    got = embedder.embed(TEXTS, dims=dims)
+    got = embedder.embed(TEXTS, dims=dims, truncate=True)
     want = reference.encode(TEXTS, truncate_dim=dims, normalize_embeddings=True)
     assert got.shape == (len(TEXTS), dims) and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
@@ -52,16 +52,16 @@ def test_order_is_kept_across_length_sorted_batches(embedder):
 
 
 def test_prompt_is_prepended_like_sentence_transformers(embedder, reference):
-    got = embedder.embed(TEXTS, dims=16, prompt="query")
+    got = embedder.embed(TEXTS, dims=16, prompt_name="query", truncate=True)
     want = reference.encode(TEXTS, prompt_name="query", truncate_dim=16, normalize_embeddings=True)
     assert _cosines(got, want).min() >= 0.9999
     # and the prompt really changes the vector
-    assert _cosines(got, embedder.embed(TEXTS, dims=16)).min() < 0.9999
+    assert _cosines(got, embedder.embed(TEXTS, dims=16, truncate=True)).min() < 0.9999
 
 
 def test_unknown_prompt_names_the_known_ones(embedder):
     with pytest.raises(UnknownPromptError, match="document, query"):
-        embedder.embed(["x"], prompt="passage")
+        embedder.embed(["x"], prompt_name="passage")
 
 
 @pytest.mark.parametrize("dims", [0, -3, 33, 1.5, "8", True])
@@ -70,9 +70,9 @@ def test_bad_dims_are_refused(embedder, dims):
         embedder.embed(["x"], dims=dims)
 
 
-def test_long_input_without_truncation_is_refused(embedder):
+def test_long_input_is_refused_unless_truncation_is_asked_for(embedder):
     with pytest.raises(InputTooLongError, match=r"input 1 .* max of 48"):
-        embedder.embed(["fine", "word " * 100], truncate=False)
+        embedder.embed(["fine", "word " * 100])
     assert embedder.embed(["word " * 100], truncate=True).shape == (1, 32)
 
 
@@ -85,6 +85,22 @@ def test_choose_profile_takes_the_smallest_larger(embedder):
     assert choose_profile(embedder.profiles, 9).dims == 16
     assert choose_profile(embedder.profiles, 16).dims == 16
     assert choose_profile(embedder.profiles, 1).dims == 8
+
+
+def test_run_encoded_gives_each_row_its_own_dims(embedder):
+    texts = ["a short one", "a somewhat longer sentence to embed", "ok"]
+    rows = embedder.run_encoded(embedder.tokenizer.encode(texts), [8, 32, 12])
+    assert [r.shape for r in rows] == [(8,), (32,), (12,)]
+    for text, row in zip(texts, rows, strict=True):
+        alone = embedder.embed([text], dims=row.shape[0])[0]
+        np.testing.assert_allclose(row, alone, atol=1e-6)
+
+
+def test_resolve_dims_decides_the_default_once(embedder):
+    assert embedder.resolve_dims(None) == 32
+    assert embedder.resolve_dims(9) == 9
+    with pytest.raises(DimsError, match="above the largest"):
+        embedder.resolve_dims(33)
 
 
 def test_truncate_normalize_renormalises():

@@ -115,7 +115,7 @@ def test_results_usage_prompts_and_model_info(tiny_artifact):
     response, default, info, same = run(scenario())
     assert response.dimensions == 16 and response.encoding == pb.ENCODING_FLOAT32
     assert [len(e.values) for e in response.embeddings] == [16, 16]
-    expected = offline.embed(["hello world", "a b"], dims=16, prompt="query")
+    expected = offline.embed(["hello world", "a b"], dims=16, prompt_name="query")
     got = np.array([list(e.values) for e in response.embeddings])
     assert cosines(got, expected).min() >= 0.99999
     assert response.usage.input_tokens == offline.prepare(["hello world", "a b"], "query").n_tokens
