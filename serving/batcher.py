@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from mrl.serving.config import BatcherConfig
-from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError
+from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Batcher(Generic[P, R]):
         cost = sum(j.tokens for j in jobs)
         capacity = self._config.max_queue_tokens
         if cost > capacity:
-            raise QueueFullError(
+            raise RequestTooLargeError(
                 f"the request holds {cost} tokens, more than the queue ever takes ({capacity}): "
                 "split it into smaller requests"
             )

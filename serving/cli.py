@@ -13,10 +13,11 @@ from pathlib import Path
 
 from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
-from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig, TlsConfig
+from mrl.serving.config import BatcherConfig, ModelSpec, RequestLimits, ServerConfig, TlsConfig
+from mrl.serving.core import check_names
 from mrl.serving.metrics import ServerMetrics
 from mrl.serving.model import ServedModel
-from mrl.serving.server import EmbedServer, check_names
+from mrl.serving.server import EmbedServer
 
 log = logging.getLogger("mrl.serving")
 
@@ -49,20 +50,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("artifacts", nargs="+", metavar="[NAME=]ARTIFACT_DIR", help="artifact directories (mrl-export)")
+    server, limits = ServerConfig(), RequestLimits()
     net = p.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all; default %(default)s)")
-    net.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one; default %(default)s)")
+    net.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0: all; default %(default)s)")
+    net.add_argument("--port", type=int, default=server.port, help="gRPC port (0: a free one; default %(default)s)")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
     net.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
     net.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     net.add_argument("--auth-token-file", type=Path, help="file holding a bearer token every call must carry")
-    net.add_argument("--max-message-bytes", type=int, default=16 << 20, help="largest request (default %(default)s)")
-    net.add_argument("--max-inputs", type=int, default=512, help="texts per request at most (default %(default)s)")
+    net.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=limits.max_message_bytes,
+        help="largest request (default %(default)s)",
+    )
+    net.add_argument(
+        "--max-inputs",
+        type=int,
+        default=limits.max_inputs_per_request,
+        help="texts per request at most (default %(default)s)",
+    )
     net.add_argument(
         "--shutdown-grace-s",
         type=float,
-        default=30.0,
+        default=server.shutdown_grace_s,
         help="on SIGTERM, time for calls in flight (default %(default)s)",
     )
     model = p.add_argument_group("models")
@@ -110,7 +122,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     batch.add_argument(
         "--batch-workers",
         type=int,
-        default=2,
+        default=defaults.workers,
         help="batches run at once per model, each in its own thread (default %(default)s)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -199,8 +211,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         metrics_host=args.metrics_host,
         tls=tls,
         auth_token=token,
-        max_inputs_per_request=args.max_inputs,
-        max_message_bytes=args.max_message_bytes,
+        limits=RequestLimits(max_inputs_per_request=args.max_inputs, max_message_bytes=args.max_message_bytes),
         shutdown_grace_s=args.shutdown_grace_s,
         batcher=BatcherConfig(
             max_batch_tokens=args.max_batch_tokens,

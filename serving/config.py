@@ -27,7 +27,7 @@ class BatcherConfig:
     """How long the oldest waiting text may wait for a batch to fill."""
     max_queue_tokens: int = 262144
     """Tokens that may wait in the queue; beyond it requests get RESOURCE_EXHAUSTED at once."""
-    workers: int = 1
+    workers: int = 2
     """Batches that may run at once, each in its own thread."""
 
     def __post_init__(self) -> None:
@@ -91,6 +91,19 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    """What one request may hold: the same limits on every transport."""
+
+    max_inputs_per_request: int = 512
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest request body the server reads (a gRPC message, an HTTP body)."""
+
+    def __post_init__(self) -> None:
+        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 512")
+        _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Where the server listens and what it accepts."""
 
@@ -104,13 +117,11 @@ class ServerConfig:
     tls: TlsConfig | None = None
     auth_token: str | None = field(default=None, repr=False)
     """Bearer token every call but the health check must carry (None: no auth)."""
-    max_inputs_per_request: int = 512
-    max_message_bytes: int = 16 * 1024 * 1024
-    """Largest request the server reads."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
     stream_window: int = 32
     """Requests of one EmbedStream that may be in progress at once (more wait unread: flow control)."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
     def __post_init__(self) -> None:
@@ -124,8 +135,6 @@ class ServerConfig:
                 raise ValueError(f"{name} must be an integer in 0..65535 (0: a free port), not {value!r}")
         if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
             raise ValueError("the auth token must be non-empty and hold no whitespace: write one token to the file")
-        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 512")
-        _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
         _positive("stream_window", self.stream_window, "try 32")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be 0 or more, not {self.shutdown_grace_s}: try 30")

@@ -24,7 +24,10 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "mrl_requests", "Embed requests by model, method and gRPC status", ["model", "method", "code"], registry=r
+            "mrl_requests",
+            "Embed requests by model, transport (grpc, http) and outcome (ok, invalid_argument, queue_full, ...)",
+            ["model", "transport", "outcome"],
+            registry=r,
         )
         self.latency = Histogram(
             "mrl_request_latency_seconds",

@@ -43,20 +43,40 @@ class EmbedResult:
     inference_seconds: float
 
 
+@dataclass(frozen=True, kw_only=True)
+class ProfileInfo:
+    """One profile as callers see it."""
+
+    name: str
+    dims: int
+    precision: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What a served model offers, for every front end's model listing."""
+
+    name: str
+    full_dims: int
+    default_dims: int
+    trained_dims: tuple[int, ...]
+    profiles: tuple[ProfileInfo, ...]
+    max_input_tokens: int
+    prompts: dict[str, str]
+    default_prompt: str | None
+    precision: str
+    ready: bool
+
+
 def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
     """Run texts wanting different dims as one batch (the runtime slices and re-normalises per row)."""
     return embedder.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs])
 
 
 class ServedModel:
-    """An Embedder with its own batcher and inference thread, addressed by `name`."""
+    """An Embedder with its own batcher and inference threads, addressed by `name`."""
 
-    def __init__(
-        self,
-        name: str,
-        embedder: Embedder,
-        config: BatcherConfig,
-    ) -> None:
+    def __init__(self, name: str, embedder: Embedder, config: BatcherConfig) -> None:
         self.name = name
         self.embedder = embedder
         self.config = config
@@ -77,8 +97,24 @@ class ServedModel:
         )
         return cls(spec.name or embedder.manifest.name, embedder, config)
 
+    def info(self) -> ModelInfo:
+        """What this model offers: dims, profiles, prompts, limits, readiness."""
+        embedder, manifest = self.embedder, self.embedder.manifest
+        return ModelInfo(
+            name=self.name,
+            full_dims=manifest.full_dims,
+            default_dims=embedder.default_dims,
+            trained_dims=tuple(manifest.trained_dims or ()),
+            profiles=tuple(ProfileInfo(name=p.name, dims=p.dims, precision=p.precision) for p in embedder.profiles),
+            max_input_tokens=embedder.tokenizer.max_length,
+            prompts=dict(manifest.prompts),
+            default_prompt=manifest.default_prompt,
+            precision=embedder.precision,
+            ready=self.ready,
+        )
+
     def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
-        """The batcher's function (runs in the inference thread)."""
+        """The batcher's function (runs in an inference thread)."""
         return run_jobs(self.embedder, jobs)
 
     def start(self) -> None:
@@ -98,12 +134,24 @@ class ServedModel:
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)
         self.embedder.run_encoded(encoded, [self.embedder.default_dims] * len(encoded))
 
+    def hurry(self) -> None:
+        """Stop taking requests and run what is queued at once (the server is draining)."""
+        self.ready = False
+        self._closed = True
+        self.batcher.hurry()
+
     async def close(self) -> None:
         """Finish queued work, stop the batcher and release the model."""
         self.ready, self._closed = False, True
         await self.batcher.close()
         self._executor.shutdown(wait=True)
         self.embedder.close()
+
+    def check_ready(self) -> None:
+        """Raise NotReadyError unless the model takes requests."""
+        if not self.ready:
+            state = "shutting down" if self._closed else "warming up"
+            raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
 
     def validate(self, texts: Sequence[str], dims: int | None) -> int:
         """Check what can be checked before tokenising; returns the dims to produce."""
@@ -114,11 +162,11 @@ class ServedModel:
                 raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
         return self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
 
-    async def tokenize(self, texts: Sequence[str], prompt: str | None, truncate: bool) -> list[Encoded]:
+    async def tokenize(self, texts: Sequence[str], prompt_name: str | None, truncate: bool) -> list[Encoded]:
         """Apply the prompt and tokenise (raises UnknownPromptError, InputTooLongError)."""
         if len(texts) <= INLINE_TOKENIZE_TEXTS:
-            return self.embedder.prepare(texts, prompt, truncate=truncate).encoded
-        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt, truncate=truncate)
+            return self.embedder.prepare(texts, prompt_name, truncate=truncate).encoded
+        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt_name, truncate=truncate)
         return prepared.encoded
 
     async def embed(
@@ -126,16 +174,14 @@ class ServedModel:
         texts: Sequence[str],
         *,
         dims: int | None = None,
-        prompt: str | None = None,
+        prompt_name: str | None = None,
         truncate: bool = False,
         deadline: float | None = None,
     ) -> EmbedResult:
         """Validate, tokenise, batch with other callers' texts and return this request's embeddings."""
-        if not self.ready:
-            state = "shutting down" if self._closed else "warming up"
-            raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
+        self.check_ready()
         want = self.validate(texts, dims)
-        encoded = await self.tokenize(texts, prompt, truncate)
+        encoded = await self.tokenize(texts, prompt_name, truncate)
         jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
         futures = self.batcher.submit(jobs, deadline=deadline)
         try:

@@ -42,9 +42,9 @@ class GatedModel(ServedModel):
 
     @classmethod
     def open(cls, artifact: Path, config: BatcherConfig | None = None, name: str | None = None) -> GatedModel:
-        """Load an artifact under this class."""
+        """Load an artifact under this class; by default one batch runs at a time, so the gate holds them all."""
         spec = ModelSpec(artifact_dir=artifact, name=name)
-        return cls.load(spec, config or BatcherConfig())
+        return cls.load(spec, config or BatcherConfig(workers=1))
 
     def ids(self, text: str) -> tuple[int, ...]:
         """The token ids this model gives `text` (no prompt)."""

@@ -12,7 +12,7 @@ from serving_helpers import wait_until
 
 from mrl.serving.batcher import Batcher, BatchStats, Job, admits, select_batch
 from mrl.serving.config import BatcherConfig
-from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError
+from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
 
 
 def test_select_batch_groups_similar_lengths_around_the_anchor():
@@ -92,7 +92,7 @@ class Recorder:
 def make(fn, **config) -> tuple[Batcher, ThreadPoolExecutor, list[BatchStats]]:
     stats: list[BatchStats] = []
     executor = ThreadPoolExecutor(max_workers=1)
-    cfg = BatcherConfig(**{"max_queue_delay_ms": 1.0, **config})
+    cfg = BatcherConfig(**{"max_queue_delay_ms": 1.0, "workers": 1, **config})
     return Batcher(fn, cfg, executor, on_batch=stats.append), executor, stats
 
 
@@ -208,7 +208,7 @@ def test_a_full_queue_refuses_at_once_and_close_runs_what_was_queued():
         with pytest.raises(QueueFullError, match="queue is full"):
             batcher.submit(jobs(5, 6, 7))  # 12 more do not fit
         one = batcher.submit(jobs(8, tokens=8))  # one text that fits is still taken
-        with pytest.raises(QueueFullError, match="split it"):
+        with pytest.raises(RequestTooLargeError, match="split it"):
             batcher.submit(jobs(9, tokens=21))
         fn.gate.set()
         closing = asyncio.ensure_future(batcher.close())

@@ -52,7 +52,7 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_never_reaches_the_model
                 ok = await c.embed(["allowed"], timeout=30)
             # Health stays open for probes that carry no credentials.
             health = await check(target, "")
-            requests = sample(server, "mrl_requests_total", {"model": model.name, "method": "Embed", "code": "OK"})
+            requests = sample(server, "mrl_requests_total", {"model": model.name, "transport": "grpc", "outcome": "ok"})
             denied = sample(server, "mrl_auth_denied_total", {"method": "/mrl.v1.Embedder/Embed"})
             return codes, ok, health, (requests, denied)
 
@@ -159,8 +159,8 @@ def test_metrics_endpoint_reports_requests_tokens_and_batches(tiny_artifact):
     text = run(scenario())
     name = model.name
     for line in (
-        f'mrl_requests_total{{code="OK",method="Embed",model="{name}"}} 1.0',
-        f'mrl_requests_total{{code="INVALID_ARGUMENT",method="Embed",model="{name}"}} 1.0',
+        f'mrl_requests_total{{model="{name}",outcome="ok",transport="grpc"}} 1.0',
+        f'mrl_requests_total{{model="{name}",outcome="invalid_argument",transport="grpc"}} 1.0',
         f'mrl_input_tokens_total{{model="{name}"}} 5.0',
         f'mrl_batch_size_count{{model="{name}"}} 1.0',
         f'mrl_queue_depth{{model="{name}"}} 0.0',

@@ -1,0 +1,255 @@
+"""The gRPC front end: `mrl.v1.Embedder`, health and reflection over the serving core.
+
+Thin on purpose: translate requests into `EmbedQuery`, call the core, and map results and errors back
+(the one `ErrorKind` -> status code table below).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from mrl.proto import embedder_pb2 as pb
+from mrl.proto import embedder_pb2_grpc as pb_grpc
+from mrl.runtime.errors import InvalidInputError
+from mrl.serving.auth import BearerTokenInterceptor
+from mrl.serving.config import ServerConfig
+from mrl.serving.core import EmbedCore, EmbedQuery
+from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
+from mrl.serving.model import EmbedResult, ModelInfo
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+TRANSPORT = "grpc"
+
+STATUS: dict[ErrorKind, grpc.StatusCode] = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+_SUPPORTED_ENCODINGS = (pb.ENCODING_UNSPECIFIED, pb.ENCODING_FLOAT32)
+
+
+def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC code and message for an error; errors not our own become INTERNAL without details."""
+    return STATUS[classify(error)], public_message(error)
+
+
+def model_info(info: ModelInfo) -> pb.ModelInfo:
+    """What GetModel and ListModels say about a served model."""
+    return pb.ModelInfo(
+        name=info.name,
+        full_dimensions=info.full_dims,
+        profiles=[pb.Profile(name=p.name, dimensions=p.dims, precision=p.precision) for p in info.profiles],
+        trained_dimensions=list(info.trained_dims),
+        max_input_tokens=info.max_input_tokens,
+        prompts=info.prompts,
+        default_prompt=info.default_prompt or "",
+        default_dimensions=info.default_dims,
+        precision=info.precision,
+        ready=info.ready,
+    )
+
+
+def check_encoding(value: int) -> None:
+    """Refuse encodings this server does not write, saying which one to use."""
+    if value in _SUPPORTED_ENCODINGS:
+        return
+    if value in pb.Encoding.values():
+        raise UnsupportedError(f"encoding {pb.Encoding.Name(value)} is not supported yet: use ENCODING_FLOAT32")
+    raise InvalidInputError(f"unknown encoding {value}: use ENCODING_FLOAT32 ({pb.ENCODING_FLOAT32})")
+
+
+def to_query(request: pb.EmbedRequest, deadline: float | None) -> EmbedQuery:
+    """The core's view of an EmbedRequest."""
+    check_encoding(request.encoding)
+    return EmbedQuery(
+        texts=request.inputs,
+        model=request.model,
+        dims=request.dimensions if request.HasField("dimensions") else None,
+        prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
+        truncate=request.truncate,
+        deadline=deadline,
+    )
+
+
+def to_response(result: EmbedResult, model: str, request_id: str, total_seconds: float) -> pb.EmbedResponse:
+    """An EmbedResponse holding float32 embeddings in input order."""
+    return pb.EmbedResponse(
+        embeddings=[pb.Embedding(values=row) for row in result.vectors.tolist()],
+        model=model,
+        dimensions=result.dims,
+        encoding=pb.ENCODING_FLOAT32,
+        usage=pb.Usage(input_tokens=result.input_tokens),
+        timing=pb.Timing(
+            queue_ms=result.queue_seconds * 1000,
+            inference_ms=result.inference_seconds * 1000,
+            total_ms=total_seconds * 1000,
+        ),
+        request_id=request_id,
+    )
+
+
+class EmbedderService(pb_grpc.EmbedderServicer):
+    """Handles Embed, EmbedStream, ListModels and GetModel by calling the core."""
+
+    def __init__(self, core: EmbedCore, stream_window: int) -> None:
+        self._core = core
+        self._stream_window = stream_window
+
+    async def _handle(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
+    ) -> tuple[pb.EmbedResponse | None, grpc.StatusCode, str]:
+        """Run one request; returns the response, or None with the status code and message to send."""
+        start = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        try:
+            model, result = await self._core.embed(to_query(request, deadline), TRANSPORT)
+        except Exception as e:
+            return None, *status_for(e)
+        response = to_response(result, model.name, request.request_id, time.perf_counter() - start)
+        return response, grpc.StatusCode.OK, ""
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        """Embed a list of texts."""
+        response, code, message = await self._handle(request, context)
+        if response is None:
+            await context.abort(code, message)
+        return response
+
+    async def EmbedStream(
+        self, request_iterator: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        """Embed each streamed request as it arrives (several at once), answering in request order."""
+        window = asyncio.Semaphore(self._stream_window)
+        pending: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue()
+
+        async def one(request: pb.EmbedRequest) -> pb.EmbedResponse:
+            response, code, message = await self._handle(request, context)
+            if response is not None:
+                return response
+            return pb.EmbedResponse(request_id=request.request_id, error=pb.Error(code=code.value[0], message=message))
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    # Unread requests stay in gRPC's flow control: a fast sender cannot queue without bound.
+                    await window.acquire()
+                    await pending.put(asyncio.ensure_future(one(request)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await pending.get()) is not None:
+                response = await task
+                window.release()
+                yield response
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                task = pending.get_nowait()
+                if task is not None:
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        """Every served model."""
+        return pb.ListModelsResponse(models=[model_info(i) for i in self._core.model_infos()])
+
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        """One served model by name."""
+        try:
+            model = self._core.resolve(request.name)
+        except Exception as e:
+            await context.abort(*status_for(e))
+        return model_info(model.info())
+
+
+class GrpcFrontEnd:
+    """A grpc.aio server over the core: Embedder, health (fed by the core's readiness), reflection, auth, TLS."""
+
+    def __init__(self, core: EmbedCore, config: ServerConfig) -> None:
+        self._core = core
+        self._config = config
+        self.health = HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        core.add_listener(self._on_readiness)
+
+    async def _on_readiness(self, name: str, serving: bool) -> None:
+        status = SERVING if serving else NOT_SERVING
+        for health_name in ("", SERVICE_NAME) if name == "" else (name,):
+            await self.health.set(health_name, status)
+
+    async def start(self) -> int:
+        """Listen, reporting NOT_SERVING until the core is warm; returns the bound port."""
+        for name in ("", SERVICE_NAME, *self._core.models):
+            await self.health.set(name, NOT_SERVING)
+        interceptors = []
+        if self._config.auth_token is not None:
+            denied = self._core.metrics.auth_denied
+            interceptors.append(BearerTokenInterceptor(self._config.auth_token, lambda m: denied.labels(m).inc()))
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", self._config.limits.max_message_bytes),
+                ("grpc.max_send_message_length", -1),
+                # Two servers must not silently share one port.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_EmbedderServicer_to_server(EmbedderService(self._core, self._config.stream_window), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        address = f"{self._config.host}:{self._config.port}"
+        try:
+            if self._config.tls is not None:
+                tls = self._config.tls
+                credentials = grpc.ssl_server_credentials([(tls.private_key, tls.certificate_chain)])
+                self.port = server.add_secure_port(address, credentials)
+            else:
+                self.port = server.add_insecure_port(address)
+        except RuntimeError as e:
+            raise OSError(f"cannot listen on {address} ({e}): is the port in use?") from None
+        await server.start()
+        self._server = server
+        mode = "TLS" if self._config.tls else "plaintext"
+        log.info("gRPC listening on %s:%d (%s)", self._config.host, self.port, mode)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls and let calls in flight finish, for up to `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def wait_for_termination(self) -> None:
+        """Wait until the gRPC server stops."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
