@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
-from mrl.runtime.errors import DimsError, InvalidInputError, NotFoundError, UnknownPromptError
+from mrl.runtime.errors import DimsError, InvalidInputError, NotFoundError, UnknownPromptError, shorten
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def choose_profile(profiles: Sequence[Profile], dims: int) -> Profile:
     """The profile with exactly `dims`, else the smallest larger one (to slice and re-normalise)."""
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
-        raise DimsError(f"dims must be an integer, not {dims!r}")
+        raise DimsError(f"dims must be an integer, not {shorten(dims)}")
     if dims < 1:
         raise DimsError(f"dims must be at least 1, not {dims}")
     larger = sorted((p for p in profiles if p.dims >= dims), key=lambda p: p.dims)
@@ -131,18 +131,22 @@ class Embedder:
             self._backends[profile.name] = backend
         return self._backends[profile.name]
 
+    def prompt_text(self, prompt_name: str | None) -> str:
+        """The text a prompt name prepends (None: the model's default prompt; no prompt: "")."""
+        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
+        if name is None:
+            return ""
+        if name not in self.manifest.prompts:
+            known = ", ".join(sorted(self.manifest.prompts)) or "none"
+            raise UnknownPromptError(f"unknown prompt name {shorten(name)}; this model's prompts: {known}")
+        return self.manifest.prompts[name]
+
     def apply_prompt(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
         """Prepend the named prompt's text (None: the model's default prompt, if any)."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
-        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
-        if name is None:
-            return list(texts)
-        if name not in self.manifest.prompts:
-            known = ", ".join(sorted(self.manifest.prompts)) or "none"
-            raise UnknownPromptError(f"unknown prompt name {name!r}; this model's prompts: {known}")
-        prefix = self.manifest.prompts[name]
-        return [prefix + t for t in texts]
+        prefix = self.prompt_text(prompt_name)
+        return [prefix + t for t in texts] if prefix else list(texts)
 
     def prepare(self, texts: Sequence[str], prompt_name: str | None = None, *, truncate: bool = False) -> PreparedBatch:
         """Apply the prompt and tokenise, raising on inputs the model cannot take."""

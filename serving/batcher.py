@@ -56,6 +56,8 @@ class BatchStats:
     queue_seconds: tuple[float, ...]
     run_seconds: float
     failed: int
+    abandoned: int = 0
+    """Texts computed whose caller had gone (cancelled, or past its deadline) by the time they were done."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +164,7 @@ class Batcher(Generic[P, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._hurry = False
+        self._running: set[asyncio.Task[None]] = set()  # batches dispatched and not yet done
 
     @property
     def queued_jobs(self) -> int:
@@ -178,21 +181,24 @@ class Batcher(Generic[P, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"{self._name}-loop")
 
+    def check_room(self, tokens: int) -> None:
+        """Raise unless the queue has room for a request of `tokens` (too large ever, or full now)."""
+        capacity = self._config.max_queue_tokens
+        if tokens > capacity:
+            raise RequestTooLargeError(
+                f"the request holds {tokens} tokens, more than the queue ever takes ({capacity}): "
+                "split it into smaller requests"
+            )
+        if not admits(self._queued_tokens, tokens, capacity):
+            raise QueueFullError(
+                f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
+            )
+
     def submit(self, jobs: Sequence[Job[P]], *, deadline: float | None = None) -> list[asyncio.Future[JobResult[R]]]:
         """Queue all of `jobs` or none: one future per job. `deadline` is in `loop.time()` seconds."""
         if self._closing or self._task is None:
             raise NotReadyError(f"{self._name} is not running (starting up or shutting down): retry shortly")
-        cost = sum(j.tokens for j in jobs)
-        capacity = self._config.max_queue_tokens
-        if cost > capacity:
-            raise RequestTooLargeError(
-                f"the request holds {cost} tokens, more than the queue ever takes ({capacity}): "
-                "split it into smaller requests"
-            )
-        if not admits(self._queued_tokens, cost, capacity):
-            raise QueueFullError(
-                f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
-            )
+        self.check_room(sum(j.tokens for j in jobs))
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []
@@ -246,7 +252,12 @@ class Batcher(Generic[P, R]):
         return selection, self._queue[oldest].enqueued + self._config.max_queue_delay_ms / 1000
 
     async def _next_batch(self) -> list[_Item] | None:
-        """Wait for a full batch or for the oldest job's delay to pass; None once closed and empty."""
+        """The next batch to run; None once closed and empty.
+
+        With no batch running the queue's best batch goes at once: waiting for company would only add
+        latency while the machine idles. With one running, a batch waits until it is full or its oldest
+        text has waited `max_queue_delay_ms`, so load makes batches fuller instead of more numerous.
+        """
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
@@ -258,7 +269,7 @@ class Batcher(Generic[P, R]):
                 continue
             selection, due = self._select()
             wait = due - loop.time()
-            if selection.full or wait <= 0 or self._closing or self._hurry:
+            if selection.full or wait <= 0 or not self._running or self._closing or self._hurry:
                 items = self._queue[selection.start : selection.stop]
                 del self._queue[selection.start : selection.stop]
                 del self._keys[selection.start : selection.stop]
@@ -270,7 +281,12 @@ class Batcher(Generic[P, R]):
 
     async def _loop(self) -> None:
         slots = asyncio.Semaphore(self._config.workers)
-        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._running.discard(task)
+            slots.release()
+            self._wake.set()  # a batch waiting for company may go now that the machine is idle
+
         try:
             while True:
                 await slots.acquire()
@@ -278,14 +294,13 @@ class Batcher(Generic[P, R]):
                 if items is None:
                     break
                 task = asyncio.ensure_future(self._run_guarded(items))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: slots.release())
-            await asyncio.gather(*running)
+                self._running.add(task)
+                task.add_done_callback(done)
+            await asyncio.gather(*self._running)
         finally:
             # Whatever ended the loop, no caller is left waiting forever.
             self._closing = True
-            for task in running:
+            for task in self._running:
                 task.cancel()
             self._fail(list(self._queue), NotReadyError("the server stopped before this request ran"))
 
@@ -317,9 +332,10 @@ class Batcher(Generic[P, R]):
         outcome = await loop.run_in_executor(self._executor, self._execute, [i.job.payload for i in live])
         longest = max(i.job.tokens for i in live)
         batch = next(self._batches)
-        failed = 0
+        failed = abandoned = 0
         for item, value, error in zip(live, outcome.values, outcome.errors, strict=True):
             if item.future.done():
+                abandoned += 1
                 continue
             if error is not None:
                 failed += 1
@@ -343,6 +359,7 @@ class Batcher(Generic[P, R]):
                     queue_seconds=tuple(i.started - i.enqueued for i in live),
                     run_seconds=outcome.run_seconds,
                     failed=failed,
+                    abandoned=abandoned,
                 )
             )
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from mrl.runtime.errors import InvalidInputError, NotFoundError
+from mrl.runtime.errors import InvalidInputError, NotFoundError, shorten
 from mrl.serving.config import RequestLimits
 from mrl.serving.errors import ErrorKind, classify
 from mrl.serving.metrics import ServerMetrics
@@ -77,6 +77,8 @@ class EmbedCore:
         self.metrics = metrics
         self.state = ServingState.STARTING
         self._listeners: list[ReadinessListener] = []
+        self._in_flight = 0
+        self._started = 0  # requests ever started: tells a quiet moment from a busy one
 
     @property
     def serving(self) -> bool:
@@ -112,7 +114,11 @@ class EmbedCore:
         log.info("serving %s", ", ".join(self.models))
 
     async def drain(self) -> None:
-        """Stop taking requests and run everything queued at once, without waiting for fuller batches."""
+        """Report not-ready everywhere and run queued work at once; requests that still come are served.
+
+        Load balancers take a while to notice; a request that reaches a draining server is still answered,
+        so no caller sees an error for being late (`wait_idle` tells when the traffic has stopped).
+        """
         if self.state in (ServingState.DRAINING, ServingState.STOPPED):
             return
         self.state = ServingState.DRAINING
@@ -122,6 +128,20 @@ class EmbedCore:
         await self._announce("", False)
         for name in self.models:
             await self._announce(name, False)
+
+    async def wait_idle(self, quiet: float, timeout: float) -> bool:
+        """Wait until no request has been in flight for `quiet` seconds; False if `timeout` came first."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while loop.time() < give_up:
+            started = self._started
+            if self._in_flight == 0:
+                await asyncio.sleep(min(quiet, max(0.0, give_up - loop.time())))
+                if self._in_flight == 0 and self._started == started:
+                    return True
+            else:
+                await asyncio.sleep(0.01)
+        return self._in_flight == 0
 
     async def close(self) -> None:
         """Finish queued work and release every model."""
@@ -137,7 +157,7 @@ class EmbedCore:
             raise InvalidInputError(f"this server serves several models ({', '.join(self.models)}): set model")
         model = self.models.get(name)
         if model is None:
-            raise NotFoundError(f"no model named {name!r}; this server serves: {', '.join(self.models)}")
+            raise NotFoundError(f"no model named {shorten(name)}; this server serves: {', '.join(self.models)}")
         return model
 
     def model_infos(self) -> list[ModelInfo]:
@@ -161,6 +181,8 @@ class EmbedCore:
             label = model.name
             self.check_limits(query)
             self.metrics.in_flight.labels(label).inc()
+            self._in_flight += 1
+            self._started += 1
             try:
                 result = await model.embed(
                     query.texts,
@@ -170,6 +192,7 @@ class EmbedCore:
                     deadline=query.deadline,
                 )
             finally:
+                self._in_flight -= 1
                 self.metrics.in_flight.labels(label).dec()
         except asyncio.CancelledError:
             # Front ends cancel the call when the caller goes away or its deadline passes.

@@ -19,9 +19,13 @@ from mrl.serving.errors import NotReadyError
 
 log = logging.getLogger(__name__)
 
-# Requests with more texts than this are tokenised in a worker thread, so they never stall the event loop;
-# smaller ones are tokenised inline, where a thread hop would cost more than the tokenising.
-INLINE_TOKENIZE_TEXTS = 8
+INLINE_TOKENIZE_CHARS = 2048
+"""Requests of more characters than this are tokenised in a worker thread (tokenizers releases the GIL), so
+none stalls the event loop by more than about a millisecond; smaller ones are tokenised inline, where the
+thread hop would cost more than the tokenising."""
+CHARS_PER_TOKEN_ESTIMATE = 6
+"""For refusing a request at once when the queue has no room for it: a text counts as one token per this
+many characters (at most max length) until it is tokenised and counted exactly."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,9 +139,7 @@ class ServedModel:
         self.embedder.run_encoded(encoded, [self.embedder.default_dims] * len(encoded))
 
     def hurry(self) -> None:
-        """Stop taking requests and run what is queued at once (the server is draining)."""
-        self.ready = False
-        self._closed = True
+        """Run queued texts at once from now on, without waiting for fuller batches (the server is draining)."""
         self.batcher.hurry()
 
     async def close(self) -> None:
@@ -153,18 +155,23 @@ class ServedModel:
             state = "shutting down" if self._closed else "warming up"
             raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
 
-    def validate(self, texts: Sequence[str], dims: int | None) -> int:
-        """Check what can be checked before tokenising; returns the dims to produce."""
+    def validate(self, texts: Sequence[str], dims: int | None, prompt_name: str | None) -> int:
+        """Check all that needs no tokenising, queue room included; returns the dims to produce."""
         if not texts:
             raise InvalidInputError("inputs is empty: send at least one text")
         for i, text in enumerate(texts):
             if not text:
                 raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
-        return self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
+        want = self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
+        prefix = self.embedder.prompt_text(prompt_name)  # UnknownPromptError
+        longest = self.embedder.tokenizer.max_length
+        estimate = sum(min(longest, 1 + (len(prefix) + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
+        self.batcher.check_room(estimate)  # QueueFullError before any tokenising
+        return want
 
     async def tokenize(self, texts: Sequence[str], prompt_name: str | None, truncate: bool) -> list[Encoded]:
-        """Apply the prompt and tokenise (raises UnknownPromptError, InputTooLongError)."""
-        if len(texts) <= INLINE_TOKENIZE_TEXTS:
+        """Apply the prompt and tokenise (raises InputTooLongError), off the event loop when large."""
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
             return self.embedder.prepare(texts, prompt_name, truncate=truncate).encoded
         prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt_name, truncate=truncate)
         return prepared.encoded
@@ -180,7 +187,7 @@ class ServedModel:
     ) -> EmbedResult:
         """Validate, tokenise, batch with other callers' texts and return this request's embeddings."""
         self.check_ready()
-        want = self.validate(texts, dims)
+        want = self.validate(texts, dims, prompt_name)
         encoded = await self.tokenize(texts, prompt_name, truncate)
         jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
         futures = self.batcher.submit(jobs, deadline=deadline)

@@ -13,6 +13,11 @@ from mrl.serving.model import ServedModel
 
 log = logging.getLogger(__name__)
 
+DRAIN_QUIET_S = 0.1
+"""A drain ends once no call has been in flight for this long: the traffic has stopped, not merely paused."""
+STREAM_GRACE_S = 0.2
+"""What streams left open at the end of a drain (health Watch, idle EmbedStream) get before being ended."""
+
 
 class EmbedServer:
     """Served models behind a gRPC front end, with Prometheus metrics."""
@@ -47,11 +52,14 @@ class EmbedServer:
         await self.core.warmup()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Say not-ready, refuse new calls, let calls in flight finish (up to `grace` s), then release models."""
+        """Drain: report not-ready, serve until no call has been in flight for a moment (at most `grace` s),
+        end the streams left open (health Watch, idle EmbedStream) and release the models."""
         grace = self.config.shutdown_grace_s if grace is None else grace
         await self.core.drain()
-        log.info("shutting down: finishing calls in flight (grace %.0f s)", grace)
-        await self.grpc.stop(grace)
+        log.info("shutting down: health says NOT_SERVING; serving calls until none is in flight (grace %.0f s)", grace)
+        if not await self.core.wait_idle(DRAIN_QUIET_S, grace):
+            log.warning("calls still in flight after the %.0f s grace: cancelling them", grace)
+        await self.grpc.stop(STREAM_GRACE_S)
         await self.core.close()
         self.metrics.stop()
         log.info("stopped")

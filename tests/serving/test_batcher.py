@@ -91,8 +91,8 @@ class Recorder:
 
 def make(fn, **config) -> tuple[Batcher, ThreadPoolExecutor, list[BatchStats]]:
     stats: list[BatchStats] = []
-    executor = ThreadPoolExecutor(max_workers=1)
     cfg = BatcherConfig(**{"max_queue_delay_ms": 1.0, "workers": 1, **config})
+    executor = ThreadPoolExecutor(max_workers=cfg.workers)
     return Batcher(fn, cfg, executor, on_batch=stats.append), executor, stats
 
 
@@ -226,14 +226,44 @@ def test_stopping_the_loop_fails_queued_jobs_instead_of_leaving_them_waiting():
     fn = Recorder()
 
     async def scenario():
-        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64)
+        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64, workers=2)
         batcher.start()
-        futures = batcher.submit(jobs(1, 2))  # waits for a fuller batch: a minute
+        fn.gate.clear()
+        running = batcher.submit(jobs(0))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        futures = batcher.submit(jobs(1, 2))  # a batch runs: these wait a minute for a fuller batch
         await asyncio.sleep(0.05)
         batcher._task.cancel()
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        outcomes = await asyncio.gather(*running, *futures, return_exceptions=True)
+        fn.gate.set()
         executor.shutdown()
         return outcomes
 
     assert all(isinstance(o, NotReadyError) for o in run(scenario()))
-    assert fn.batches == []
+    assert fn.batches == [[0]]
+
+
+def test_an_idle_batcher_runs_a_lone_job_at_once_and_a_busy_one_waits_for_company():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn, max_queue_delay_ms=60_000, max_batch_size=4, workers=2)
+        batcher.start()
+        fn.gate.clear()
+        lone = batcher.submit(jobs(1))  # nothing runs: no waiting for company, despite a minute's delay
+        await wait_until(lambda: len(fn.batches) == 1, "the lone job to start at once")
+        waiting = batcher.submit(jobs(2, 3))  # a batch runs and a worker is free: wait for a fuller batch
+        await asyncio.sleep(0.1)
+        assert len(fn.batches) == 1 and batcher.queued_jobs == 2
+        filling = batcher.submit(jobs(4, 5))  # now the batch is full (4): it goes
+        await wait_until(lambda: len(fn.batches) == 2, "the full batch to start")
+        last = batcher.submit(jobs(6))
+        fn.gate.set()  # once the machine is idle again the last job goes without waiting
+        values = [(await f).value for f in [*lone, *waiting, *filling, *last]]
+        await batcher.close()
+        executor.shutdown()
+        return values, stats
+
+    values, stats = run(scenario())
+    assert values == [2, 4, 6, 8, 10, 12]
+    assert [s.size for s in stats] == [1, 4, 1]
