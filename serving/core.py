@@ -23,6 +23,9 @@ from mrl.serving.model import EmbedResult, ModelInfo, ServedModel
 log = logging.getLogger(__name__)
 
 UNKNOWN_MODEL = "(unknown)"  # metrics label for names we do not serve: callers must not grow label sets
+DEADLINE_SLACK_S = 0.1
+"""A call cancelled this close to its deadline counts as expired: the caller's clock started before ours (it
+sent the call earlier than we received it), so its deadline fires, and it cancels, a little before ours."""
 
 
 class ServingState(enum.Enum):
@@ -196,7 +199,8 @@ class EmbedCore:
                 self.metrics.in_flight.labels(label).dec()
         except asyncio.CancelledError:
             # Front ends cancel the call when the caller goes away or its deadline passes.
-            expired = query.deadline is not None and asyncio.get_running_loop().time() >= query.deadline
+            now = asyncio.get_running_loop().time()
+            expired = query.deadline is not None and now >= query.deadline - DEADLINE_SLACK_S
             kind = ErrorKind.DEADLINE_EXCEEDED if expired else ErrorKind.CANCELLED
             raise
         except Exception as e:

@@ -171,11 +171,33 @@ def test_an_expired_request_is_dropped_before_compute(tiny_artifact):
             model.gate.set()
             await first
             assert (await c.embed(["after"])).shape == (1, 32)
-            return sample(server, "mrl_requests_total", {"model": model.name, "transport": "grpc", "outcome": "ok"})
+            outcomes = ("ok", "deadline_exceeded", "cancelled")
+            labels = {"model": model.name, "transport": "grpc"}
+            return [sample(server, "mrl_requests_total", {**labels, "outcome": o}) for o in outcomes]
 
-    assert run(scenario()) == 2
+    assert run(scenario()) == [2, 1, 0]
     assert not model.ran("too late")
     assert model.ran("after")
+
+
+def test_a_caller_gone_while_its_batch_runs_is_counted_as_expired_and_its_text_as_abandoned(tiny_artifact):
+    model = GatedModel.open(tiny_artifact)
+
+    async def scenario():
+        async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:
+            model.gate.clear()
+            call = asyncio.ensure_future(c.embed(["gone before done"], timeout=2))
+            await wait_until(lambda: model.batches, "the batch to start")  # an idle server runs it at once
+            with pytest.raises(grpc.RpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            model.gate.set()
+            labels = {"model": model.name}
+            await wait_until(lambda: sample(server, "mrl_abandoned_texts_total", labels) == 1, "the abandoned text")
+            expired = {"model": model.name, "transport": "grpc", "outcome": "deadline_exceeded"}
+            return sample(server, "mrl_requests_total", expired), sample(server, "mrl_texts_total", labels)
+
+    assert run(scenario()) == (1, 0)
 
 
 def test_a_cancelled_request_is_dropped_before_compute(tiny_artifact):
