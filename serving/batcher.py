@@ -333,9 +333,15 @@ class Batcher(Generic[P, R]):
         longest = max(i.job.tokens for i in live)
         batch = next(self._batches)
         failed = abandoned = 0
+        done_at = loop.time()
         for item, value, error in zip(live, outcome.values, outcome.errors, strict=True):
-            if item.future.done():
+            if item.future.done():  # the caller went while its text ran
                 abandoned += 1
+                continue
+            if item.deadline is not None and item.deadline <= done_at:
+                # Its caller has stopped waiting, whether or not the transport told us: say so, count it.
+                abandoned += 1
+                item.future.set_exception(RequestExpiredError("the deadline passed while the request was computed"))
                 continue
             if error is not None:
                 failed += 1

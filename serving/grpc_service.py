@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -107,6 +110,94 @@ def to_response(result: EmbedResult, model: str, request_id: str, total_seconds:
         ),
         request_id=request_id,
     )
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """What a request's bytes became when they were not the message the method takes."""
+
+    error: str
+
+
+def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # protobuf's DecodeError, or whatever a parser raises on garbage
+            return _Malformed(type(e).__name__)
+
+    return parse
+
+
+def _malformed_message(method: str, error: _Malformed) -> str:
+    return f"the request is not a valid message for {method} ({error.error}): send a serialized request of its type"
+
+
+def guard_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with requests that do not parse answered INVALID_ARGUMENT, not gRPC's own UNKNOWN."""
+
+    async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(request, _Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request))
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            await check(request, context)
+            yield request
+
+    async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await check(request, context)
+        return await handler.unary_unary(request, context)
+
+    async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        return await handler.stream_unary(checked(requests, context), context)
+
+    async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await check(request, context)
+        async for response in _responses(handler.unary_stream(request, context)):
+            yield response
+
+    async def stream_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for response in _responses(handler.stream_stream(checked(requests, context), context)):
+            yield response
+
+    kinds = {
+        (False, False): (grpc.unary_unary_rpc_method_handler, unary_unary),
+        (True, False): (grpc.stream_unary_rpc_method_handler, stream_unary),
+        (False, True): (grpc.unary_stream_rpc_method_handler, unary_stream),
+        (True, True): (grpc.stream_stream_rpc_method_handler, stream_stream),
+    }
+    make, behaviour = kinds[(bool(handler.request_streaming), bool(handler.response_streaming))]
+    return make(
+        behaviour,
+        request_deserializer=_lenient(handler.request_deserializer),
+        response_serializer=handler.response_serializer,
+    )
+
+
+async def _responses(result: Any) -> AsyncIterator[Any]:
+    """The responses of a streaming behaviour, whether it yields them or writes them with `context.write`."""
+    if inspect.isasyncgen(result):
+        async for response in result:
+            yield response
+    else:
+        await result
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers requests whose bytes do not parse with INVALID_ARGUMENT, for every service of the server."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        """Wrap the handler the other interceptors and the server chose."""
+        handler = await continuation(handler_call_details)
+        return None if handler is None else guard_malformed(handler, handler_call_details.method)
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
@@ -210,7 +301,8 @@ class GrpcFrontEnd:
         """Listen, reporting NOT_SERVING until the core is warm; returns the bound port."""
         for name in ("", SERVICE_NAME, *self._core.models):
             await self.health.set(name, NOT_SERVING)
-        interceptors = []
+        # First in the list, so it wraps whatever handler the rest choose (the auth refusal's included).
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
         if self._config.auth_token is not None:
             denied = self._core.metrics.auth_denied
             interceptors.append(BearerTokenInterceptor(self._config.auth_token, lambda m: denied.labels(m).inc()))

@@ -267,3 +267,49 @@ def test_an_idle_batcher_runs_a_lone_job_at_once_and_a_busy_one_waits_for_compan
     values, stats = run(scenario())
     assert values == [2, 4, 6, 8, 10, 12]
     assert [s.size for s in stats] == [1, 4, 1]
+
+
+def test_a_job_whose_deadline_passes_while_it_runs_is_expired_and_counted_abandoned():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        fn.gate.clear()
+        late = batcher.submit(jobs(1), deadline=loop.time() + 0.05)
+        on_time = batcher.submit(jobs(2), deadline=loop.time() + 60)
+        await wait_until(lambda: fn.batches, "the batch to start")
+        await asyncio.sleep(0.1)  # the first deadline passes while the batch runs
+        fn.gate.set()
+        outcomes = await asyncio.gather(*late, *on_time, return_exceptions=True)
+        await batcher.close()
+        executor.shutdown()
+        return outcomes, stats
+
+    (late, on_time), stats = run(scenario())
+    assert isinstance(late, RequestExpiredError) and on_time.value == 4
+    assert [(s.size, s.abandoned) for s in stats] == [(2, 1)]
+
+
+def test_hurry_runs_a_batch_waiting_for_company_at_once():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64, workers=2)
+        batcher.start()
+        fn.gate.clear()
+        running = batcher.submit(jobs(1))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        waiting = batcher.submit(jobs(2))  # a batch runs: this one would wait a minute for company
+        await asyncio.sleep(0.05)
+        assert batcher.queued_jobs == 1
+        batcher.hurry()
+        await wait_until(lambda: len(fn.batches) == 2, "the hurried batch to start")
+        fn.gate.set()
+        values = [(await f).value for f in [*running, *waiting]]
+        await batcher.close()
+        executor.shutdown()
+        return values
+
+    assert run(scenario()) == [2, 4]
