@@ -158,14 +158,16 @@ def export_artifact(
 
 
 def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, progress: Progress) -> Manifest:
+    tokenizer_file = tmp / TokenizerSettings.file
+    tokenizer_file.write_text(source.tokenizer_json)
     settings = TokenizerSettings(
+        sha256=sha256_file(tokenizer_file),
         max_length=source.max_length,
         padding_side=source.padding_side,
         pad_token_id=source.pad_token_id,
         pad_token=source.pad_token,
         inputs=source.inputs,
     )
-    (tmp / settings.file).write_text(source.tokenizer_json)
     tokenizer = TextTokenizer.load(tmp, settings)
     texts = parity.validation_texts()
     reference = None

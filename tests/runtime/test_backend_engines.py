@@ -184,19 +184,22 @@ def test_engine_entries_round_trip_through_manifest_json(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "message"),
     [
-        lambda e: e.update(shape_ranges=[]),
-        lambda e: e.update(
-            shape_ranges=[{"batch": {"min": 4, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 1, "max": 1}}]
+        (lambda e: e.update(shape_ranges=[]), "lists no shape ranges"),
+        (
+            lambda e: e.update(
+                shape_ranges=[{"batch": {"min": 4, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 1, "max": 1}}]
+            ),
+            r"engines\[0\]\.shape_ranges\[0\]\.batch is invalid: a span needs 1 <= min <= opt <= max",
         ),
-        lambda e: e.pop("cache_key"),
+        (lambda e: e.pop("cache_key"), r"engines\[0\] lacks the field 'cache_key'"),
     ],
 )
-def test_malformed_engine_entries_are_artifact_errors(change):
+def test_malformed_engine_entries_are_artifact_errors(change, message):
     data = json.loads(_manifest((_engine(H100, TRT),)).to_json())
     change(data["engines"][0])
-    with pytest.raises(ArtifactError, match="malformed"):
+    with pytest.raises(ArtifactError, match=message):
         manifest_from_dict(data)
 
 
