@@ -163,7 +163,7 @@ def test_missing_tensorrt_is_one_line_and_exit_2(artifact, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("mrl-export build-engine: error: TensorRT is not installed")
-    assert "pip install 'mrl-toolkit[gpu]'" in err
+    assert "pip install 'mrl-toolkit[tensorrt]'" in err
     assert sorted(p.name for p in artifact.iterdir()) == before  # nothing written
 
 
@@ -174,7 +174,7 @@ def test_mrl_export_build_engine_without_tensorrt_end_to_end(artifact):
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].endswith("pip install 'mrl-toolkit[gpu]'")
+    assert done.stderr.strip().splitlines()[-1].endswith("pip install 'mrl-toolkit[tensorrt]'")
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_a_listed_engine_whose_file_is_gone_does_not_block_a_rebuild(artifact, c
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_build_engines_run_them_and_keep_them(artifact):
-    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'mrl-toolkit[gpu]')")
+    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'mrl-toolkit[tensorrt]')")
     from mrl.runtime.backends.gpu import detect_gpu
 
     gpu, how = detect_gpu(0)

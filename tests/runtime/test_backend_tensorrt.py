@@ -17,7 +17,7 @@ def test_embedder_with_tensorrt_missing_raises_the_typed_error(tiny_artifact, mo
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     embedder = Embedder.load(tiny_artifact, "tensorrt")
     with pytest.raises(
-        BackendUnavailableError, match=r"TensorRT is not installed here .*pip install 'mrl-toolkit\[gpu\]'"
+        BackendUnavailableError, match=r"TensorRT is not installed here .*pip install 'mrl-toolkit\[tensorrt\]'"
     ):
         embedder.embed(["hello"])
 
@@ -25,7 +25,7 @@ def test_embedder_with_tensorrt_missing_raises_the_typed_error(tiny_artifact, mo
 @pytest.fixture
 def small_engines(tiny_artifact, tmp_path):
     """Engines for the tiny artifact with small shape ranges, so batches chunk and short inputs pad up."""
-    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'mrl-toolkit[gpu]')")
+    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'mrl-toolkit[tensorrt]')")
     from mrl.runtime.backends.gpu import detect_gpu
 
     gpu, how = detect_gpu(0)
