@@ -168,3 +168,30 @@ def test_every_device_call_of_a_batch_runs_on_the_engines_device_in_any_thread()
     closer.start()
     closer.join()
     assert {device for call, device in cudart.calls if call.startswith(("cudaFree", "cudaStream"))} == {3}
+
+
+@pytest.mark.gpu
+def test_device_memory_round_trip_on_a_real_gpu_from_another_thread():
+    """The same buffers, stream and copies on cuda-python and a real GPU (no TensorRT needed)."""
+    from mrl.runtime.backends.gpu import cuda_runtime, detect_gpu
+
+    gpu, how = detect_gpu(0)
+    if gpu is None or how != "cuda-python":
+        pytest.skip(f"needs a CUDA GPU and cuda-bindings ({how})")
+    cudart = cuda_runtime()
+    stream = DeviceStream(cudart, 0)
+    ids = np.arange(64 * 128, dtype=np.int64).reshape(64, 128)
+    buffer = StagedBuffer(cudart, ids.nbytes)
+    back = []
+    worker = threading.Thread(
+        target=lambda: (
+            stream.activate(),
+            stream.upload(buffer, ids),
+            back.append(stream.download(buffer, ids.dtype, ids.shape)),
+        )
+    )
+    worker.start()
+    worker.join()
+    buffer.free()
+    stream.close()
+    np.testing.assert_array_equal(back[0], ids)
