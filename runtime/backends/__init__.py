@@ -92,8 +92,8 @@ def probe_machine(device_id: int = 0) -> Probe:
             import tensorrt
 
             version, trt_note = tensorrt.__version__, "tensorrt imports"
-        except (ImportError, OSError) as e:  # a wheel without its libraries
-            trt_note = f"tensorrt is installed but does not import ({e})"
+        except Exception as e:  # a wheel without its libraries (OSError), or one built for another CUDA
+            trt_note = f"tensorrt is installed but does not import ({type(e).__name__}: {e})"
     return Probe(
         gpu=gpu,
         gpu_note=gpu_note,

@@ -70,3 +70,23 @@ def test_the_fallback_model_is_wide_enough_for_several_profiles(tmp_path):
     assert source.full_dims == 128
     assert gpu_check.demo_dims(source.full_dims) == (32, 64, 128)
     assert gpu_check.demo_dims(384) == (32, 64, 384)  # MiniLM, where it is installed
+
+
+def test_the_environment_report_gives_up_on_a_hanging_nvidia_smi(monkeypatch, tmp_path):
+    import time
+
+    import mrl.runtime.backends.gpu as gpu
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nsleep 120\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.setattr(gpu, "NVIDIA_SMI_TIMEOUT_S", 0.5)
+    gpu.detect_gpu.cache_clear()
+    start = time.monotonic()
+    try:
+        rows, facts = _gpu_check_module().environment()
+    finally:
+        gpu.detect_gpu.cache_clear()
+    assert time.monotonic() - start < 90  # the fake would hold it for 120 s per call without the timeout
+    assert rows[0][:2] == ("GPU", "none found") and facts["gpu"] is None
