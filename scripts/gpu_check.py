@@ -241,10 +241,12 @@ def bench_row(artifact: Path, backends: list[str], baseline: str, out: Path, tim
     """A short `mrl-bench engine` run (its own tables go to stderr); the row says which device each row ran on."""
     from mrl.runtime.manifest import load_manifest
 
-    seq = min(128, load_manifest(artifact, verify=False).tokenizer.max_length)
+    manifest = load_manifest(artifact, verify=False)
+    seq, dims = min(128, manifest.tokenizer.max_length), max(manifest.dims)  # the parity rows cover every dims
     argv = [
         "engine", str(artifact), "--backends", ",".join(backends), "--batch-sizes", "1,32", "--seq-lens", str(seq),
-        "--warmup", "2", "--repeats", "10", "--no-ceiling", "--baseline", baseline, "--out", str(out),
+        "--dims", str(dims), "--warmup", "2", "--repeats", "10", "--no-ceiling", "--baseline", baseline,
+        "--out", str(out),
     ]  # fmt: skip
     code = BOOTSTRAP + "from mrl.bench.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     name = f"mrl-bench engine --baseline {baseline}"
@@ -259,7 +261,7 @@ def bench_row(artifact: Path, backends: list[str], baseline: str, out: Path, tim
         return (name, "FAIL", f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
     rows = json.loads(out.read_text())["results"]
     ran = sorted({f"{r['backend']} {r['precision']} on {r['device']}" for r in rows})
-    return (name, "pass", f"batch 1,32 x {seq} tokens: {'; '.join(ran)} ({out})")
+    return (name, "pass", f"dims {dims}, batch 1,32 x {seq} tokens: {'; '.join(ran)} ({out})")
 
 
 def table(rows: list[Row]) -> str:
