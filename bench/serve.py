@@ -257,13 +257,10 @@ def offline_throughput(
     artifact: Path, texts: Sequence[str], *, precision: str | None, threads: int, min_seconds: float = 5.0
 ) -> dict[str, Any]:
     """The offline Embedder at batch 32 on the same texts: texts/s over whole passes, at least `min_seconds`."""
-    from mrl.runtime.backends import resolve_backend
     from mrl.runtime.embedder import Embedder
-    from mrl.runtime.manifest import load_manifest
 
-    name = resolve_backend("auto", Path(artifact), load_manifest(artifact, verify=False))
-    options = {"intra_op_threads": threads} if name == "onnxruntime" else {}
-    embedder = Embedder.load(artifact, name, precision=precision, **options)
+    # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
+    embedder = Embedder.load(artifact, "auto", precision=precision, intra_op_threads=threads)
     try:
         embedder.embed(list(texts[:64]), batch_size=32, truncate=True)  # warm-up
         passes = []

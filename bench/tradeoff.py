@@ -15,7 +15,6 @@ import numpy as np
 from mrl.bench import memory, retrieval
 from mrl.bench.report import markdown_table
 from mrl.bench.texts import Pair
-from mrl.runtime.backends import resolve_backend
 from mrl.runtime.embedder import Embedder
 from mrl.runtime.errors import InvalidInputError
 from mrl.runtime.manifest import load_manifest
@@ -272,11 +271,8 @@ def _labelled(
 
 
 def _load(config: TradeoffConfig, precision: str) -> Embedder:
-    manifest = load_manifest(config.artifact, verify=False)
-    backend = resolve_backend(config.backend, config.artifact, manifest)
-    # Only onnxruntime takes a thread count; other backends reject options they do not know.
-    options: dict[str, Any] = {"intra_op_threads": config.threads} if backend == "onnxruntime" else {}
-    return Embedder.load(config.artifact, backend, precision=precision, **options)
+    # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
+    return Embedder.load(config.artifact, config.backend, precision=precision, intra_op_threads=config.threads)
 
 
 def tradeoff_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -17,13 +17,13 @@ def _tokenizer(padding_side: str = "right"):
     return AutoTokenizer.from_pretrained(str(path), model_max_length=64, padding_side=padding_side)
 
 
-def save_bert(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
+def save_bert(directory: Path, hidden: int = 32, seed: int = 0, padding_side: str = "right") -> Path:
     """A 2-layer BERT encoder as a plain transformers directory (config, weights, tokenizer)."""
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    tok = _tokenizer()
+    tok = _tokenizer(padding_side)
     config = BertConfig(
         vocab_size=tok.vocab_size,
         hidden_size=hidden,
@@ -67,14 +67,21 @@ def save_sentence_transformer(
     arch: str = "bert",
     prompts: dict[str, str] | None = None,
     max_seq_length: int = 48,
+    padding_side: str | None = None,
 ) -> Path:
-    """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize."""
+    """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize.
+
+    `padding_side`: the tokenizer's (default: right for bert, left for llama).
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Dense, Normalize
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     hf_dir = directory.parent / f"{directory.name}-hf"
-    (save_llama if arch == "llama" else save_bert)(hf_dir)
+    if arch == "llama":
+        save_llama(hf_dir)
+    else:
+        save_bert(hf_dir, padding_side=padding_side or "right")
     transformer = Transformer(str(hf_dir), max_seq_length=max_seq_length)
     width = transformer.get_embedding_dimension()
     modules = [transformer, Pooling(width, pooling_mode=pooling)]
