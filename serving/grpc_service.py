@@ -132,21 +132,36 @@ def _lenient(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     return parse
 
 
-def _malformed_message(method: str, error: _Malformed) -> str:
-    return f"the request is not a valid message for {method} ({error.error}): send a serialized request of its type"
+def _malformed_message(error: _Malformed) -> str:
+    return f"the request is not a valid message for this method ({error.error}): send a serialized request of its type"
+
+
+IN_BAND_METHODS = (f"/{SERVICE_NAME}/EmbedStream",)
+"""Streams that answer a malformed request in band, as any failed request, and go on."""
 
 
 def guard_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """`handler` with requests that do not parse answered INVALID_ARGUMENT, not gRPC's own UNKNOWN."""
+    """`handler` with requests that do not parse answered INVALID_ARGUMENT, not gRPC's own UNKNOWN.
+
+    Streams listed in IN_BAND_METHODS receive the malformed request (a `_Malformed`) and answer it themselves.
+    """
 
     async def check(request: Any, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, _Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(method, request))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _malformed_message(request))
 
-    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for request in requests:
-            await check(request, context)
-            yield request
+    # A class, not an async generator: an aborted async generator leaves an aclose() task that raises.
+    class checked:
+        def __init__(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
+            self._requests, self._context = requests.__aiter__(), context
+
+        def __aiter__(self) -> checked:
+            return self
+
+        async def __anext__(self) -> Any:
+            request = await self._requests.__anext__()
+            await check(request, self._context)
+            return request
 
     async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await check(request, context)
@@ -154,6 +169,9 @@ def guard_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMeth
 
     async def stream_unary(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         return await handler.stream_unary(checked(requests, context), context)
+
+    if method in IN_BAND_METHODS:
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer))
 
     async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         await check(request, context)
@@ -235,7 +253,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         window = asyncio.Semaphore(self._stream_window)
         pending: asyncio.Queue[asyncio.Task[pb.EmbedResponse] | None] = asyncio.Queue()
 
-        async def one(request: pb.EmbedRequest) -> pb.EmbedResponse:
+        async def one(request: pb.EmbedRequest | _Malformed) -> pb.EmbedResponse:
+            if isinstance(request, _Malformed):
+                error = pb.Error(code=grpc.StatusCode.INVALID_ARGUMENT.value[0], message=_malformed_message(request))
+                return pb.EmbedResponse(error=error)
             response, code, message = await self._handle(request, context)
             if response is not None:
                 return response

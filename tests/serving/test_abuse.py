@@ -36,18 +36,22 @@ def test_garbage_request_bytes_get_invalid_argument_on_every_service(tiny_artifa
                 with pytest.raises(grpc.RpcError) as info:
                     await call(GARBAGE, timeout=30)
                 codes[method] = (info.value.code(), info.value.details())
-            stream = channel.stream_stream("/mrl.v1.Embedder/EmbedStream")
+            # A stream answers a garbage request in band, like any failed request, and goes on.
+            stream = channel.stream_stream(
+                "/mrl.v1.Embedder/EmbedStream", response_deserializer=pb.EmbedResponse.FromString
+            )
             good = pb.EmbedRequest(inputs=["fine"]).SerializeToString()
-            with pytest.raises(grpc.RpcError) as info:
-                _ = [r async for r in stream(iter([good, GARBAGE]), timeout=30)]
-            codes["/mrl.v1.Embedder/EmbedStream"] = (info.value.code(), info.value.details())
+            replies = [r async for r in stream(iter([good, GARBAGE, good]), timeout=30)]
             async with AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:  # and the server is fine after it
-                return codes, await c.embed(["after the garbage"], timeout=30)
+                return codes, replies, await c.embed(["after the garbage"], timeout=30)
 
-    codes, after = run(scenario())
+    codes, replies, after = run(scenario())
     for method, (code, details) in codes.items():
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
         assert "not a valid message" in details
+    assert [len(r.embeddings) for r in replies] == [1, 0, 1]
+    assert replies[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "not a valid message" in replies[1].error.message
     assert after.shape == (1, 32)
 
 
