@@ -266,7 +266,7 @@ def test_an_idle_batcher_runs_a_lone_job_at_once_and_a_busy_one_waits_for_compan
 
     values, stats = run(scenario())
     assert values == [2, 4, 6, 8, 10, 12]
-    assert [s.size for s in stats] == [1, 4, 1]
+    assert sorted(s.size for s in stats) == [1, 1, 4]  # the first two batches may finish in either order
 
 
 def test_a_job_whose_deadline_passes_while_it_runs_is_expired_and_counted_abandoned():

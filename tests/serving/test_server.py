@@ -188,11 +188,13 @@ def test_a_caller_gone_while_its_batch_runs_is_counted_as_expired_and_its_text_a
             model.gate.clear()
             call = asyncio.ensure_future(c.embed(["gone before done"], timeout=2))
             await wait_until(lambda: model.batches, "the batch to start")  # an idle server runs it at once
+            arrived_by = asyncio.get_running_loop().time()
             with pytest.raises(grpc.RpcError) as info:
                 await call
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            # The server's deadline runs from when the call arrived, a little after the client's: pass it too.
-            await asyncio.sleep(0.3)
+            # The server's deadline runs from when the call arrived (after the client's began, before its
+            # batch started): wait until it has surely passed too, so the batch ends after both.
+            await asyncio.sleep(max(0.0, arrived_by + 2.1 - asyncio.get_running_loop().time()))
             model.gate.set()
             labels = {"model": model.name}
             await wait_until(lambda: sample(server, "mrl_abandoned_texts_total", labels) == 1, "the abandoned text")
