@@ -76,7 +76,8 @@ def calibrate(directory: Path, manifest: Manifest, texts: CalibrationTexts) -> C
         )
         try:
             for profile in embedder.profiles:
-                vectors = embedder.embed(texts.texts, dims=profile.dims, truncate=True)
+                # Small length-sorted batches: little padding, so calibrating costs about one pass of the texts.
+                vectors = embedder.embed(texts.texts, dims=profile.dims, batch_size=8, truncate=True)
                 low, high = calibration_ranges(vectors)
                 ranges[profile.name] = Range(min=_short(low), max=_short(high))
         finally:

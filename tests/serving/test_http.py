@@ -144,6 +144,29 @@ def test_full_queue_is_429_with_retry_after_and_a_passed_deadline_is_504(tiny_ar
     assert not model.ran("too late")
 
 
+def test_a_client_that_hangs_up_frees_its_place_before_compute(tiny_artifact):
+    model = GatedModel.open(tiny_artifact)
+
+    async def scenario():
+        async with running([model], http_port=0) as server, aiohttp.ClientSession() as s:
+            url = f"http://127.0.0.1:{server.http_port}/v1/embeddings"
+            model.gate.clear()
+            first = asyncio.ensure_future(call(s, "POST", url, {"input": "hold"}))
+            await wait_until(lambda: model.batches, "the first batch")
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as impatient:
+                gone = asyncio.ensure_future(call(impatient, "POST", url, {"input": "never mind"}))
+                await wait_until(lambda: model.batcher.queued_jobs == 1, "the second request to queue")
+                gone.cancel()  # closes its connection
+            await wait_until(lambda: model.batcher.queued_jobs == 0, "the abandoned request to leave the queue")
+            model.gate.set()
+            await first
+            labels = {"model": model.name, "transport": "http", "outcome": "cancelled"}
+            await wait_until(lambda: sample(server, "mrl_requests_total", labels) == 1, "the cancel to be counted")
+
+    run(scenario())
+    assert not model.ran("never mind")
+
+
 def test_503_while_warming_up_and_health_503_at_once_on_drain_while_calls_are_still_served(tiny_artifact):
     model = GatedModel.open(tiny_artifact)
 
@@ -243,7 +266,8 @@ def openai_round_trip(base_url: str, model: str, texts: list[str], dims: int):
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="no-such-model", input=texts)
     listed = [m.id for m in client.models.list()]
-    return default, floats, listed
+    query = client.embeddings.create(model=model, input=texts, dimensions=dims, extra_body={"prompt_name": "query"})
+    return default, floats, listed, query
 
 
 def check_against_offline(artifact, default, floats, texts, dims):
@@ -264,9 +288,11 @@ def test_the_openai_client_round_trip_matches_the_offline_embedder(tiny_artifact
             url = f"http://127.0.0.1:{server.http_port}/v1"
             return await asyncio.to_thread(openai_round_trip, url, model.name, texts, 16)
 
-    default, floats, listed = run(scenario())
+    default, floats, listed, query = run(scenario())
     check_against_offline(tiny_artifact, default, floats, texts, 16)
     assert listed == [model.name] and default.model == model.name
+    with_prompt = Embedder.load(tiny_artifact).embed(texts, dims=16, prompt_name="query")
+    assert cosines(np.array([d.embedding for d in query.data]), with_prompt).min() >= 0.99999
 
 
 @pytest.mark.slow
@@ -279,7 +305,7 @@ def test_the_openai_client_round_trip_on_minilm_at_128_dims(minilm_artifact):
             url = f"http://127.0.0.1:{server.http_port}/v1"
             return await asyncio.to_thread(openai_round_trip, url, model.name, texts, 128)
 
-    default, floats, _ = run(scenario())
+    default, floats, _, _ = run(scenario())
     check_against_offline(minilm_artifact, default, floats, texts, 128)
 
 
