@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from mrl.runtime.errors import EncodingError
+from mrl.runtime.errors import EncodingError, shorten
 
 ENCODINGS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 CALIBRATED = ("int8", "uint8")
@@ -29,7 +29,7 @@ _DTYPES = {
 def check_encoding(encoding: str) -> str:
     """`encoding` if it is one of ENCODINGS; else EncodingError listing them."""
     if encoding not in _DTYPES:
-        raise EncodingError(f"unknown encoding {str(encoding)[:40]!r}; choose from {', '.join(ENCODINGS)}")
+        raise EncodingError(f"unknown encoding {shorten(encoding)}; choose from {', '.join(ENCODINGS)}")
     return encoding
 
 

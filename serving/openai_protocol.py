@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from mrl.runtime.encodings import ENCODINGS
+from mrl.runtime.errors import ECHO_CHARS, shorten
 from mrl.serving.core import EmbedQuery
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.model import EmbedResult, ModelInfo
@@ -59,12 +60,6 @@ class EmbeddingsRequest:
     """True: each embedding is base64 of its bytes; False: JSON numbers."""
 
 
-def shown(value: Any, limit: int = 40) -> str:
-    """A caller's value for an error message, cut short: messages never echo large inputs."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _type_name(value: Any) -> str:
     names = {str: "a string", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
@@ -104,7 +99,7 @@ def parse_dimensions(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"dimensions must be a whole number like 256, not {shown(value)}", "dimensions")
+        raise ProtocolError(f"dimensions must be a whole number like 256, not {shorten(value)}", "dimensions")
     if value < 1:
         raise ProtocolError(f"dimensions must be at least 1, not {value}", "dimensions")
     return value
@@ -114,11 +109,11 @@ def output_encoding(encoding_format: str | None, output_dtype: str | None) -> tu
     """(the runtime encoding, base64 or not) that `encoding_format` and `output_dtype` ask for."""
     if encoding_format is not None and encoding_format not in FORMATS:
         raise ProtocolError(
-            f"unknown encoding_format {shown(encoding_format)}; choose from {', '.join(FORMATS)}", "encoding_format"
+            f"unknown encoding_format {shorten(encoding_format)}; choose from {', '.join(FORMATS)}", "encoding_format"
         )
     if output_dtype is not None and output_dtype not in DTYPES:
         raise ProtocolError(
-            f"unknown output_dtype {shown(output_dtype)}; choose from {', '.join(DTYPES)}", "output_dtype"
+            f"unknown output_dtype {shorten(output_dtype)}; choose from {', '.join(DTYPES)}", "output_dtype"
         )
     dtype = "float32" if output_dtype in (None, "float") else output_dtype
     if encoding_format == "base64":
@@ -149,7 +144,7 @@ def parse_embeddings_request(body: bytes, *, deadline: float | None = None) -> E
     unknown = [name for name in data if name not in FIELDS]
     if unknown:
         raise ProtocolError(
-            f"unknown field {shown(unknown[0])}; this endpoint takes {', '.join(FIELDS)}", unknown[0][:40]
+            f"unknown field {shorten(unknown[0])}; this endpoint takes {', '.join(FIELDS)}", unknown[0][:ECHO_CHARS]
         )
     texts = parse_input(data.get("input"))
     encoding, as_base64 = output_encoding(
