@@ -20,6 +20,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from mrl.runtime.errors import shorten
 from mrl.serving.auth import token_matches
 from mrl.serving.config import ServerConfig, TlsConfig
 from mrl.serving.core import EmbedCore, EmbedQuery
@@ -71,7 +72,7 @@ def request_timeout(value: str | None) -> float | None:
     except ValueError:
         seconds = -1.0
     if not 0 < seconds < float("inf"):
-        raise ProtocolError(f"{TIMEOUT_HEADER} must be a positive number of seconds like 5, not {value[:20]!r}")
+        raise ProtocolError(f"{TIMEOUT_HEADER} must be a positive number of seconds like 5, not {shorten(value)}")
     return seconds
 
 
@@ -108,11 +109,11 @@ class HttpFrontEnd:
             return await handler(request)
         except web.HTTPMethodNotAllowed as e:
             _, headers, body = error_reply(
-                ErrorKind.INVALID_ARGUMENT, f"{request.method} is not allowed on {request.path[:60]}: use {ROUTES}"
+                ErrorKind.INVALID_ARGUMENT, f"{request.method} is not allowed on {shorten(request.path)}: use {ROUTES}"
             )
             return json_reply(405, {**headers, "Allow": ",".join(sorted(e.allowed_methods))}, body)
         except web.HTTPNotFound:
-            return json_reply(*error_reply(ErrorKind.NOT_FOUND, f"no route {request.path[:60]!r}: use {ROUTES}"))
+            return json_reply(*error_reply(ErrorKind.NOT_FOUND, f"no route {shorten(request.path)}: use {ROUTES}"))
 
     def _authorized(self, request: web.Request) -> bool:
         token = self._config.auth_token
