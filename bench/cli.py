@@ -164,7 +164,12 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--corpus", type=Path, required=True, help="documents, one a line")
     t.add_argument("--pairs", type=Path, help='JSONL of {"query": ..., "positive": ...} for labelled recall and MRR')
     t.add_argument("--precision", type=_names, help="precisions (default: all the artifact has)")
-    t.add_argument("--encodings", type=_names, default=("float32", "int8", "ubinary"), help="also float16")
+    t.add_argument(
+        "--encodings",
+        type=_names,
+        default=("float32", "int8", "ubinary"),
+        help="of float32, float16, int8, uint8, binary, ubinary (default %(default)s)",
+    )
     t.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to keep (default 0.95)")
     t.add_argument(
         "--max-queries", type=int, default=1000, help="corpus documents used as label-free queries (default 1000)"

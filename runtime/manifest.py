@@ -135,6 +135,30 @@ class Engine:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Range:
+    """Per-dimension minimum and maximum of one profile's embeddings over the calibration texts."""
+
+    min: tuple[float, ...]
+    max: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.min or len(self.min) != len(self.max):
+            raise ValueError(f"a range needs as many maxima as minima, got {len(self.min)} and {len(self.max)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What int8/uint8 outputs quantise with: each profile's value ranges over a corpus of typical texts."""
+
+    texts: str
+    """Where the texts came from: "validation texts" (export's own) or the file given."""
+    n_texts: int
+    texts_sha256: str
+    ranges: dict[str, Range]
+    """Profile name -> its range."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything `manifest.json` records about an artifact."""
 
@@ -149,6 +173,7 @@ class Manifest:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     engines: tuple[Engine, ...] = ()
+    calibration: Calibration | None = None
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -268,6 +293,10 @@ def check_consistent(manifest: Manifest) -> None:
     for e in manifest.engines:
         if not e.shape_ranges:
             raise ArtifactError(f"manifest.json: engine {shorten(e.file)} lists no shape ranges")
+    dims = {p.name: p.dims for p in manifest.profiles}
+    for name, r in (manifest.calibration.ranges if manifest.calibration else {}).items():
+        if dims.get(name) != len(r.min):
+            raise ArtifactError(f"manifest.json: calibration.ranges.{shorten(name)} does not match a profile's dims")
 
 
 def manifest_from_dict(data: dict[str, Any]) -> Manifest:

@@ -1,4 +1,5 @@
-"""`mrl-serve`: serve exported artifacts over gRPC. The only module that reads flags and files for the server."""
+"""`mrl-serve`: serve exported artifacts over gRPC and OpenAI-compatible HTTP. The only module that reads flags
+and files for the server."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ examples:
   mrl-serve small=artifacts/minilm big=artifacts/gemma --precision big=fp16
   mrl-serve artifacts/minilm --host 0.0.0.0 --tls-cert server.crt --tls-key server.key \\
       --auth-token-file token.txt
+  mrl-serve artifacts/minilm --http-port 8080 --http-metrics   # also OpenAI-compatible HTTP, /metrics on it
 
 call it (grpcurl uses the server's reflection; -plaintext without TLS):
   grpcurl -plaintext -d '{"inputs": ["hello world"], "dimensions": 128}' \\
@@ -34,10 +36,19 @@ call it (grpcurl uses the server's reflection; -plaintext without TLS):
   grpcurl -plaintext -H "authorization: Bearer $(cat token.txt)" 127.0.0.1:50051 mrl.v1.Embedder/ListModels
   grpcurl -plaintext -d '{"service": "minilm"}' 127.0.0.1:50051 grpc.health.v1.Health/Check
 
-from Python (float32 numpy arrays):
+from Python (numpy arrays; float32 unless encoding= says int8, uint8, binary, ubinary, float16):
   from mrl.serving.client import EmbedClient
   with EmbedClient("127.0.0.1:50051") as client:
       vectors = client.embed(["hello world"], dims=128, prompt_name="query")
+
+over HTTP (with --http-port 8080; add -H "Authorization: Bearer $(cat token.txt)" with a token):
+  curl -s 127.0.0.1:8080/v1/embeddings -d '{"input": ["hello world"], "dimensions": 128}'
+  curl -s 127.0.0.1:8080/v1/embeddings -d '{"input": "hello", "encoding_format": "int8"}'
+  curl -s 127.0.0.1:8080/v1/models
+  curl -s 127.0.0.1:8080/health
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused-without-a-token")
+  client.embeddings.create(model="minilm", input=["hello world"], dimensions=128)
 """
 
 
@@ -45,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, parsed."""
     p = OneLineParser(
         prog="mrl-serve",
-        description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder).",
+        description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder) and, with "
+        "--http-port, the OpenAI-compatible HTTP API (POST /v1/embeddings).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     net = p.add_argument_group("network")
     net.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0: all; default %(default)s)")
     net.add_argument("--port", type=int, default=server.port, help="gRPC port (0: a free one; default %(default)s)")
+    net.add_argument(
+        "--http-port", type=int, help="also serve OpenAI-compatible HTTP on this port (0: a free one; default: off)"
+    )
+    net.add_argument("--http-metrics", action="store_true", help="serve Prometheus /metrics on --http-port too")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
     net.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
@@ -209,6 +225,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        http_metrics=args.http_metrics,
         tls=tls,
         auth_token=token,
         limits=RequestLimits(max_inputs_per_request=args.max_inputs, max_message_bytes=args.max_message_bytes),

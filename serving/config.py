@@ -114,6 +114,10 @@ class ServerConfig:
     """Port of the Prometheus /metrics endpoint (None: off; 0: a free port)."""
     metrics_host: str | None = None
     """Address of the metrics endpoint (None: same as `host`)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (None: off; 0: a free port); same host, TLS and token as gRPC."""
+    http_metrics: bool = False
+    """Also serve Prometheus /metrics on the HTTP port."""
     tls: TlsConfig | None = None
     auth_token: str | None = field(default=None, repr=False)
     """Bearer token every call but the health check must carry (None: no auth)."""
@@ -127,12 +131,16 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host must be an address like 127.0.0.1 or 0.0.0.0 (all interfaces)")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
-            if value is None and name == "metrics_port":
+            if value is None and name != "port":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be an integer in 0..65535 (0: a free port), not {value!r}")
+        if self.http_port is not None and self.http_port != 0 and self.http_port == self.port:
+            raise ValueError(f"http_port and port are both {self.port}: give HTTP and gRPC different ports")
+        if self.http_metrics and self.http_port is None:
+            raise ValueError("http_metrics serves /metrics on the HTTP port: set http_port too")
         if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
             raise ValueError("the auth token must be non-empty and hold no whitespace: write one token to the file")
         _positive("stream_window", self.stream_window, "try 32")

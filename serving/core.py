@@ -51,6 +51,8 @@ class EmbedQuery:
     truncate: bool = False
     deadline: float | None = None
     """When the caller stops waiting, in the event loop's `time()` seconds; None: never."""
+    encoding: str = "float32"
+    """One of `mrl.runtime.encodings.ENCODINGS`; checked before tokenising."""
 
 
 ReadinessListener = Callable[[str, bool], Awaitable[None]]
@@ -193,6 +195,7 @@ class EmbedCore:
                     prompt_name=query.prompt_name,
                     truncate=query.truncate,
                     deadline=query.deadline,
+                    encoding=query.encoding,
                 )
             finally:
                 self._in_flight -= 1

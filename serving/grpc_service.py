@@ -26,7 +26,7 @@ from mrl.runtime.errors import InvalidInputError
 from mrl.serving.auth import BearerTokenInterceptor
 from mrl.serving.config import ServerConfig
 from mrl.serving.core import EmbedCore, EmbedQuery
-from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
+from mrl.serving.errors import ErrorKind, classify, public_message
 from mrl.serving.model import EmbedResult, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ STATUS: dict[ErrorKind, grpc.StatusCode] = {
     ErrorKind.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
-_SUPPORTED_ENCODINGS = (pb.ENCODING_UNSPECIFIED, pb.ENCODING_FLOAT32)
 
 
 def status_for(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -70,21 +69,26 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
         default_dimensions=info.default_dims,
         precision=info.precision,
         ready=info.ready,
+        encodings=[encoding_value(e) for e in info.encodings],
     )
 
 
-def check_encoding(value: int) -> None:
-    """Refuse encodings this server does not write, saying which one to use."""
-    if value in _SUPPORTED_ENCODINGS:
-        return
-    if value in pb.Encoding.values():
-        raise UnsupportedError(f"encoding {pb.Encoding.Name(value)} is not supported yet: use ENCODING_FLOAT32")
-    raise InvalidInputError(f"unknown encoding {value}: use ENCODING_FLOAT32 ({pb.ENCODING_FLOAT32})")
+def encoding_name(value: int) -> str:
+    """The runtime's name of a proto Encoding (ENCODING_INT8 -> "int8"; unset means float32)."""
+    if value == pb.ENCODING_UNSPECIFIED:
+        return "float32"
+    if value not in pb.Encoding.values():
+        raise InvalidInputError(f"unknown encoding {value}: use one of {', '.join(pb.Encoding.keys()[1:])}")
+    return pb.Encoding.Name(value).removeprefix("ENCODING_").lower()
+
+
+def encoding_value(name: str) -> int:
+    """The proto Encoding of a runtime encoding name ("int8" -> ENCODING_INT8)."""
+    return pb.Encoding.Value(f"ENCODING_{name.upper()}")
 
 
 def to_query(request: pb.EmbedRequest, deadline: float | None) -> EmbedQuery:
     """The core's view of an EmbedRequest."""
-    check_encoding(request.encoding)
     return EmbedQuery(
         texts=request.inputs,
         model=request.model,
@@ -92,16 +96,25 @@ def to_query(request: pb.EmbedRequest, deadline: float | None) -> EmbedQuery:
         prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
         truncate=request.truncate,
         deadline=deadline,
+        encoding=encoding_name(request.encoding),
     )
 
 
+def to_embeddings(result: EmbedResult) -> list[pb.Embedding]:
+    """One Embedding per row: float32 in `values`, every other encoding as its bytes in `data`."""
+    if result.encoding == "float32":
+        return [pb.Embedding(values=row) for row in result.vectors.tolist()]
+    little = result.vectors.astype(result.vectors.dtype.newbyteorder("<"), copy=False)
+    return [pb.Embedding(data=row.tobytes()) for row in little]
+
+
 def to_response(result: EmbedResult, model: str, request_id: str, total_seconds: float) -> pb.EmbedResponse:
-    """An EmbedResponse holding float32 embeddings in input order."""
+    """An EmbedResponse holding the embeddings in input order."""
     return pb.EmbedResponse(
-        embeddings=[pb.Embedding(values=row) for row in result.vectors.tolist()],
+        embeddings=to_embeddings(result),
         model=model,
         dimensions=result.dims,
-        encoding=pb.ENCODING_FLOAT32,
+        encoding=encoding_value(result.encoding),
         usage=pb.Usage(input_tokens=result.input_tokens),
         timing=pb.Timing(
             queue_ms=result.queue_seconds * 1000,

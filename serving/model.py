@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mrl.runtime import Embedder
+from mrl.runtime.encodings import encode
 from mrl.runtime.errors import InvalidInputError
 from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
@@ -41,7 +42,9 @@ class EmbedResult:
     """A request's embeddings with its usage and timing."""
 
     vectors: np.ndarray
+    """`[n, width]` values of `encoding` (width: dims, or ceil(dims / 8) for the binary encodings)."""
     dims: int
+    encoding: str
     input_tokens: int
     queue_seconds: float
     inference_seconds: float
@@ -70,6 +73,7 @@ class ModelInfo:
     default_prompt: str | None
     precision: str
     ready: bool
+    encodings: tuple[str, ...]
 
 
 def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
@@ -115,6 +119,7 @@ class ServedModel:
             default_prompt=manifest.default_prompt,
             precision=embedder.precision,
             ready=self.ready,
+            encodings=tuple(embedder.encodings),
         )
 
     def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
@@ -184,10 +189,12 @@ class ServedModel:
         prompt_name: str | None = None,
         truncate: bool = False,
         deadline: float | None = None,
+        encoding: str = "float32",
     ) -> EmbedResult:
-        """Validate, tokenise, batch with other callers' texts and return this request's embeddings."""
+        """Validate, tokenise, batch with other callers' texts and return this request's embeddings, encoded."""
         self.check_ready()
         want = self.validate(texts, dims, prompt_name)
+        ranges = self.embedder.ranges_for(encoding, want)  # EncodingError before any tokenising
         encoded = await self.tokenize(texts, prompt_name, truncate)
         jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
         futures = self.batcher.submit(jobs, deadline=deadline)
@@ -199,10 +206,11 @@ class ServedModel:
             for f in futures:
                 if not f.cancel() and not f.cancelled():
                     f.exception()
-        vectors = np.stack([r.value for r in results]).astype(np.float32, copy=False)
+        vectors = encode(np.stack([r.value for r in results]), encoding, ranges)
         return EmbedResult(
             vectors=vectors,
             dims=want,
+            encoding=encoding,
             input_tokens=sum(j.tokens for j in jobs),
             queue_seconds=max(r.queue_seconds for r in results),
             inference_seconds=sum({r.batch: r.run_seconds for r in results}.values()),

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig
 from mrl.serving.metrics import ServerMetrics
@@ -143,3 +145,16 @@ class Served:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=30)
+
+
+def self_signed(directory: Path) -> tuple[bytes, bytes]:
+    """A certificate for 127.0.0.1 and localhost, and its key (PEM), made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert.read_bytes(), key.read_bytes()

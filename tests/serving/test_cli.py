@@ -82,7 +82,7 @@ def test_named_artifacts_and_per_model_precision(tiny_artifact):
     assert info.name == "small" and info.precision == "fp32" and vectors.shape == (1, 32)
 
 
-@pytest.mark.parametrize("module", ["mrl.serving", "mrl.serving.client", "mrl.serving.cli"])
+@pytest.mark.parametrize("module", ["mrl.serving", "mrl.serving.client", "mrl.serving.cli", "mrl.serving.http_service"])
 def test_serving_never_imports_torch_or_transformers(module):
     code = (
         f"import sys, {module}, mrl.serving.server\n"

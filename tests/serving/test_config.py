@@ -53,6 +53,9 @@ def test_batcher_config_refuses_bad_values(kwargs, message):
         ({"host": ""}, "host must be an address"),
         ({"auth_token": "two words"}, "no whitespace"),
         ({"shutdown_grace_s": -1}, "shutdown_grace_s must be 0 or more"),
+        ({"http_port": 70000}, "http_port must be an integer"),
+        ({"http_port": 50051}, "give HTTP and gRPC different ports"),
+        ({"http_metrics": True}, "set http_port too"),
     ],
 )
 def test_server_config_refuses_bad_values(kwargs, message):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import GatedModel, running, sample
+from serving_helpers import GatedModel, running, sample, self_signed
 
 from mrl.serving.client import AsyncEmbedClient
 from mrl.serving.config import TlsConfig
@@ -62,19 +59,6 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_never_reaches_the_model
     assert ok.shape == (1, 32) and health == SERVING
     assert requests == (1, 3)  # one call reached the service; three were refused before it
     assert model.ran("allowed") and not any(model.ran("never " + n) for n in codes)
-
-
-def self_signed(directory: Path) -> tuple[bytes, bytes]:
-    """A certificate for 127.0.0.1 and localhost, and its key (PEM), made with openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert.read_bytes(), key.read_bytes()
 
 
 def test_tls_serves_clients_that_trust_the_certificate_and_refuses_plaintext(tiny_artifact, tmp_path):

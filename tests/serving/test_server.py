@@ -94,8 +94,7 @@ def bad_inputs(port: int) -> None:
         expect_error(lambda: c.embed(["a"], prompt_name="nope"), invalid, "unknown prompt", "query")
         stub = pb_grpc.EmbedderStub(c._channel)
         expect_error(lambda: stub.Embed(pb.EmbedRequest(inputs=["a"], encoding=99)), invalid, "unknown encoding 99")
-        request = pb.EmbedRequest(inputs=["a"], encoding=pb.ENCODING_UBINARY)
-        expect_error(lambda: stub.Embed(request), invalid, "ENCODING_UBINARY", "ENCODING_FLOAT32")
+        expect_error(lambda: c.embed(["a"], dims=12, encoding="int8"), invalid, "calibrated per profile", "8, 16, 32")
         expect_error(lambda: c.get_model("nope"), not_found, "no model named")
         # A long input with truncate=true is cut, not refused; and the server is still fine after all that.
         assert c.embed(["word " * 200], truncate=True, dims=8).shape == (1, 8)
