@@ -211,10 +211,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     tls = None
     if args.tls_cert is not None:
-        tls = TlsConfig(
-            certificate_chain=read_file(args.tls_cert, "--tls-cert"),
-            private_key=read_file(args.tls_key, "--tls-key"),
-        )
+        cert, key = read_file(args.tls_cert, "--tls-cert"), read_file(args.tls_key, "--tls-key")
+        try:
+            tls = TlsConfig(certificate_chain=cert, private_key=key)
+        except ValueError as e:
+            raise ValueError(f"--tls-cert {args.tls_cert} and --tls-key {args.tls_key}: {e}") from None
     token = None
     if args.auth_token_file is not None:
         token = read_file(args.auth_token_file, "--auth-token-file").decode("utf-8", "replace").strip()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,23 @@ class TlsConfig:
             raise ValueError(
                 "the TLS key is not a PEM private key: pass a file holding '-----BEGIN ... PRIVATE KEY-----'"
             )
+        try:
+            self.ssl_context()  # gRPC would only say it cannot listen; OpenSSL says why
+        except ssl.SSLError as e:
+            raise ValueError(
+                f"the TLS certificate and key do not work together ({e.reason or e}): pass the private key "
+                "that belongs to the certificate"
+            ) from None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server TLS context (the ssl module reads keys only from files: a private temporary directory)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.TemporaryDirectory(prefix="mrl-tls-") as directory:  # mode 0700: only we read the key
+            cert, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
+            cert.write_bytes(self.certificate_chain)
+            key.write_bytes(self.private_key)
+            context.load_cert_chain(cert, key)
+        return context
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -22,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mrl.runtime.errors import shorten
 from mrl.serving.auth import token_matches
-from mrl.serving.config import ServerConfig, TlsConfig
+from mrl.serving.config import ServerConfig
 from mrl.serving.core import EmbedCore, EmbedQuery
 from mrl.serving.errors import ErrorKind, RequestExpiredError, RequestTooLargeError
 from mrl.serving.model import EmbedResult, ServedModel
@@ -50,17 +47,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def json_reply(status: int, headers: dict[str, str], body: bytes) -> web.Response:
     """A JSON response."""
     return web.Response(status=status, headers=headers, body=body, content_type="application/json")
-
-
-def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
-    """A server TLS context from PEM bytes (the ssl module loads keys only from files: a private temp dir)."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    with tempfile.TemporaryDirectory(prefix="mrl-tls-") as directory:  # mode 0700: only we read the key
-        cert, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
-        cert.write_bytes(tls.certificate_chain)
-        key.write_bytes(tls.private_key)
-        context.load_cert_chain(cert, key)
-    return context
 
 
 def request_timeout(value: str | None) -> float | None:
@@ -175,7 +161,7 @@ class HttpFrontEnd:
         # shutdown_timeout: what calls still running when the drain's grace ran out get before being cancelled.
         runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
-        context = None if self._config.tls is None else ssl_context(self._config.tls)
+        context = None if self._config.tls is None else self._config.tls.ssl_context()
         site = web.TCPSite(runner, host, port, ssl_context=context, reuse_port=False)
         try:
             await site.start()

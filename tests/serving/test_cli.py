@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from serving_helpers import SERVE, Served
+from serving_helpers import SERVE, Served, self_signed
 
 from mrl.serving.cli import intra_op_threads
 from mrl.serving.client import AsyncEmbedClient
@@ -42,6 +42,16 @@ def test_cli_errors_are_one_readable_line_with_exit_code_2(tiny_artifact, tmp_pa
     assert_one_line_error(run_cli(str(tiny_artifact), "--precision", "int8"), "no int8 profiles")
     assert_one_line_error(run_cli(str(tiny_artifact), str(tiny_artifact)), "both named", "NAME=ARTIFACT_DIR")
     assert_one_line_error(run_cli(f"a={tiny_artifact}", "--precision", "b=fp32"), "--precision names b")
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "cert.pem").write_bytes(self_signed(a)[0])
+    self_signed(b)  # another key
+    assert_one_line_error(
+        run_cli(str(tiny_artifact), "--tls-cert", str(a / "cert.pem"), "--tls-key", str(b / "key.pem")),
+        "do not work together",
+        "KEY_VALUES_MISMATCH",
+        str(b / "key.pem"),
+    )
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
