@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mrl.cli import OneLineParser
+from mrl.cli import OneLineParser, interrupted_exit_code, sigterm_interrupts
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS, Manifest
 
@@ -143,8 +143,16 @@ def _configure_output(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `mrl-export`."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of `mrl-export` and its subcommands; SIGTERM cleans up as Ctrl-C does."""
+    try:
+        with sigterm_interrupts():
+            return _dispatch(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt as e:  # a temporary directory or file is all a run writes before it finishes
+        print("mrl-export: interrupted; nothing half-written was left", file=sys.stderr)
+        return interrupted_exit_code(e)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "build-engine":
         from mrl.export.engine_cli import main as build_engine_main
 
@@ -190,9 +198,6 @@ def main(argv: list[str] | None = None) -> int:
     except MrlError as e:
         print(f"mrl-export: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mrl-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
     except Exception as e:
         if args.verbose:
             raise
