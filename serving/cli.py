@@ -18,6 +18,7 @@ from mrl.serving.config import BatcherConfig, ModelSpec, RequestLimits, ServerCo
 from mrl.serving.core import check_names
 from mrl.serving.metrics import ServerMetrics
 from mrl.serving.model import ServedModel
+from mrl.serving.process import return_freed_memory_to_the_os
 from mrl.serving.server import EmbedServer
 
 log = logging.getLogger("mrl.serving")
@@ -270,6 +271,7 @@ async def serve(models: list[ServedModel], config: ServerConfig, metrics: Server
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mrl-serve`; returns the exit code."""
     args = parse_args(argv)
+    return_freed_memory_to_the_os()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = server_config(args)
