@@ -184,15 +184,20 @@ class Embedder:
         """Apply the prompt and tokenise, raising on inputs the model cannot take."""
         return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt_name), truncate=truncate))
 
-    def run_encoded(self, encoded: Sequence[Encoded], dims: Sequence[int]) -> list[np.ndarray]:
+    def run_encoded(
+        self, encoded: Sequence[Encoded], dims: Sequence[int], *, profile: Profile | None = None
+    ) -> list[np.ndarray]:
         """Run tokenised texts as one forward pass; row i comes back as a unit vector of `dims[i]` components.
 
-        Texts that want different dims share the pass: the profile covering the widest runs, and the
-        others are sliced from it and re-normalised (a truncated unit vector is not a unit vector).
+        Texts that want different dims share the pass: `profile` (default: the smallest covering the widest
+        dims asked for) runs, and the rest are sliced from it and re-normalised (a truncated unit vector is
+        not a unit vector).
         """
         if len(dims) != len(encoded):
             raise ValueError(f"{len(encoded)} texts but {len(dims)} dims")
-        profile = self.profile_for(max(dims))
+        profile = profile or self.profile_for(max(dims))
+        if profile.dims < max(dims):
+            raise DimsError(f"profile {profile.name} has {profile.dims} dims, fewer than the {max(dims)} asked for")
         out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
         rows: list[np.ndarray] = list(out)
         for want in set(dims) - {profile.dims}:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -138,7 +139,11 @@ def select_batch(
 
 
 class Batcher(Generic[P, R]):
-    """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once."""
+    """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once.
+
+    With `fn_alone`, a lone batch (the machine idle, the queue empty behind it) runs through `fn_alone` and
+    holds every worker: one text alone gets the whole machine, while load still runs batches side by side.
+    """
 
     def __init__(
         self,
@@ -146,10 +151,14 @@ class Batcher(Generic[P, R]):
         config: BatcherConfig,
         executor: Executor,
         *,
+        fn_alone: Callable[[list[P]], Sequence[R]] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "batcher",
     ) -> None:
         self._fn = fn
+        self._fn_alone = fn_alone
+        """Runs a batch that has the machine to itself: nothing else runs and nothing waits. It holds every
+        worker's slot while it runs, so it may use all their cores (None: every batch runs through `fn`)."""
         self._config = config
         self._executor = executor
         self.on_batch = on_batch
@@ -282,9 +291,10 @@ class Batcher(Generic[P, R]):
     async def _loop(self) -> None:
         slots = asyncio.Semaphore(self._config.workers)
 
-        def done(task: asyncio.Task[None]) -> None:
+        def done(task: asyncio.Task[None], held: int) -> None:
             self._running.discard(task)
-            slots.release()
+            for _ in range(held):
+                slots.release()
             self._wake.set()  # a batch waiting for company may go now that the machine is idle
 
         try:
@@ -293,9 +303,13 @@ class Batcher(Generic[P, R]):
                 items = await self._next_batch()
                 if items is None:
                     break
-                task = asyncio.ensure_future(self._run_guarded(items))
+                alone = self._fn_alone is not None and not self._running and not self._queue
+                held = self._config.workers if alone else 1
+                for _ in range(held - 1):  # nothing runs, so every slot is free: these never wait
+                    await slots.acquire()
+                task = asyncio.ensure_future(self._run_guarded(items, alone))
                 self._running.add(task)
-                task.add_done_callback(done)
+                task.add_done_callback(functools.partial(done, held=held))
             await asyncio.gather(*self._running)
         finally:
             # Whatever ended the loop, no caller is left waiting forever.
@@ -304,9 +318,9 @@ class Batcher(Generic[P, R]):
                 task.cancel()
             self._fail(list(self._queue), NotReadyError("the server stopped before this request ran"))
 
-    async def _run_guarded(self, items: list[_Item]) -> None:
+    async def _run_guarded(self, items: list[_Item], alone: bool) -> None:
         try:
-            await self._run(items)
+            await self._run(items, alone)
         except Exception as e:
             log.exception("%s: batch failed outside the batch function", self._name)
             self._fail(items, e)
@@ -320,7 +334,7 @@ class Batcher(Generic[P, R]):
             if not item.future.done():
                 item.future.set_exception(error)
 
-    async def _run(self, items: list[_Item]) -> None:
+    async def _run(self, items: list[_Item], alone: bool) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         # Late check: callers may have gone between selection and now.
@@ -329,7 +343,8 @@ class Batcher(Generic[P, R]):
             return
         for item in live:
             item.started = now
-        outcome = await loop.run_in_executor(self._executor, self._execute, [i.job.payload for i in live])
+        fn = self._fn_alone if alone and self._fn_alone is not None else self._fn
+        outcome = await loop.run_in_executor(self._executor, self._execute, fn, [i.job.payload for i in live])
         longest = max(i.job.tokens for i in live)
         batch = next(self._batches)
         failed = abandoned = 0
@@ -369,11 +384,11 @@ class Batcher(Generic[P, R]):
                 )
             )
 
-    def _execute(self, payloads: list[P]) -> _Outcome:
+    def _execute(self, fn: Callable[[list[P]], Sequence[R]], payloads: list[P]) -> _Outcome:
         """Runs in the executor: the whole batch, or on failure each job alone so one bad job fails only itself."""
         start = time.perf_counter()
         try:
-            values = list(self._fn(payloads))
+            values = list(fn(payloads))
             if len(values) != len(payloads):
                 raise RuntimeError(f"batch function returned {len(values)} results for {len(payloads)} jobs")
             return _Outcome(values=values, errors=[None] * len(values), run_seconds=time.perf_counter() - start)
@@ -385,7 +400,7 @@ class Batcher(Generic[P, R]):
         outcome = _Outcome()
         for payload in payloads:
             try:
-                (value,) = self._fn([payload])
+                (value,) = fn([payload])
                 outcome.values.append(value)
                 outcome.errors.append(None)
             except Exception as e:

@@ -106,6 +106,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument(
         "--intra-op-threads", type=int, help="ONNX Runtime threads per batch (default: CPU cores / --batch-workers)"
     )
+    model.add_argument(
+        "--lone-batch-threads",
+        type=int,
+        help="threads for a batch that has the machine to itself, in a session of its own "
+        "(default: all CPU cores when --batch-workers > 1; 0: no such session)",
+    )
+    model.add_argument(
+        "--intra-op-spinning",
+        action=argparse.BooleanOptionalAction,
+        help="let ONNX Runtime's idle threads spin for work (default: only with one batch worker)",
+    )
     model.add_argument("--no-verify", action="store_true", help="skip the sha256 check of artifact files at start")
     batch = p.add_argument_group("batching")
     defaults = BatcherConfig()
@@ -176,7 +187,8 @@ def intra_op_threads(requested: int | None, cores: int, workers: int) -> int:
 def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """One ModelSpec per artifact argument, with its precision."""
     precisions = dict(split_named(v) for v in args.precision)
-    threads = intra_op_threads(args.intra_op_threads, cpu_cores(), args.batch_workers)
+    cores = cpu_cores()
+    threads = intra_op_threads(args.intra_op_threads, cores, args.batch_workers)
     specs = []
     for value in args.artifacts:
         name, directory = split_named(value)
@@ -188,6 +200,8 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 precision=precision,
                 backend=args.backend,
                 intra_op_threads=threads,
+                spinning=args.batch_workers == 1 if args.intra_op_spinning is None else args.intra_op_spinning,
+                lone_batch_threads=cores if args.lone_batch_threads is None else args.lone_batch_threads,
                 verify=not args.no_verify,
             )
         )

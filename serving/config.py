@@ -64,12 +64,21 @@ class ModelSpec:
     """Check every file's sha256 against the manifest when loading."""
     intra_op_threads: int = 0
     """ONNX Runtime threads per inference (0: its default, one per core)."""
+    spinning: bool = True
+    """Whether ONNX Runtime's idle threads spin for work (off when batches share the cores)."""
+    lone_batch_threads: int = 0
+    """Threads for a batch that has the machine to itself (a session of its own, on the widest profile,
+    spinning); 0: lone batches run like any other."""
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or any(c.isspace() for c in self.name)):
             raise ValueError(f"model name {self.name!r} must be non-empty and without spaces, like 'minilm'")
         if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
             raise ValueError(f"intra_op_threads must be an integer, not {self.intra_op_threads!r}")
+        if isinstance(self.lone_batch_threads, bool) or not isinstance(self.lone_batch_threads, int):
+            raise ValueError(f"lone_batch_threads must be an integer, not {self.lone_batch_threads!r}")
+        if self.lone_batch_threads < 0:
+            raise ValueError(f"lone_batch_threads must be 0 (off) or more, not {self.lone_batch_threads}")
         if self.intra_op_threads < 0:
             raise ValueError(
                 f"intra_op_threads must be 0 (ONNX Runtime's default) or more, not {self.intra_op_threads}"

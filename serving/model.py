@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mrl.runtime import Embedder
+from mrl.runtime.backends import resolve_backend
 from mrl.runtime.encodings import encode
 from mrl.runtime.errors import InvalidInputError
+from mrl.runtime.manifest import load_manifest
 from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
 from mrl.serving.config import BatcherConfig, ModelSpec
@@ -76,34 +81,64 @@ class ModelInfo:
     encodings: tuple[str, ...]
 
 
+def backend_options(spec: ModelSpec, backend: str) -> dict[str, Any]:
+    """The thread settings of `spec` that `backend` takes (TensorRT takes none)."""
+    options: dict[str, Any] = {}
+    if spec.intra_op_threads and (backend.startswith("onnxruntime") or backend == "torch"):
+        options["intra_op_threads"] = spec.intra_op_threads
+    if backend.startswith("onnxruntime"):
+        options["spinning"] = spec.spinning
+    return options
+
+
 def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
     """Run texts wanting different dims as one batch (the runtime slices and re-normalises per row)."""
     return embedder.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs])
 
 
 class ServedModel:
-    """An Embedder with its own batcher and inference threads, addressed by `name`."""
+    """An Embedder with its own batcher and inference threads, addressed by `name`.
 
-    def __init__(self, name: str, embedder: Embedder, config: BatcherConfig) -> None:
+    `lone`, when given, is the same artifact opened with more threads: a batch that has the machine to itself
+    runs on it (on its widest profile, so it holds one session), while batches side by side run on `embedder`.
+    """
+
+    def __init__(self, name: str, embedder: Embedder, config: BatcherConfig, lone: Embedder | None = None) -> None:
         self.name = name
         self.embedder = embedder
         self.config = config
         self.ready = False
         self._closed = False
+        self._lone = lone
         # Inference threads of this model only: a slow model never holds up another's batches.
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"mrl-{name}")
         self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
-            self.run_batch, config, self._executor, name=f"model {name!r}"
+            self.run_batch,
+            config,
+            self._executor,
+            fn_alone=None if lone is None else self.run_lone_batch,
+            name=f"model {name!r}",
         )
 
     @classmethod
     def load(cls, spec: ModelSpec, config: BatcherConfig) -> ServedModel:
         """Open an artifact as described by `spec` (blocking: reads and verifies files)."""
-        options = {"intra_op_threads": spec.intra_op_threads} if spec.intra_op_threads else {}
+        manifest = load_manifest(spec.artifact_dir, verify=False)  # to resolve "auto"; verified when loaded
+        backend = resolve_backend(spec.backend, Path(spec.artifact_dir), manifest, spec.precision)
         embedder = Embedder.load(
-            spec.artifact_dir, spec.backend, precision=spec.precision, verify=spec.verify, **options
+            spec.artifact_dir,
+            backend,
+            precision=spec.precision,
+            verify=spec.verify,
+            **backend_options(spec, backend),
         )
-        return cls(spec.name or embedder.manifest.name, embedder, config)
+        lone = None
+        if spec.lone_batch_threads and backend == "onnxruntime-cpu" and config.workers > 1:
+            wide = dataclasses.replace(spec, intra_op_threads=spec.lone_batch_threads, spinning=True)
+            lone = Embedder.load(  # already verified above
+                spec.artifact_dir, backend, precision=spec.precision, verify=False, **backend_options(wide, backend)
+            )
+        return cls(spec.name or embedder.manifest.name, embedder, config, lone)
 
     def info(self) -> ModelInfo:
         """What this model offers: dims, profiles, prompts, limits, readiness."""
@@ -126,6 +161,12 @@ class ServedModel:
         """The batcher's function (runs in an inference thread)."""
         return run_jobs(self.embedder, jobs)
 
+    def run_lone_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
+        """The batcher's function for a batch that has the machine to itself: every core, one session."""
+        assert self._lone is not None
+        widest = self._lone.profile_for(self._lone.default_dims)
+        return self._lone.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], profile=widest)
+
     def start(self) -> None:
         """Start the batcher (from the event loop); requests are refused until `warmup` finishes."""
         self.batcher.start()
@@ -142,6 +183,8 @@ class ServedModel:
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)
         self.embedder.run_encoded(encoded, [self.embedder.default_dims] * len(encoded))
+        if self._lone is not None:
+            self.run_lone_batch([TextJob(encoded=e, dims=self.embedder.default_dims) for e in encoded])
 
     def hurry(self) -> None:
         """Run queued texts at once from now on, without waiting for fuller batches (the server is draining)."""
@@ -153,6 +196,8 @@ class ServedModel:
         await self.batcher.close()
         self._executor.shutdown(wait=True)
         self.embedder.close()
+        if self._lone is not None:
+            self._lone.close()
 
     def check_ready(self) -> None:
         """Raise NotReadyError unless the model takes requests."""

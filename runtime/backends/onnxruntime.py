@@ -65,6 +65,9 @@ class OrtOptions:
     trt_options: dict[str, Any] = field(default_factory=dict)
     trt_cache_dir: str | Path | None = None  # default: ARTIFACT/engines/ort-tensorrt
     intra_op_threads: int = 0
+    spinning: bool = True
+    """Whether idle intra-op threads spin waiting for work: faster for one caller at a time, slower when
+    several batches share the cores (spinning threads take the CPU the others need)."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -190,10 +193,12 @@ class OnnxRuntimeBackend:
         providers: Sequence[Provider] | None = None,
         intra_op_threads: int = 0,
         strict: bool = False,
+        spinning: bool = True,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         requested = list(providers) if providers else default_providers()
         unknown = [p for p in requested if _provider_name(p) not in ort.get_available_providers()]
         if unknown:
@@ -339,7 +344,9 @@ def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any
     parsed = OrtOptions.parse(options)
     providers = plan_providers(Path(directory), manifest, profile, parsed)
     strict = parsed.device in ("cuda", "tensorrt") and not parsed.providers
-    return OnnxRuntimeBackend(directory / profile.file, providers, parsed.intra_op_threads, strict)
+    return OnnxRuntimeBackend(
+        directory / profile.file, providers, parsed.intra_op_threads, strict, spinning=parsed.spinning
+    )
 
 
 def create_cpu(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
