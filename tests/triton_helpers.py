@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("MRL_TRITON_VENV", ROOT / ".venv-triton"))
 PYTHON = VENV / "bin" / "python"
 SERVER = VENV / "bin" / "mrl-tritonserver"
