@@ -144,8 +144,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--triton-model", help="triton targets: the model name prefix (requests go to NAME_dDIMS)")
     s.add_argument(
         "--client-python",
-        help="triton targets: run their client in a worker under this Python, one with tritonclient[grpc] "
-        "(.venv-triton/bin/python from scripts/setup_triton.sh)",
+        action="append",
+        metavar="[KIND=]PYTHON",
+        help="run KIND's client (default triton) in a worker under this Python, such as one with tritonclient[grpc] "
+        "(.venv-triton/bin/python from scripts/setup_triton.sh); repeatable",
     )
     s.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 128), help="levels (default 1,8,32,128)")
     amount = s.add_mutually_exclusive_group()
@@ -248,6 +250,12 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, engine_table(rows) + notes
 
 
+def _client_python(text: str) -> tuple[str, str]:
+    """`[KIND=]PYTHON` as (kind, python); a bare PYTHON is for triton targets."""
+    kind, sep, python = text.partition("=")
+    return (kind, python) if sep else ("triton", text)
+
+
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
     from mrl.bench.serve import ServeConfig, offline_note, offline_throughput, serve_table, sweep_with_offline
     from mrl.bench.targets import TargetSpec, split_target
@@ -275,7 +283,7 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         request_timeout_s=args.timeout,
         server_pids=tuple(args.server_pid or ()),
         rounds=args.rounds,
-        client_python=args.client_python,
+        client_python=tuple(_client_python(text) for text in args.client_python or ()),
     )
     measure = None
     if args.offline_baseline:

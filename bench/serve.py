@@ -44,7 +44,7 @@ class ServeConfig:
     request_timeout_s: float = 60.0
     server_pids: tuple[int, ...] = ()  # local servers: their CPU (and their children's) is not other load
     rounds: int = 1  # each (level, target, mix) this many times, in ABBA order; results pooled
-    client_python: str | None = None  # run triton targets' clients in a worker under this Python
+    client_python: tuple[tuple[str, str], ...] = ()  # (kind, Python): run that kind's clients in a worker there
 
     def __post_init__(self) -> None:
         labels = [t.label for t in self.targets]
@@ -226,8 +226,7 @@ async def sweep(config: ServeConfig, progress: Progress) -> list[dict[str, Any]]
     rows = []
     try:
         for spec in config.targets:
-            python = config.client_python if spec.kind == "triton" else None
-            drivers.append(await open_driver(spec, config, python))
+            drivers.append(await open_driver(spec, config, dict(config.client_python).get(spec.kind)))
         ours = process_tree(config.server_pids) + tuple(p for d in drivers for p in d.pids)
         cells = [(d, m) for d in drivers for m in config.dims_mixes]
         for concurrency in config.concurrency:

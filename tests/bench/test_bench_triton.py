@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 
 import pytest
 from triton_helpers import PYTHON, require_triton, tritonserver
 
+from mrl.bench.cli import main as bench_main
 from mrl.bench.drivers import spec_from_json, spec_to_json
 from mrl.bench.serve import ServeConfig, add_comparisons, serve_table, sweep
 from mrl.bench.targets import TargetSpec, default_triton_dims, split_target
@@ -60,7 +63,7 @@ def test_one_sweep_over_mrl_serve_and_triton(server, triton):
         warmup_requests=2,
         dims_mixes=((8,), (8, 32), None),
         texts_per_request=2,
-        client_python=str(PYTHON),
+        client_python=(("triton", str(PYTHON)),),
     )
     progress = []
     rows = asyncio.run(sweep(config, progress.append))
@@ -92,7 +95,32 @@ def test_triton_errors_are_counted_by_status(triton):
         concurrency=(2,),
         requests=4,
         warmup_requests=0,
-        client_python=str(PYTHON),
+        client_python=(("triton", str(PYTHON)),),
     )
     (row,) = asyncio.run(sweep(config, lambda _: None))
     assert row["ok"] == 2 and row["errors"] == {"INVALID_ARGUMENT": 2}
+
+
+@pytest.mark.slow
+def test_an_mrl_target_runs_in_a_worker_too(server):
+    config = ServeConfig(
+        targets=(TargetSpec(address=server),),
+        texts=TEXTS,
+        concurrency=(2,),
+        requests=6,
+        warmup_requests=1,
+        client_python=(("mrl", sys.executable),),
+    )
+    (row,) = asyncio.run(sweep(config, lambda _: None))
+    assert row["ok"] == 6 and row["errors"] == {} and row["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_serve_command_with_both_targets(server, triton, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    argv = ["serve", "--target", f"mrl={server}", "--target", f"triton={triton.grpc}", "--triton-model", "tiny"]
+    argv += ["--client-python", str(PYTHON), "--concurrency", "2", "--requests", "4", "--out", str(out), "-q"]
+    assert bench_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert [r["target"] for r in report["results"]] == [f"mrl={server}", f"triton={triton.grpc}"]
+    assert "vs first target" in capsys.readouterr().out
