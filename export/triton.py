@@ -27,6 +27,8 @@ from mrl.runtime.manifest import Engine, Manifest, Profile, load_manifest
 
 Progress = Callable[[str], None]
 VERSION = "1"  # Triton serves the newest numbered version directory of each model
+# The Python encoder's defaults, written out so they can be seen and edited: mrl-serve's batching policy.
+PYTHON_ENCODER_PARAMETERS = (("backend", "auto"), ("max_rows", "32"), ("max_padding", "0.1"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -206,7 +208,7 @@ def _write_encoder(plan: Plan, artifact: Path, root: Path, profile: Profile) -> 
         ids_dtype=plan.tokenize_parameters["ids_dtype"],
         plan_files=plan_files,
         preferred=preferred,
-        parameters=(("backend", "auto"),) if encoder == "python" else (),
+        parameters=PYTHON_ENCODER_PARAMETERS if encoder == "python" else (),
     )
     name = plan.encode_name(profile.dims)
     version = _model_dir(root, name, encoder_config(name, spec, batching))

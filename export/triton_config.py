@@ -44,8 +44,9 @@ def _parameters(values: dict[str, str]) -> list[str]:
     return [f"parameters {{ key: {_quote(k)} value: {{ string_value: {_quote(v)} }} }}" for k, v in values.items()]
 
 
-def _tensor(name: str, dtype: str, dims: Sequence[int]) -> str:
-    return f"  {{ name: {_quote(name)} data_type: {dtype} dims: [ {', '.join(map(str, dims))} ] }}"
+def _tensor(name: str, dtype: str, dims: Sequence[int], ragged: bool = False) -> str:
+    extra = " allow_ragged_batch: true" if ragged else ""
+    return f"  {{ name: {_quote(name)} data_type: {dtype} dims: [ {', '.join(map(str, dims))} ]{extra} }}"
 
 
 def _block(kind: str, tensors: Sequence[str]) -> list[str]:
@@ -111,7 +112,8 @@ def encoder_config(name: str, spec: EncoderSpec, batching: Batching) -> str:
         f"name: {_quote(name)}",
         *head,
         f"max_batch_size: {batching.max_batch_size}",
-        *_block("input", [_tensor(i, _TYPES[spec.ids_dtype], [-1]) for i in spec.inputs]),
+        # Only the Python encoder takes requests of different widths in one batch (it pads them itself).
+        *_block("input", [_tensor(i, _TYPES[spec.ids_dtype], [-1], spec.encoder == "python") for i in spec.inputs]),
         *_block("output", [_tensor(OUTPUT_NAME, "TYPE_FP32", [spec.dims])]),
         *_batching(batching, kind, spec.preferred),
         *_parameters(dict(spec.parameters)),

@@ -4,11 +4,14 @@ Token ids in (as `NAME_tokenize` writes them), `sentence_embedding` (FP32, `[n, 
 out, computed by `mrl.runtime` on the one-profile artifact in `1/artifact/`. For Triton images
 without the ONNX Runtime backend; Triton's Python needs `mrl-toolkit` installed.
 
-Every request of one call runs as one batch: requests padded to different widths are padded again
-to the widest (padding is masked, so the embeddings do not change).
+Its inputs allow ragged batches, so Triton's batcher merges requests that the tokenizer padded to
+different widths. Each call then strips every row's padding, sorts the rows by length and runs them
+in chunks of similar length (as mrl-serve's batcher does): on a CPU, padding is wasted compute.
 
 Parameters (config.pbtxt): `backend` (a `mrl.runtime` backend name; default auto, which means
-onnxruntime-cpu on a KIND_CPU instance) and `intra_op_threads` (default: CPU cores / CPU instances).
+onnxruntime-cpu on a KIND_CPU instance), `intra_op_threads` (default: CPU cores / CPU instances),
+`max_rows` (texts per chunk, default 32) and `max_padding` (the share of a chunk that may be
+padding, default 0.1).
 """
 
 from __future__ import annotations
@@ -28,17 +31,46 @@ except ImportError:
 OUTPUT = "sentence_embedding"
 
 
-def repad(feeds: list[dict[str, np.ndarray]], pad_token_id: int, left: bool) -> dict[str, np.ndarray]:
-    """Concatenate per-request inputs along the batch, padding each to the widest first."""
-    width = max(f["input_ids"].shape[1] for f in feeds)
-    out: dict[str, list[np.ndarray]] = {name: [] for name in feeds[0]}
+def unpad(feeds: list[dict[str, np.ndarray]], left: bool) -> list[dict[str, np.ndarray]]:
+    """Every row of every request, with its padding (attention_mask 0) cut off."""
+    rows = []
     for feed in feeds:
-        extra = width - feed["input_ids"].shape[1]
-        for name, value in feed.items():
-            fill = pad_token_id if name == "input_ids" else 0
-            pad = ((0, 0), (extra, 0)) if left else ((0, 0), (0, extra))
-            out[name].append(np.pad(value, pad, constant_values=fill) if extra else value)
-    return {name: np.concatenate(parts) for name, parts in out.items()}
+        for r, n in enumerate(feed["attention_mask"].sum(axis=1)):
+            span = slice(feed["attention_mask"].shape[1] - int(n), None) if left else slice(0, int(n))
+            rows.append({name: value[r, span] for name, value in feed.items()})
+    return rows
+
+
+def plan_chunks(lengths: list[int], max_rows: int, max_padding: float) -> list[list[int]]:
+    """Row indices sorted by length, cut into chunks of at most `max_rows` rows and `max_padding` padding."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted ascending: row i is the widest of the chunk it joins.
+        wasted = 1 - (tokens + lengths[i]) / (lengths[i] * (len(current) + 1))
+        if current and (len(current) == max_rows or wasted > max_padding):
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    return [*chunks, current] if current else chunks
+
+
+def pad_rows(rows: list[dict[str, np.ndarray]], pad_token_id: int, left: bool) -> dict[str, np.ndarray]:
+    """One padded batch from unpadded rows."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {}
+    for name in rows[0]:
+        batch = np.full((len(rows), width), pad_token_id if name == "input_ids" else 0, dtype=np.int64)
+        for i, r in enumerate(rows):
+            k = len(r[name])
+            if left:
+                batch[i, width - k :] = r[name]
+            else:
+                batch[i, :k] = r[name]
+        out[name] = batch
+    return out
 
 
 def cpu_instances(config: dict[str, Any]) -> int:
@@ -71,27 +103,32 @@ class TritonPythonModel:
             options["device_id"] = int(args.get("model_instance_device_id", "0"))
         self.backend = create_backend(name, directory, manifest, profile, **options)
         self.backend.warmup()
+        self.max_rows = int(parameters.get("max_rows", "32"))
+        self.max_padding = float(parameters.get("max_padding", "0.1"))
         self.inputs = manifest.tokenizer.inputs
         self.pad_token_id = manifest.tokenizer.pad_token_id
+        self.dims = profile.dims
         self.left = manifest.tokenizer.padding_side == "left"
         pb_utils.Logger.log_info(f"{args['model_name']}: {profile.name} on {name} {self.backend.providers} {options}")
 
     def execute(self, requests: list[Any]) -> list[Any]:
-        """Run every request of this call as one batch and hand each its rows."""
+        """Run the rows of every request in length-sorted chunks and hand each request its rows."""
         feeds = [
             {name: pb_utils.get_input_tensor_by_name(r, name).as_numpy().astype(np.int64) for name in self.inputs}
             for r in requests
         ]
+        rows = unpad(feeds, self.left)
         try:
-            out = self.backend.run(repad(feeds, self.pad_token_id, self.left))
+            out = np.empty((len(rows), self.dims), dtype=np.float32)
+            for chunk in plan_chunks([len(r["input_ids"]) for r in rows], self.max_rows, self.max_padding):
+                out[chunk] = self.backend.run(pad_rows([rows[i] for i in chunk], self.pad_token_id, self.left))
         except Exception as e:  # the caller gets the reason; the model stays up for the next call
             error = pb_utils.TritonError(f"{type(e).__name__}: {e}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses, start = [], 0
         for feed in feeds:
             n = feed["input_ids"].shape[0]
-            rows = np.ascontiguousarray(out[start : start + n], dtype=np.float32)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, rows)]))
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(OUTPUT, out[start : start + n])]))
             start += n
         return responses
 

@@ -132,15 +132,22 @@ def test_tokenizer_model_refuses_what_the_runtime_refuses(ort_repo):
     assert encoder.request_options({}) == ("", False)
 
 
-def test_python_encoder_repads_requests_of_different_widths(tiny_artifact, tmp_path):
+def test_python_encoder_unpads_sorts_and_chunks_rows():
     module = _load_model_file("encode_model.py")
     a = {"input_ids": np.array([[5, 6, 7]]), "attention_mask": np.array([[1, 1, 1]])}
-    b = {"input_ids": np.array([[5, 0], [8, 9]]), "attention_mask": np.array([[1, 0], [1, 1]])}
-    right = module.repad([a, b], pad_token_id=0, left=False)
-    assert right["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0], [8, 9, 0]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
-    left = module.repad([a, b], pad_token_id=2, left=True)
-    assert left["input_ids"].tolist() == [[5, 6, 7], [2, 5, 0], [2, 8, 9]]
+    b = {"input_ids": np.array([[5, 0, 0], [8, 9, 0]]), "attention_mask": np.array([[1, 0, 0], [1, 1, 0]])}
+    rows = module.unpad([a, b], left=False)
+    assert [r["input_ids"].tolist() for r in rows] == [[5, 6, 7], [5], [8, 9]]
+    left = {"input_ids": np.array([[2, 2, 4]]), "attention_mask": np.array([[0, 0, 1]])}
+    assert module.unpad([left], left=True)[0]["input_ids"].tolist() == [4]
+    batch = module.pad_rows([rows[1], rows[2]], pad_token_id=0, left=False)
+    assert batch["input_ids"].tolist() == [[5, 0], [8, 9]] and batch["attention_mask"].tolist() == [[1, 0], [1, 1]]
+    assert module.pad_rows([rows[1], rows[2]], pad_token_id=2, left=True)["input_ids"].tolist() == [[2, 5], [8, 9]]
+    # Sorted by length; a chunk ends before it would hold more than 10% padding or more than max_rows rows.
+    # 10, 10, 11: 31 of 33 tokens real; adding 12 would make 5 of 48 padding (10.4%); 29 and 30 go together.
+    assert module.plan_chunks([10, 30, 11, 10, 29, 12], max_rows=32, max_padding=0.1) == [[0, 3, 2], [5], [4, 1]]
+    assert module.plan_chunks([5] * 5, max_rows=2, max_padding=0.1) == [[0, 1], [2, 3], [4]]
+    assert module.plan_chunks([], max_rows=2, max_padding=0.1) == []
     config = {"instance_group": [{"count": 2, "kind": "KIND_CPU"}, {"count": 1, "kind": "KIND_GPU"}]}
     assert module.cpu_instances(config) == 2
 
@@ -152,7 +159,10 @@ def test_python_encoder_ships_a_one_profile_artifact(tiny_artifact, tmp_path):
     manifest = load_manifest(sub)  # every file present and matching its sha256
     assert [p.name for p in manifest.profiles] == ["d16-fp32"] and manifest.engines == ()
     assert (out / "m_encode_d16" / "1" / "model.py").read_text() == (MODELS / "encode_model.py").read_text()
-    assert 'backend: "python"' in (out / "m_encode_d16" / "config.pbtxt").read_text()
+    config = (out / "m_encode_d16" / "config.pbtxt").read_text()
+    assert 'backend: "python"' in config and "kind: KIND_CPU" in config
+    assert '{ name: "input_ids" data_type: TYPE_INT64 dims: [ -1 ] allow_ragged_batch: true }' in config
+    assert 'parameters { key: "max_padding" value: { string_value: "0.1" } }' in config
     assert dict(_parameters((out / "m_tokenize" / "config.pbtxt").read_text()))["default_prompt_name"] == "query"
 
 
