@@ -57,10 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", help="model name prefix (default: the artifact's model name)")
     parser.add_argument("--dims", type=_dims, default=(), help="dims to serve, comma-separated (default: all)")
     parser.add_argument("--precision", choices=PRECISIONS, help="precision of the profiles (default: the first)")
-    parser.add_argument("--encoder", choices=ENCODERS, default="onnxruntime", help="default onnxruntime")
-    parser.add_argument("--max-batch-size", type=_whole(1), default=_DEFAULTS.max_batch_size, help="%(default)s")
     parser.add_argument(
-        "--max-queue-delay-us", type=_whole(0), default=_DEFAULTS.max_queue_delay_us, help="%(default)s"
+        "--encoder",
+        choices=ENCODERS,
+        default="onnxruntime",
+        help="Triton's ONNX Runtime backend, TensorRT engines, or mrl.runtime in the Python backend (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=_whole(1),
+        default=_DEFAULTS.max_batch_size,
+        help="texts per request and per batch at most (%(default)s)",
+    )
+    parser.add_argument(
+        "--max-queue-delay-us",
+        type=_whole(0),
+        default=_DEFAULTS.max_queue_delay_us,
+        help="how long the dynamic batcher waits to fill a batch (%(default)s)",
     )
     parser.add_argument(
         "--instances", type=_whole(1), default=_DEFAULTS.instances, help="instances per model (%(default)s)"
