@@ -224,9 +224,19 @@ def _write_encoder(plan: Plan, artifact: Path, root: Path, profile: Profile) -> 
         (version / "model.py").write_text(_model_source("encode_model.py"))
         sub = version / "artifact"
         sub.mkdir()
-        for name in [profile.file, *(w.file for w in weights)]:
-            _place(artifact / name, sub / name)
-        dataclasses.replace(plan.manifest, profiles=(profile,), weights=tuple(weights), engines=()).save(sub)
+        for name in [plan.manifest.tokenizer.file, profile.file, *(w.file for w in weights)]:
+            _place(artifact / name, sub / name)  # the tokenizer too: the manifest verifies it
+        _one_profile(plan.manifest, profile).save(sub)
+
+
+def _one_profile(manifest: Manifest, profile: Profile) -> Manifest:
+    """The manifest of an artifact holding only `profile` (its graph, weights, tokenizer and calibration)."""
+    calibration = manifest.calibration
+    if calibration is not None:
+        ranges = {k: v for k, v in calibration.ranges.items() if k == profile.name}
+        calibration = dataclasses.replace(calibration, ranges=ranges)
+    weights = tuple(w for w in manifest.weights if w.file == profile.weights)
+    return dataclasses.replace(manifest, profiles=(profile,), weights=weights, engines=(), calibration=calibration)
 
 
 def _plan_file(engine: Engine) -> str:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from mrl.cli import OneLineParser
+from mrl.cli import OneLineParser, interrupted_exit_code
 from mrl.export.triton import TritonOptions, write_repository
 from mrl.export.triton_config import ENCODERS, Batching
 from mrl.runtime.errors import MrlError
@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     except MrlError as e:
         print(f"mrl-export triton: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM through mrl-export's handler
         print("mrl-export triton: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return interrupted_exit_code(e)
     except Exception as e:
         if args.verbose:
             raise

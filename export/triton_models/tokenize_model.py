@@ -29,6 +29,19 @@ except ImportError:
     pb_utils = None
 
 
+CHARS_PER_TOKEN = 8  # a long text is first cut to this many characters per token of max length, as mrl.runtime does
+
+
+def cut_prefix(text: str, chars: int) -> str:
+    """The first `chars` characters of `text`, ended before a space so every kept word stays whole."""
+    if len(text) <= chars:
+        return text
+    if text[chars] == " ":
+        return text[:chars]
+    boundary = text.rfind(" ", chars // 2, chars)
+    return text[: boundary if boundary > 0 else chars]
+
+
 class RequestError(ValueError):
     """A request this model cannot serve; the message goes back to the caller."""
 
@@ -89,16 +102,30 @@ class TextEncoder:
             if not text:
                 raise RequestError(f"text {i} is empty")
         prefix = self.settings.prompts.get(prompt_name, "") if prompt_name else ""
-        encodings = self._tok.encode_batch([prefix + t for t in texts])
-        if not truncate:
-            for i, enc in enumerate(encodings):
-                if enc.overflowing:
-                    full = len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
-                    raise RequestError(
-                        f"text {i} has about {full} tokens, more than the model's max of "
-                        f"{self.settings.max_length}: shorten it or send the request parameter truncate=true"
-                    )
-        return encodings
+        # However long a text, only about what the model can read is tokenised: the same tokens, bounded cost.
+        limit = self.settings.max_length * CHARS_PER_TOKEN
+        prompted = [prefix + t for t in texts]
+        short = [i for i, t in enumerate(prompted) if len(t) <= limit]
+        encodings = dict(zip(short, self._tok.encode_batch([prompted[i] for i in short]), strict=True))
+        out = []
+        for i, text in enumerate(prompted):
+            enc = encodings[i] if i in encodings else self._encode_long(text, limit)
+            if enc.overflowing and not truncate:
+                raise RequestError(
+                    f"text {i} is longer than the model's max of {self.settings.max_length} tokens: shorten it "
+                    "or send the request parameter truncate=true"
+                )
+            out.append(enc)
+        return out
+
+    def _encode_long(self, text: str, chars: int) -> Encoding:
+        """Tokenise growing prefixes of `text` until one overflows max length (or the whole text fits)."""
+        while True:
+            prefix = cut_prefix(text, chars)
+            enc = self._tok.encode(prefix)
+            if enc.overflowing or len(prefix) == len(text):
+                return enc
+            chars *= 4
 
     def pad(self, encodings: Sequence[Encoding], width: int) -> dict[str, np.ndarray]:
         """The model inputs for one request, padded to `width` tokens."""

@@ -117,12 +117,18 @@ def test_repository_files_reproduce_the_embedder(ort_repo, tiny_artifact):
         assert np.min(np.sum(got * want, axis=1)) >= 0.9999
 
 
-def test_tokenizer_model_refuses_what_the_runtime_refuses(ort_repo):
+def test_tokenizer_model_refuses_what_the_runtime_refuses(ort_repo, tiny_artifact):
     module, encoder = _text_encoder(ort_repo, "tiny_tokenize")
     long = "word " * 200
-    with pytest.raises(module.RequestError, match=r"more than the model's max of 48.*truncate=true"):
+    with pytest.raises(module.RequestError, match=r"longer than the model's max of 48 tokens.*truncate=true"):
         encoder.encode(["fine", long], "", truncate=False)
     assert len(encoder.encode([long], "", truncate=True)[0].ids) == 48
+    huge = "word " * 400_000  # 2 MB: only a prefix is tokenised, and it gives the runtime's ids
+    with pytest.raises(module.RequestError, match="longer than the model's max"):
+        encoder.encode([huge], "", truncate=False)
+    cut = encoder.encode([huge, long], "query", truncate=True)
+    want = Embedder.load(tiny_artifact).prepare([huge, long], "query", truncate=True).encoded
+    assert [e.ids for e in cut] == [e.ids for e in want]
     with pytest.raises(module.RequestError, match="unknown prompt_name 'nope'; this model's prompts: document, query"):
         encoder.request_options({"prompt_name": "nope"})
     with pytest.raises(module.RequestError, match="truncate must be true or false"):

@@ -83,10 +83,10 @@ def test_prompt_and_truncation_are_request_parameters(triton, embedder):
     assert _cosines(plain, embedder.embed(texts(4), dims=32)).min() >= 0.9999
     assert _cosines(plain, embedder.embed(texts(4), dims=32, prompt_name="query")).min() < 0.999  # the prompt counts
     assert "INVALID_ARGUMENT" in refused["status"]
-    assert "text 1 has about 106 tokens, more than the model's max of 48" in refused["error"]
+    assert "text 1 is longer than the model's max of 48 tokens" in refused["error"]
     assert _cosines(cut, embedder.embed(long, dims=32, truncate=True)).min() >= 0.9999
     assert "unknown prompt_name 'nope'; this model's prompts: document, query" in unknown["error"]
-    assert http_refused["status"] == "400" and "more than the model's max" in http_refused["error"]
+    assert http_refused["status"] == "400" and "longer than the model's max" in http_refused["error"]
 
 
 def _stats(triton, model: str) -> dict:
