@@ -216,7 +216,11 @@ def test_tensorrt_encoder_config(tiny_artifact, tmp_path):
         in config
     )
     assert "preferred_batch_size: [ 16, 48 ]" in config  # the engines' opt batch, then the largest
-    assert '{ name: "input_ids" data_type: TYPE_INT32 dims: [ -1 ] }' in config
+    # The engines were built from the profile's graph: the same input names, in the engines' type; its output.
+    graph = onnx.load(str(artifact / "d8-fp32.onnx"), load_external_data=False).graph
+    for i in graph.input:
+        assert f'{{ name: "{i.name}" data_type: TYPE_INT32 dims: [ -1 ] }}' in config
+    assert f'{{ name: "{graph.output[0].name}" data_type: TYPE_FP32 dims: [ 8 ] }}' in config
     assert sorted(p.name for p in (out / "m_encode_d8" / "1").iterdir()) == ["model-sm80.plan", "model-sm90.plan"]
     assert (out / "m_encode_d8" / "1" / "model-sm90.plan").read_bytes() == b"placeholder d8-fp32 9.0"
     tokenize = dict(_parameters((out / "m_tokenize" / "config.pbtxt").read_text()))

@@ -152,3 +152,22 @@ def test_onnxruntime_repository_loads_what_this_triton_can(tiny_artifact, tmp_pa
         message = json.loads(body)["error"]
         # It got as far as looking for the ONNX Runtime backend, which this binary does not ship.
         assert status == 400 and "onnxruntime" in message, message
+
+
+def test_minilm_at_64_and_256_dims(minilm_artifact, tmp_path):
+    """The real all-MiniLM-L6-v2 through Triton, against Embedder.embed, at the dims the issue names."""
+    require_triton()
+    options = TritonOptions(name="minilm", dims=(64, 256), encoder="python", batching=Batching(instances=1))
+    write_repository(minilm_artifact, tmp_path / "repo", options)
+    embedder = Embedder.load(minilm_artifact)
+    batch = [*texts(31), "Matryoshka embeddings keep their meaning when cut short. " * 12]
+    with tritonserver(tmp_path / "repo", tmp_path / "server.log", "--strict-model-config=true") as server:
+        calls = [
+            {"protocol": protocol, "url": url, "model": f"minilm_d{dims}", "texts": batch}
+            for protocol, url in (("grpc", server.grpc), ("http", server.http))
+            for dims in (64, 256)
+        ]
+        results = call(calls)
+    for c, result in zip(calls, results, strict=True):
+        dims = int(c["model"].rsplit("_d", 1)[1])
+        assert _cosines(result, embedder.embed(batch, dims=dims)).min() >= 0.9999, c["model"]
