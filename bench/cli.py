@@ -250,29 +250,16 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, engine_table(rows) + notes
 
 
-def _client_python(text: str) -> tuple[str, str]:
-    """`[KIND=]PYTHON` as (kind, python); a bare PYTHON is for triton targets."""
-    kind, sep, python = text.partition("=")
-    return (kind, python) if sep else ("triton", text)
-
-
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
     from mrl.bench.serve import ServeConfig, offline_note, offline_throughput, serve_table, sweep_with_offline
-    from mrl.bench.targets import TargetSpec, split_target
+    from mrl.bench.targets import client_pythons, target_specs
     from mrl.bench.texts import passage_sentences, read_lines
 
     texts = tuple(read_lines(args.texts)) if args.texts else tuple(passage_sentences())
     token = args.token_file.read_text().strip() if args.token_file else None
     roots = args.tls_ca.read_bytes() if args.tls_ca else None
-    targets = []
-    for text in args.target:
-        kind, address = split_target(text)
-        if kind == "mrl":
-            targets.append(TargetSpec(kind=kind, address=address, token=token, root_certificates=roots))
-        else:
-            targets.append(TargetSpec(kind=kind, address=address, model=args.triton_model))
     config = ServeConfig(
-        targets=tuple(targets),
+        targets=target_specs(args.target, triton_model=args.triton_model, token=token, root_certificates=roots),
         texts=texts,
         concurrency=args.concurrency,
         requests=None if args.duration else (args.requests or 1000),
@@ -283,7 +270,7 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         request_timeout_s=args.timeout,
         server_pids=tuple(args.server_pid or ()),
         rounds=args.rounds,
-        client_python=tuple(_client_python(text) for text in args.client_python or ()),
+        client_python=client_pythons(args.client_python or ()),
     )
     measure = None
     if args.offline_baseline:

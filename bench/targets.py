@@ -98,6 +98,29 @@ def split_target(text: str) -> tuple[str, str]:
     return (kind, address) if sep else ("mrl", text)
 
 
+def target_specs(
+    texts: Sequence[str], *, triton_model: str | None, token: str | None, root_certificates: bytes | None
+) -> tuple[TargetSpec, ...]:
+    """Specs from `--target [KIND=]ADDRESS` values; the token and TLS roots go to mrl targets, the model to triton's."""
+    specs = []
+    for text in texts:
+        kind, address = split_target(text)
+        if kind == "mrl":
+            specs.append(TargetSpec(kind=kind, address=address, token=token, root_certificates=root_certificates))
+        else:
+            specs.append(TargetSpec(kind=kind, address=address, model=triton_model))
+    return tuple(specs)
+
+
+def client_pythons(texts: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """`--client-python [KIND=]PYTHON` values as (kind, python) pairs; a bare PYTHON is for triton targets."""
+    pairs = []
+    for text in texts:
+        kind, sep, python = text.partition("=")
+        pairs.append((kind, python) if sep else ("triton", text))
+    return tuple(pairs)
+
+
 class MrlTarget:
     """`mrl-serve` over gRPC (`mrl.v1.Embedder/Embed`), through the project's async client."""
 

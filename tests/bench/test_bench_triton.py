@@ -12,7 +12,7 @@ from triton_helpers import PYTHON, require_triton, tritonserver
 from mrl.bench.cli import main as bench_main
 from mrl.bench.drivers import spec_from_json, spec_to_json
 from mrl.bench.serve import ServeConfig, add_comparisons, serve_table, sweep
-from mrl.bench.targets import TargetSpec, default_triton_dims, split_target
+from mrl.bench.targets import TargetSpec, client_pythons, default_triton_dims, split_target, target_specs
 from mrl.export.triton import TritonOptions, write_repository
 from mrl.export.triton_config import Batching
 from mrl.runtime.errors import InvalidInputError
@@ -31,6 +31,12 @@ def test_target_specs():
         ServeConfig(targets=(TargetSpec(address="127.0.0.1:1"),) * 2, texts=TEXTS)
     spec = TargetSpec(address="127.0.0.1:1", token="t", root_certificates=b"PEM")
     assert spec_from_json(spec_to_json(spec)) == spec
+    mrl, triton = target_specs(
+        ["127.0.0.1:1", "triton=127.0.0.1:2"], triton_model="m", token="t", root_certificates=None
+    )
+    assert (mrl.kind, mrl.token, mrl.model) == ("mrl", "t", None)
+    assert (triton.kind, triton.token, triton.model) == ("triton", None, "m")
+    assert client_pythons(["/py", "mrl=/other"]) == (("triton", "/py"), ("mrl", "/other"))
     assert default_triton_dims(["m_d64", "m_d256", "m_tokenize", "m_encode_d64", "mm_d8", "m_d1x"], "m") == [64, 256]
 
 
