@@ -11,22 +11,25 @@ from typing import Any
 import numpy as np
 
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
-from mrl.runtime.errors import DimsError, InvalidInputError, NotFoundError, UnknownPromptError
+from mrl.runtime.errors import DimsError, InvalidInputError, LayersError, NotFoundError, UnknownPromptError
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
 
 log = logging.getLogger(__name__)
 
 
-def choose_profile(profiles: Sequence[Profile], dims: int) -> Profile:
-    """The profile with exactly `dims`, else the smallest larger one (to slice and re-normalise)."""
+def choose_profile(profiles: Sequence[Profile], dims: int, layers: int | None = None) -> Profile:
+    """The profile running `layers` (None: full depth) with exactly `dims`, else the smallest larger one."""
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
         raise DimsError(f"dims must be an integer, not {dims!r}")
     if dims < 1:
         raise DimsError(f"dims must be at least 1, not {dims}")
-    larger = sorted((p for p in profiles if p.dims >= dims), key=lambda p: p.dims)
+    at_depth = [p for p in profiles if p.layers == layers]
+    if not at_depth:
+        raise LayersError(f"no profile runs {'all' if layers is None else layers} layers")
+    larger = sorted((p for p in at_depth if p.dims >= dims), key=lambda p: p.dims)
     if not larger:
-        served = sorted({p.dims for p in profiles})
+        served = sorted({p.dims for p in at_depth})
         raise DimsError(f"dims {dims} is above the largest profile ({max(served)}); served dims: {served}")
     return larger[0]
 
@@ -103,25 +106,55 @@ class Embedder:
         )
 
     @property
+    def default_layers(self) -> int | None:
+        """The depth a request that names no layers gets: full depth (None) where served, else the deepest."""
+        depths = {p.layers for p in self.profiles}
+        return None if None in depths else max(depths)
+
+    @property
+    def layers_served(self) -> list[int | None]:
+        """The depths this precision's profiles run, shallowest first (full depth as the model's total)."""
+        return sorted({self.manifest.depth(p) for p in self.profiles}, key=lambda n: float("inf") if n is None else n)
+
+    @property
     def default_dims(self) -> int:
-        """The largest dims this precision serves: what a request that names no dims gets."""
-        return max(p.dims for p in self.profiles)
+        """The largest dims at the default depth: what a request that names neither dims nor layers gets."""
+        return self.resolve_dims(None)
 
     @property
     def providers(self) -> list[str]:
         """What the loaded backends really run on (e.g. onnxruntime's providers)."""
         return sorted({p for b in self._backends.values() for p in b.providers})
 
-    def resolve_dims(self, dims: int | None) -> int:
-        """The dims a request gets: `dims` if some profile covers it, None the default; else DimsError."""
+    def resolve_layers(self, layers: int | None) -> int | None:
+        """The `Profile.layers` a request runs (None: full depth); `layers` None means the default; else LayersError."""
+        if layers is None:
+            return self.default_layers
+        if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
+            raise LayersError(f"layers must be a whole number of at least 1, not {layers!r}")
+        depth = None if layers == self.manifest.total_layers else int(layers)
+        if depth not in {p.layers for p in self.profiles}:
+            raise LayersError(f"layers {layers} is not served; {self._served_text()}")
+        return depth
+
+    def _served_text(self) -> str:
+        total = self.manifest.total_layers
+        if total is None:
+            return "this artifact runs its full depth only (export with --layers for profiles that keep fewer)"
+        served = ", ".join(str(n) for n in self.layers_served)
+        return f"served layers: {served} (the model has {total})"
+
+    def resolve_dims(self, dims: int | None, layers: int | None = None) -> int:
+        """The dims a request gets at its depth: `dims` if a profile covers it, None the largest; else DimsError."""
+        depth = self.resolve_layers(layers)
         if dims is None:
-            return self.default_dims
-        choose_profile(self.profiles, dims)
+            return max(p.dims for p in self.profiles if p.layers == depth)
+        choose_profile(self.profiles, dims, depth)
         return int(dims)
 
-    def profile_for(self, dims: int) -> Profile:
-        """The profile that computes `dims`: exactly that width, else the smallest wider one."""
-        return choose_profile(self.profiles, dims)
+    def profile_for(self, dims: int, layers: int | None = None) -> Profile:
+        """The profile that computes `dims` at that depth: exactly that width, else the smallest wider one."""
+        return choose_profile(self.profiles, dims, self.resolve_layers(layers))
 
     def backend_for(self, profile: Profile) -> Backend:
         """The backend for a profile, created on first use."""
@@ -148,15 +181,18 @@ class Embedder:
         """Apply the prompt and tokenise, raising on inputs the model cannot take."""
         return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt_name), truncate=truncate))
 
-    def run_encoded(self, encoded: Sequence[Encoded], dims: Sequence[int]) -> list[np.ndarray]:
-        """Run tokenised texts as one forward pass; row i comes back as a unit vector of `dims[i]` components.
+    def run_encoded(
+        self, encoded: Sequence[Encoded], dims: Sequence[int], layers: int | None = None
+    ) -> list[np.ndarray]:
+        """Run tokenised texts as one forward pass at one depth; row i comes back as a unit vector of `dims[i]`.
 
         Texts that want different dims share the pass: the profile covering the widest runs, and the
         others are sliced from it and re-normalised (a truncated unit vector is not a unit vector).
+        Texts that want different depths cannot share one: every row runs `layers` (None: the default).
         """
         if len(dims) != len(encoded):
             raise ValueError(f"{len(encoded)} texts but {len(dims)} dims")
-        profile = self.profile_for(max(dims))
+        profile = self.profile_for(max(dims), layers)
         out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
         rows: list[np.ndarray] = list(out)
         for want in set(dims) - {profile.dims}:
@@ -171,27 +207,30 @@ class Embedder:
         dims: int | None = None,
         prompt_name: str | None = None,
         *,
+        layers: int | None = None,
         batch_size: int = 32,
         truncate: bool = False,
     ) -> np.ndarray:
         """Embed texts; returns float32 `[len(texts), dims]` with unit-norm rows, in input order.
 
+        `layers` runs a profile that keeps only the model's first layers (None: the deepest served).
         Texts longer than the model's max length raise InputTooLongError unless `truncate` cuts them.
         """
-        want = self.resolve_dims(dims)  # before any work
+        depth = self.resolve_layers(layers)  # before any work
+        want = self.resolve_dims(dims, depth)
         encoded = self.prepare(texts, prompt_name, truncate=truncate).encoded
         result = np.empty((len(encoded), want), dtype=np.float32)
         # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
         order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows))
+            result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows), depth)
         return result
 
     def warmup(self) -> None:
         """Load and run every profile once."""
         for profile in self.profiles:
-            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims])
+            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims], self.manifest.depth(profile))
 
     def close(self) -> None:
         """Release every backend."""

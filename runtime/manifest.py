@@ -32,7 +32,10 @@ class Parity:
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
-    """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in."""
+    """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in.
+
+    `layers`: how many encoder layers the graph runs; None means all of them (full depth).
+    """
 
     name: str
     dims: int
@@ -41,6 +44,7 @@ class Profile:
     sha256: str
     weights: str | None = None
     parity: Parity | None = None
+    layers: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +151,8 @@ class Manifest:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     engines: tuple[Engine, ...] = ()
+    total_layers: int | None = None  # the encoder's layers (None: not recorded, as in older artifacts)
+    trained_layers: tuple[int, ...] | None = None  # depths the model was trained to be cut at
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -154,6 +160,15 @@ class Manifest:
     def dims(self) -> list[int]:
         """The distinct dims of all profiles, ascending."""
         return sorted({p.dims for p in self.profiles})
+
+    def depth(self, profile: Profile) -> int | None:
+        """The layers a profile runs: its own `layers`, else the model's total (None where not recorded)."""
+        return profile.layers if profile.layers is not None else self.total_layers
+
+    @property
+    def layers(self) -> list[int | None]:
+        """The distinct depths of all profiles, shallowest first; None (full depth, total not recorded) last."""
+        return sorted({self.depth(p) for p in self.profiles}, key=lambda n: float("inf") if n is None else n)
 
     @property
     def precisions(self) -> list[str]:
@@ -210,6 +225,7 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
         profiles = tuple(Profile(**{**p, "parity": _parity(p.get("parity"))}) for p in data["profiles"])
         engines = tuple(engine_from_dict(e) for e in data.get("engines", ()))
         trained = data.get("trained_dims")
+        total_layers, trained_layers = data.get("total_layers"), data.get("trained_layers")
         return Manifest(
             name=data["name"],
             source=dict(data["source"]),
@@ -222,6 +238,8 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
             prompts=dict(data.get("prompts") or {}),
             default_prompt=data.get("default_prompt"),
             engines=engines,
+            total_layers=None if total_layers is None else int(total_layers),
+            trained_layers=None if trained_layers is None else tuple(int(n) for n in trained_layers),
             toolkit_version=data.get("toolkit_version", ""),
             schema_version=version,
         )
