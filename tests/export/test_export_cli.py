@@ -113,7 +113,7 @@ def test_trained_dims_flag_warns_and_is_recorded(capsys, tiny_st_dir, tmp_path):
     assert code == 0
     assert "dims 8 not among the dims the model was trained for (32,16)" in err
     assert "checking parity of d8-fp32" in err  # progress
-    assert "| d16-fp32 | 16 | fp32 |" in stdout  # summary table
+    assert "| d16-fp32 | 2 | 16 | fp32 |" in stdout  # summary table
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["trained_dims"] == [32, 16]
 
 
@@ -130,7 +130,7 @@ def test_real_minilm_command_from_the_issue(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "| d64-int8 | 64 | int8 |" in done.stdout
+    assert "| d64-int8 | 6 | 64 | int8 |" in done.stdout
     for precision in ("fp32", "int8"):
         vectors = Embedder.load(out, precision=precision).embed(["hello world", "a second sentence"], dims=128)
         assert vectors.shape == (2, 128)
