@@ -31,6 +31,7 @@ class Runner(Protocol):
     precision: str
     device: str
     providers: list[str]
+    layers: int | None  # the layers it runs, where it keeps fewer than the model has; None: all
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed one batch; returns (seconds, `[len(texts), dims]` unit vectors)."""
@@ -42,25 +43,28 @@ class Runner(Protocol):
 
 
 class EmbedderRunner:
-    """A runtime backend (onnxruntime, tensorrt, ...) of one precision through `Embedder`."""
+    """A runtime backend (onnxruntime, tensorrt, ...) of one precision and depth through `Embedder`."""
 
-    def __init__(self, artifact: Path, backend: str, precision: str, threads: int) -> None:
+    def __init__(self, artifact: Path, backend: str, precision: str, threads: int, layers: int | None = None) -> None:
         # Only onnxruntime takes a thread count; other backends reject unknown options.
         name = resolve_backend(backend, artifact, load_manifest(artifact, verify=False))
         options: dict[str, Any] = {"intra_op_threads": threads} if name == "onnxruntime" else {}
         self.embedder = Embedder.load(artifact, name, precision=precision, **options)
-        self.embedder.warmup()
+        for profile in self.embedder.profiles:  # its own depth only: other depths are other runners
+            if profile.layers == layers:
+                self.embedder.embed(["warm-up"], profile.dims, layers=layers)
         self.backend = self.embedder.backend_name
         self.precision = precision
+        self.layers = layers
         self.providers = self.embedder.providers
         gpu = any(p.startswith(("CUDA", "Tensorrt")) for p in self.providers) or backend == "tensorrt"
         self.device = "cuda" if gpu else "cpu"
-        self.label = f"{self.backend} {precision}"
+        self.label = f"{self.backend} {precision}" + ("" if layers is None else f" l{layers}")
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed as one batch; the result is host memory, so the clock stops after the device is done."""
         start = time.perf_counter()
-        out = self.embedder.embed(texts, dims, batch_size=len(texts), truncate=True)
+        out = self.embedder.embed(texts, dims, layers=self.layers, batch_size=len(texts), truncate=True)
         return time.perf_counter() - start, out
 
     def close(self) -> None:
@@ -117,6 +121,7 @@ class SentenceTransformerRunner:
     """The source model through sentence-transformers: `truncate_dim` and normalisation, inference mode."""
 
     backend = BASELINE
+    layers = None  # the source model, every layer
 
     def __init__(self, path: str, device: str, precision: str, threads: int) -> None:
         import torch
