@@ -201,11 +201,11 @@ def export_artifact(
 ) -> Manifest:
     """Export `source` to the artifact directory `out` and return its manifest."""
     check_dims(source, options.dims)
-    plan_depths(source, options.layers)  # refuse bad layers before any work
+    depths = plan_depths(source, options.layers)  # refuse bad layers before any work
     out = Path(out).absolute()
     tmp = _prepare_output(out, options.force)
     try:
-        manifest = _write_artifact(source, tmp, options, progress)
+        manifest = _write_artifact(source, tmp, options, depths, progress)
         _publish(tmp, out)
         return manifest
     except BaseException:
@@ -213,7 +213,9 @@ def export_artifact(
         raise
 
 
-def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, progress: Progress) -> Manifest:
+def _write_artifact(
+    source: SourceModel, tmp: Path, options: ExportOptions, depths: list[int | None], progress: Progress
+) -> Manifest:
     settings = TokenizerSettings(
         max_length=source.max_length,
         padding_side=source.padding_side,
@@ -232,7 +234,7 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
     precisions = list(dict.fromkeys(options.precisions))
     shared = {prec: graph.SharedWeights(tmp / f"weights-{prec}.bin") for prec in precisions}
     profiles, exporters = [], []
-    for depth in plan_depths(source, options.layers):
+    for depth in depths:
         reference = None
         if options.validate:
             progress(f"computing reference embeddings at {_depth_text(depth)} for {len(job.texts)} validation texts")
