@@ -80,19 +80,19 @@ def plot_quality_speed(rows: Sequence[dict[str, Any]], path: Path, *, title: str
     points = [r for r in rows if r["encoding"] == "float32"]
     markers = "osD^v<>"
     depths = sorted({r.get("layers") or 0 for r in points}, reverse=True)
-    for precision in dict.fromkeys(r["precision"] for r in points):
-        color = None
-        for i, depth in enumerate(depths):
+    colors = plt.get_cmap("viridis")
+    for i, precision in enumerate(dict.fromkeys(r["precision"] for r in points)):
+        for j, depth in enumerate(depths):
             sel = sorted(
                 (r for r in points if r["precision"] == precision and (r.get("layers") or 0) == depth),
                 key=lambda r: r["dims"],
             )
             if not sel:
                 continue
-            label = f"{precision}, {depth or 'all'} layers"
             xs, ys = [r["encode_texts_per_s"] for r in sel], [r[metric] for r in sel]
-            (line,) = ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="", color=color, label=label)
-            color = line.get_color()
+            color = colors(j / max(1, len(depths) - 1) * 0.9)  # one colour per depth, one marker per precision
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="", color=color,
+                    label=f"{precision}, {depth or 'all'} layers")  # fmt: skip
             for r, x, y in zip(sel, xs, ys, strict=True):
                 ax.annotate(f"d{r['dims']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xlabel("texts/s (measured: the whole corpus, batch 32)")

@@ -118,7 +118,8 @@ def test_torch_backend_refuses_a_truncated_profile(model_2d):
 
 def test_trained_layers_come_from_a_real_training_card(tmp_path, caplog):
     from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
 
     st = SentenceTransformer(str(save_sentence_transformer(tmp_path / "base", layers=3)), device="cpu")
     pairs = Dataset.from_dict({"anchor": ["a b", "c d", "e f", "g h"], "positive": ["b a", "d c", "f e", "h g"]})
