@@ -26,6 +26,7 @@ examples:
   mrl-bench serve --target mrl=127.0.0.1:50051 --target triton=127.0.0.1:8001 --triton-model minilm \\
       --client-python .venv-triton/bin/python --concurrency 1,64   # mrl-serve and Triton, same run
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
+  mrl-bench engine artifacts/minilm-2d --layers 3,6 --dims 256 --batch-sizes 1,32   # layer-cut profiles' speed
   mrl-bench corpus chatterbot --out data/chatterbot   # real offline texts: corpus, pairs, request texts
   mrl-bench --compare before.json after.json
 
@@ -101,6 +102,7 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--backends", type=_names, default=("onnxruntime",), help="runtime backends (default onnxruntime)")
     e.add_argument("--precision", type=_names, help="precisions to run (default: all the artifact has)")
     e.add_argument("--dims", type=_ints, help="dims to run (default: all served)")
+    e.add_argument("--layers", type=_ints, help="depths to run, 3,6 (default: all served; the model's total is full)")
     e.add_argument("--batch-sizes", type=_ints, default=(1, 32), help="default 1,32")
     e.add_argument("--seq-lens", type=_ints, default=(32,), help="synthetic texts of exactly N tokens (default 32)")
     e.add_argument("--texts", type=Path, help="real texts, one a line, instead of --seq-lens")
@@ -182,6 +184,7 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--corpus", type=Path, required=True, help="documents, one a line")
     t.add_argument("--pairs", type=Path, help='JSONL of {"query": ..., "positive": ...} for labelled recall and MRR')
     t.add_argument("--precision", type=_names, help="precisions (default: all the artifact has)")
+    t.add_argument("--layers", type=_ints, help="depths, 3,6 (default: all the artifact serves)")
     t.add_argument(
         "--encodings",
         type=_names,
@@ -229,6 +232,7 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
         backends=args.backends,
         precisions=args.precision,
         dims=args.dims,
+        layers=args.layers,
         batch_sizes=args.batch_sizes,
         seq_lens=args.seq_lens,
         texts=None if args.texts is None else tuple(read_lines(args.texts)),
@@ -301,6 +305,7 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
         corpus=tuple(read_lines(args.corpus, what="corpus")),
         pairs=tuple(read_pairs(args.pairs)) if args.pairs else (),
         precisions=args.precision,
+        layers=args.layers,
         encodings=args.encodings,
         max_queries=args.max_queries,
         target_recall=args.target_recall,
@@ -309,12 +314,14 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
     )
     rows, extra = run_tradeoff(config, progress)
     if not args.no_plot:
-        from mrl.bench.plot import plot_tradeoff
+        from mrl.bench.plot import plot_quality_speed, plot_tradeoff
 
         path = args.plot or args.out.with_suffix(".png")
         title = f"{args.artifact.name}: {extra['n_documents']} documents from {args.corpus.name}"
         extra["plot"] = str(plot_tradeoff(rows, path, target=args.target_recall, title=title))
-        progress(f"plot written to {path}")
+        speed = path.with_name(f"{path.stem}-speed{path.suffix}")
+        extra["plot_speed"] = str(plot_quality_speed(rows, speed, title=f"{title}: quality against speed"))
+        progress(f"plots written to {path} and {speed}")
     lines = ["", *recommendation_lines(extra["recommendation"], extra["reference"])]
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_table(

@@ -39,6 +39,7 @@ class EngineConfig:
     backends: tuple[str, ...] = ("onnxruntime",)
     precisions: tuple[str, ...] | None = None  # None: every precision the artifact has
     dims: tuple[int, ...] | None = None  # None: every dims it serves
+    layers: tuple[int, ...] | None = None  # None: every depth it serves (the model's total is full depth)
     batch_sizes: tuple[int, ...] = (1, 32)
     seq_lens: tuple[int, ...] = (32,)
     texts: tuple[str, ...] | None = None  # real texts replace the synthetic seq lens
@@ -118,6 +119,17 @@ def cosine_stats(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     return {"min": float(cos.min()), "mean": float(cos.mean())}
 
 
+def depth_keys(requested: Sequence[int] | None, manifest: Manifest) -> list[int | None]:
+    """The `Profile.layers` to run, full depth (None) first: the requested depths, else every one served."""
+    served = {p.layers for p in manifest.profiles}
+    keys = served if requested is None else {None if n == manifest.total_layers else n for n in requested}
+    missing = keys - served
+    if missing:
+        names = ", ".join(str(n) for n in manifest.layers)
+        raise InvalidInputError(f"the artifact has no profiles that keep {min(missing)} layers; it serves {names}")
+    return sorted(keys, key=lambda k: -(k or float("inf")))
+
+
 def reference_label(runners: Sequence[Runner]) -> str | None:
     """Which runner others are checked against: the PyTorch fp32 baseline, else the first fp32 runner."""
     fp32 = [r for r in runners if r.precision == "fp32"]
@@ -135,6 +147,7 @@ def load_runners(config: EngineConfig, manifest: Manifest, progress: Progress) -
         raise InvalidInputError(
             f"the artifact has no {', '.join(missing)} profiles; it has {', '.join(manifest.precisions)}"
         )
+    depths = depth_keys(config.layers, manifest)
     present = torch_present()
     plan = plan_baseline(
         config.baseline,
@@ -148,7 +161,8 @@ def load_runners(config: EngineConfig, manifest: Manifest, progress: Progress) -
     runners: list[Runner] = []
     load_mib: dict[str, float | None] = {}
     makers: list[Callable[[], Runner]] = [
-        (lambda b=b, p=p: EmbedderRunner(config.artifact, b, p, config.threads))
+        (lambda b=b, p=p, n=n: EmbedderRunner(config.artifact, b, p, config.threads, n))
+        for n in depths
         for b in config.backends
         for p in precisions
     ]
@@ -186,14 +200,19 @@ def peaks_list(peaks: dict[tuple[str, str], flops.Peak]) -> list[dict[str, Any]]
 
 
 def quality(runners: Sequence[Runner], texts: Sequence[str], dims: int) -> dict[str, dict[str, Any] | None]:
-    """Each runner's min / mean cosine to the reference runner on the same texts (batches of 32)."""
-    ref = reference_label(runners)
-    if ref is None:
-        return {r.label: None for r in runners}
-    outputs = {}
-    for r in runners:
-        outputs[r.label] = np.concatenate([r.timed(texts[i : i + 32], dims)[1] for i in range(0, len(texts), 32)])
-    return {r.label: {"reference": ref, **cosine_stats(outputs[r.label], outputs[ref])} for r in runners}
+    """Each runner's min / mean cosine to the reference runner of its depth on the same texts (batches of 32)."""
+    result: dict[str, dict[str, Any] | None] = {}
+    for depth in dict.fromkeys(r.layers for r in runners):
+        group = [r for r in runners if r.layers == depth]
+        ref = reference_label(group)
+        if ref is None:
+            result.update({r.label: None for r in group})
+            continue
+        outputs = {}
+        for r in group:
+            outputs[r.label] = np.concatenate([r.timed(texts[i : i + 32], dims)[1] for i in range(0, len(texts), 32)])
+        result.update({r.label: {"reference": ref, **cosine_stats(outputs[r.label], outputs[ref])} for r in group})
+    return result
 
 
 def build_row(
@@ -231,10 +250,16 @@ def build_row(
 
 
 def add_speedups(rows: list[dict[str, Any]]) -> None:
-    """Fill each row's `speedup`: its texts/s over the paired baseline's in the same cell."""
+    """Fill `speedup` (texts/s over the paired full-depth baseline's) and `vs_full_depth` in each row's cell."""
     key = ("dims", "batch_size", "seq_len")
+    full = {(tuple(r[k] for k in key), r["backend"], r["precision"], r["device"]): r for r in rows if r["full_depth"]}
+    for row in rows:
+        same = full.get((tuple(row[k] for k in key), row["backend"], row["precision"], row["device"]))
+        row["vs_full_depth"] = None if same is None else ratio(row["texts_per_s"], same["texts_per_s"])
     baselines = {(tuple(r[k] for k in key), r["precision"]): r for r in rows if r["backend"] == BASELINE}
     for row in rows:
+        if not row["full_depth"]:
+            continue  # the baseline runs every layer: a cut profile's gain over it is vs_full_depth x speedup
         cell = tuple(row[k] for k in key)
         available = [p for (c, p) in baselines if c == cell]
         paired = pair_baseline(row["precision"], available)
@@ -304,17 +329,19 @@ def run_engine(config: EngineConfig, progress: Progress) -> tuple[list[dict[str,
                         runners, batches, dims, config.warmup, block=config.block, settle_s=config.settle_ms / 1000
                     )
                     busy = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
-                    fpt = None if model_config is None else flops.flops_per_token(model_config, tokens)
                     for r in runners:
                         row = build_row(
                             r,
                             timings[r.label],
                             cell={"dims": dims, "batch_size": batch, "seq_len": seq_len},
                             tokens_per_text=tokens,
-                            flops_per_token=fpt,
+                            flops_per_token=None
+                            if model_config is None
+                            else flops.flops_per_token(model_config, tokens, r.layers),
                             peak=flops.peak_for(r.precision, {k[1]: v for k, v in peaks.items() if k[0] == r.device}),
                         )
-                        rows.append({**row, "cosine_vs_reference": checked[r.label], "other_load_cores": busy})
+                        depth = {"layers": r.layers or manifest.total_layers, "full_depth": r.layers is None}
+                        rows.append({**row, **depth, "cosine_vs_reference": checked[r.label], "other_load_cores": busy})
         add_speedups(rows)
     finally:
         for r in runners:
@@ -327,9 +354,9 @@ def engine_table(rows: Sequence[dict[str, Any]]) -> str:
     from mrl.bench.report import markdown_table
 
     headers = [
-        "backend", "precision", "dims", "batch", "seq", "tok/text", "p50 ms", "p90 ms", "p99 ms",
-        "texts/s", "tokens/s", "speed-up", "vs", "GFLOP/s", "% of peak", "peak RSS MiB", "cos mean", "cos min",
-        "other load",
+        "backend", "precision", "layers", "dims", "batch", "seq", "tok/text", "p50 ms", "p90 ms", "p99 ms",
+        "texts/s", "tokens/s", "vs full depth", "speed-up", "vs", "GFLOP/s", "% of peak", "peak RSS MiB", "cos mean",
+        "cos min", "other load",
     ]  # fmt: skip
     body = []
     for r in rows:
@@ -338,6 +365,7 @@ def engine_table(rows: Sequence[dict[str, Any]]) -> str:
             [
                 r["backend"] + ("" if r["device"] == "cpu" else f" ({r['device']})"),
                 r["precision"],
+                r.get("layers") or "all",
                 r["dims"],
                 r["batch_size"],
                 r["seq_len"] if r["seq_len"] is not None else "file",
@@ -347,6 +375,7 @@ def engine_table(rows: Sequence[dict[str, Any]]) -> str:
                 lat["p99_ms"],
                 r["texts_per_s"],
                 r["tokens_per_s"],
+                None if r.get("vs_full_depth") is None else f"{r['vs_full_depth']:.2f}x",
                 None if sp.get("ratio") is None else f"{sp['ratio']:.2f}x",
                 sp.get("vs"),
                 None if r["flops_per_s"] is None else r["flops_per_s"] / 1e9,

@@ -34,15 +34,16 @@ def find_model_config(path: Path | str | None) -> dict[str, Any] | None:
     return None
 
 
-def flops_per_token(config: dict[str, Any], seq_len: float) -> float:
+def flops_per_token(config: dict[str, Any], seq_len: float, layers: int | None = None) -> float:
     """Matmul FLOPs (2 per multiply-add) per token of one forward pass through the encoder layers.
 
     Counts the Q, K, V and output projections, the MLP, and attention's QK^T and AV products at
     sequence length `seq_len`; leaves out embeddings, norms, softmax and pooling (a few percent).
+    `layers`: a profile that keeps only the first layers (None: all of them).
     """
     cfg = config.get("text_config", config)  # multimodal configs nest the text tower
     h = int(cfg["hidden_size"])
-    layers = int(cfg["num_hidden_layers"])
+    layers = int(cfg["num_hidden_layers"]) if layers is None else layers
     inter = int(cfg.get("intermediate_size") or 4 * h)
     heads = int(cfg.get("num_attention_heads") or 1)
     head_dim = int(cfg.get("head_dim") or h // heads)

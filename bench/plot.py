@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mrl.bench.tradeoff import variant
 from mrl.runtime.errors import BackendUnavailableError
 
 
@@ -25,13 +26,10 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, *, target: float, 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     bytes_ax = ax.twinx()
-    variants = list(dict.fromkeys((r["precision"], r["encoding"]) for r in rows))
-    for precision, encoding in variants:
-        sel = sorted(
-            (r for r in rows if (r["precision"], r["encoding"]) == (precision, encoding)), key=lambda r: r["dims"]
-        )
+    for name in dict.fromkeys(variant(r) for r in rows):
+        sel = sorted((r for r in rows if variant(r) == name), key=lambda r: r["dims"])
         dims = [r["dims"] for r in sel]
-        (line,) = ax.plot(dims, [r["recall_at_10"] for r in sel], marker="o", label=f"{precision}/{encoding} vs full")
+        (line,) = ax.plot(dims, [r["recall_at_10"] for r in sel], marker="o", label=f"{name} vs full")
         if "labelled_recall_at_10" in sel[0]:
             ax.plot(
                 dims,
@@ -39,7 +37,7 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, *, target: float, 
                 marker="s",
                 linestyle="--",
                 color=line.get_color(),
-                label=f"{precision}/{encoding} pairs",
+                label=f"{name} pairs",
             )
     for encoding in dict.fromkeys(r["encoding"] for r in rows):
         sel = sorted({r["dims"]: r["bytes_per_vector"] for r in rows if r["encoding"] == encoding}.items())
@@ -57,6 +55,10 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, *, target: float, 
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     if path.parent != Path():
@@ -64,3 +66,38 @@ def plot_tradeoff(rows: Sequence[dict[str, Any]], path: Path, *, target: float, 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_quality_speed(rows: Sequence[dict[str, Any]], path: Path, *, title: str) -> Path:
+    """Write a PNG: quality against measured texts/s, one point per (layers, dims) profile and precision.
+
+    Quality is the labelled recall@10 where pairs were given, else recall@10 against the full
+    model's neighbours; float32 vectors only (the output encoding changes bytes, not speed).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    metric = "labelled_recall_at_10" if any("labelled_recall_at_10" in r for r in rows) else "recall_at_10"
+    points = [r for r in rows if r["encoding"] == "float32"]
+    markers = "osD^v<>"
+    depths = sorted({r.get("layers") or 0 for r in points}, reverse=True)
+    colors = plt.get_cmap("viridis")
+    for i, precision in enumerate(dict.fromkeys(r["precision"] for r in points)):
+        for j, depth in enumerate(depths):
+            sel = sorted(
+                (r for r in points if r["precision"] == precision and (r.get("layers") or 0) == depth),
+                key=lambda r: r["dims"],
+            )
+            if not sel:
+                continue
+            xs, ys = [r["encode_texts_per_s"] for r in sel], [r[metric] for r in sel]
+            color = colors(j / max(1, len(depths) - 1) * 0.9)  # one colour per depth, one marker per precision
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="", color=color,
+                    label=f"{precision}, {depth or 'all'} layers")  # fmt: skip
+            for r, x, y in zip(sel, xs, ys, strict=True):
+                ax.annotate(f"d{r['dims']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xlabel("texts/s (measured: the whole corpus, batch 32)")
+    ax.set_ylabel("recall@10 on the pairs" if metric == "labelled_recall_at_10" else "recall@10 vs full")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)

@@ -29,6 +29,7 @@ class Runner(Protocol):
     precision: str
     device: str  # "cuda" or "cpu": where the work runs, which peak it is held against
     providers: list[str]
+    layers: int | None  # the layers it runs, where it keeps fewer than the model has; None: all
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed one batch; returns (seconds, `[len(texts), dims]` unit vectors)."""
@@ -53,23 +54,27 @@ def device_label(devices: set[str]) -> str:
 
 
 class EmbedderRunner:
-    """A runtime backend (onnxruntime, tensorrt, ...) of one precision through `Embedder`."""
+    """A runtime backend (onnxruntime, tensorrt, ...) of one precision and depth through `Embedder`."""
 
-    def __init__(self, artifact: Path, backend: str, precision: str, threads: int) -> None:
+    def __init__(self, artifact: Path, backend: str, precision: str, threads: int, layers: int | None = None) -> None:
         # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
         self.embedder = Embedder.load(artifact, backend, precision=precision, intra_op_threads=threads)
-        self.embedder.warmup()
+        for profile in self.embedder.profiles:  # its own depth only: other depths are other runners
+            if profile.layers == layers:
+                self.embedder.embed(["warm-up"], profile.dims, layers=layers)
         self.backend = self.embedder.backend_name
         self.precision = precision
+        self.layers = layers
         self.providers = self.embedder.providers
         # The backends say where they run; provider strings do not (torch's say "torch ... cuda").
-        self.device = device_label({self.embedder.backend_for(p).device for p in self.embedder.profiles})
-        self.label = f"{self.backend} {precision}"
+        mine = [p for p in self.embedder.profiles if p.layers == layers]
+        self.device = device_label({self.embedder.backend_for(p).device for p in mine})
+        self.label = f"{self.backend} {precision}" + ("" if layers is None else f" l{layers}")
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed as one batch; the result is host memory, so the clock stops after the device is done."""
         start = time.perf_counter()
-        out = self.embedder.embed(texts, dims, batch_size=len(texts), truncate=True)
+        out = self.embedder.embed(texts, dims, layers=self.layers, batch_size=len(texts), truncate=True)
         return time.perf_counter() - start, out
 
     def reset_device_peak(self) -> None:
@@ -133,6 +138,7 @@ class SentenceTransformerRunner:
     """The source model through sentence-transformers: `truncate_dim` and normalisation, inference mode."""
 
     backend = BASELINE
+    layers = None  # the source model, every layer
 
     def __init__(self, path: str, device: str, precision: str, threads: int) -> None:
         import torch

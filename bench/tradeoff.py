@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from mrl.bench import memory, retrieval
+from mrl.bench import flops, memory, retrieval
+from mrl.bench.engine import depth_keys
 from mrl.bench.report import markdown_table
 from mrl.bench.texts import Pair
 from mrl.runtime import encodings
@@ -32,6 +33,7 @@ class TradeoffConfig:
     corpus: tuple[str, ...]
     pairs: tuple[Pair, ...] = ()
     precisions: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None  # depths to evaluate (None: every depth the artifact serves)
     encodings: tuple[str, ...] = ("float32", "int8", "ubinary")
     k: int = 10
     max_queries: int = 1000
@@ -72,17 +74,30 @@ def encode_corpus(vectors: np.ndarray, encoding: str) -> tuple[np.ndarray, np.nd
     return encodings.encode(vectors, encoding, ranges), ranges
 
 
+def variant(row: dict[str, Any]) -> str:
+    """A row's precision and encoding, and its depth where it keeps fewer layers than the model has."""
+    name = f"{row['precision']}/{row['encoding']}"
+    return name if row.get("full_depth", True) else f"l{row['layers']} {name}"
+
+
+def cost(row: dict[str, Any]) -> tuple[float, int]:
+    """What a row costs, for "fewest FLOPs and bytes": compute per text first (the layer share where FLOPs are
+    unknown), then bytes per vector."""
+    flops_per_text = row.get("flops_per_text")
+    return (row.get("layer_share", 1.0) if flops_per_text is None else flops_per_text, row["bytes_per_vector"])
+
+
 def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
-    """Smallest dims meeting the target per precision and encoding, and the fewest bytes overall.
+    """Smallest dims meeting the target per variant, the fewest bytes, and the fewest FLOPs and bytes overall.
 
     Label-free: recall@10 against the full-width neighbours >= target. Labelled (when pairs were
-    given): labelled recall@10 >= target x the full-width fp32 float32 labelled recall@10, i.e. keeps
-    that share of the best quality this artifact reaches on the user's own pairs.
+    given): labelled recall@10 >= target x the full-depth, full-width fp32 float32 labelled recall@10,
+    i.e. keeps that share of the best quality this artifact reaches on the user's own pairs.
     """
-    variants = list(dict.fromkeys((r["precision"], r["encoding"]) for r in rows))
+    variants = list(dict.fromkeys(variant(r) for r in rows))
     full = max(
         (r for r in rows if r["encoding"] == "float32"),
-        key=lambda r: (r["precision"] == "fp32", r["dims"]),
+        key=lambda r: (r.get("full_depth", True), r["precision"] == "fp32", r["dims"]),
         default=None,
     )
     labelled_floor = None
@@ -91,10 +106,18 @@ def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
 
     def smallest(metric: str, floor: float) -> dict[str, int | None]:
         out: dict[str, int | None] = {}
-        for key in variants:
-            ok = [r["dims"] for r in rows if (r["precision"], r["encoding"]) == key and r[metric] >= floor]
-            out[f"{key[0]}/{key[1]}"] = min(ok) if ok else None
+        for name in variants:
+            ok = [r["dims"] for r in rows if variant(r) == name and r[metric] >= floor]
+            out[name] = min(ok) if ok else None
         return out
+
+    def cheapest(metric: str, floor: float | None) -> dict[str, Any] | None:
+        passing = [r for r in rows if floor is not None and r[metric] >= floor]
+        if not passing:
+            return None
+        best = min(passing, key=lambda r: (*cost(r), -r[metric]))
+        keys = ("precision", "layers", "dims", "encoding", "bytes_per_vector", "flops_per_text", metric)
+        return {k: best.get(k) for k in keys}
 
     passing = [r for r in rows if r["recall_at_10"] >= target]
     best = min(passing, key=lambda r: (r["bytes_per_vector"], -r["recall_at_10"])) if passing else None
@@ -103,17 +126,19 @@ def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
         "smallest_dims": smallest("recall_at_10", target),
         "fewest_bytes": None
         if best is None
-        else {k: best[k] for k in ("precision", "dims", "encoding", "bytes_per_vector", "recall_at_10")},
+        else {k: best.get(k) for k in ("precision", "layers", "dims", "encoding", "bytes_per_vector", "recall_at_10")},
+        "cheapest": cheapest("recall_at_10", target),
         "labelled_floor": labelled_floor,
         "labelled_smallest_dims": None if labelled_floor is None else smallest("labelled_recall_at_10", labelled_floor),
+        "labelled_cheapest": cheapest("labelled_recall_at_10", labelled_floor),
     }
 
 
 def _embed_timed(
-    embedder: Embedder, texts: Sequence[str], dims: int, batch: int, prompt: str | None
+    embedder: Embedder, texts: Sequence[str], dims: int, batch: int, prompt: str | None, layers: int | None
 ) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    vectors = embedder.embed(texts, dims, prompt, batch_size=batch, truncate=True)
+    vectors = embedder.embed(texts, dims, prompt, layers=layers, batch_size=batch, truncate=True)
     return vectors, time.perf_counter() - start
 
 
@@ -142,7 +167,8 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
         "n_label_free_queries": len(query_rows),
         "n_pairs": len(config.pairs),
         "labelled_pool": len(pool) if labelled else None,
-        "reference": f"{reference_precision} float32 at dims {full}",
+        "reference": f"{reference_precision} float32 at dims {full}"
+        + ("" if manifest.total_layers is None else f", {manifest.layers[-1]} of {manifest.total_layers} layers"),
         "full_dims": manifest.full_dims,
         "trained_dims": manifest.trained_dims,
     }
@@ -152,31 +178,57 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
         )
     progress(f"embedding {len(docs)} documents with {reference_precision} at dims {full} (the reference)")
     reference = _reference_neighbours(config, docs, query_rows, reference_precision, full)
+    depths = depth_keys(config.layers, manifest)
+    model_config = flops.find_model_config(manifest.source.get("path"))
     rows: list[dict[str, Any]] = []
     for precision in precisions:
         embedder = _load(config, precision)
         try:
-            doc_prompt, query_prompt = _prompt(embedder, "document"), _prompt(embedder, "query")
-            for dims in sorted(embedder.manifest.dims, reverse=True):
-                progress(f"embedding {len(pool)} documents with {precision} at dims {dims}")
-                before = memory.cpu_snapshot()
-                vectors, seconds = _embed_timed(embedder, pool, dims, config.batch_size, doc_prompt)
-                busy = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
-                queries = None
-                if labelled:
-                    queries, _ = _embed_timed(
-                        embedder, [p.query for p in config.pairs], dims, config.batch_size, query_prompt
+            tokens = float(np.mean([e.n_tokens for e in embedder.tokenizer.encode(pool, truncate=True)]))
+            for depth in depths:
+                layers = depth or manifest.total_layers
+                per_token = None if model_config is None else flops.flops_per_token(model_config, tokens, depth)
+                facts = {
+                    "layers": layers,
+                    "full_depth": depth is None,
+                    "layer_share": 1.0 if depth is None else depth / (manifest.total_layers or depth),
+                    "flops_per_text": None if per_token is None else per_token * tokens,
+                }
+                for dims in sorted({p.dims for p in embedder.profiles if p.layers == depth}, reverse=True):
+                    progress(
+                        f"embedding {len(pool)} documents with {precision} at {layers or 'all'} layers, dims {dims}"
                     )
-                embedded = Embedded(
-                    precision=precision, dims=dims, pool=vectors, n_docs=len(docs), queries=queries,
-                    seconds=seconds, other_load=busy,
-                )  # fmt: skip
-                rows += _score(config, embedded, reference, query_rows, positive_index)
+                    embedded = _embed_profile(config, embedder, pool, depth, dims, facts)
+                    rows += _score(config, embedded, reference, query_rows, positive_index)
         finally:
             embedder.close()
-    rows.sort(key=lambda r: (precisions.index(r["precision"]), config.encodings.index(r["encoding"]), -r["dims"]))
+    rows.sort(
+        key=lambda r: (
+            precisions.index(r["precision"]),
+            -r["layer_share"],
+            config.encodings.index(r["encoding"]),
+            -r["dims"],
+        )
+    )
     extra["recommendation"] = recommend(rows, config.target_recall)
     return rows, extra
+
+
+def _embed_profile(
+    config: TradeoffConfig, embedder: Embedder, pool: list[str], depth: int | None, dims: int, facts: dict[str, Any]
+) -> Embedded:
+    """Embed the pool (timed) and the queries with one profile."""
+    before = memory.cpu_snapshot()
+    vectors, seconds = _embed_timed(embedder, pool, dims, config.batch_size, _prompt(embedder, "document"), depth)
+    busy = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
+    queries = None
+    if config.pairs:
+        query_texts = [p.query for p in config.pairs]
+        queries, _ = _embed_timed(embedder, query_texts, dims, config.batch_size, _prompt(embedder, "query"), depth)
+    return Embedded(
+        precision=embedder.precision, dims=dims, pool=vectors, n_docs=len(unique(config.corpus)), queries=queries,
+        seconds=seconds, other_load=busy, facts=facts,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -190,6 +242,7 @@ class Embedded:
     queries: np.ndarray | None
     seconds: float
     other_load: float | None
+    facts: dict[str, Any]  # the profile's depth: layers, full_depth, layer_share, flops_per_text
 
 
 def _reference_neighbours(
@@ -219,6 +272,7 @@ def _score(
         size = encodings.bytes_per_vector(encoding, embedded.dims)
         row: dict[str, Any] = {
             "precision": embedded.precision,
+            **embedded.facts,
             "dims": embedded.dims,
             "encoding": encoding,
             "bytes_per_vector": size,
@@ -244,13 +298,28 @@ def recommendation_lines(rec: dict[str, Any], reference: str) -> list[str]:
             f"fewest bytes meeting it: {best['precision']} {best['encoding']} at dims {best['dims']} "
             f"({best['bytes_per_vector']} bytes/vector, recall@10 {best['recall_at_10']:.3f})"
         )
+    if rec.get("cheapest"):
+        lines.append(f"fewest FLOPs, then bytes, meeting it: {_cheapest_text(rec['cheapest'], 'recall_at_10')}")
     if rec.get("labelled_smallest_dims") is not None:
         lines.append(
             f"smallest dims keeping {rec['target_recall_at_10']:.0%} of the full-width labelled recall@10 "
             f"(>= {rec['labelled_floor']:.3f}) on the pairs:"
         )
         lines += [f"  {variant}: {d if d else 'none'}" for variant, d in rec["labelled_smallest_dims"].items()]
+        best = rec.get("labelled_cheapest")
+        lines.append(
+            "fewest FLOPs, then bytes, keeping it: "
+            + (_cheapest_text(best, "labelled_recall_at_10") if best else "none")
+        )
     return lines
+
+
+def _cheapest_text(best: dict[str, Any], metric: str) -> str:
+    compute = "" if best["flops_per_text"] is None else f"{best['flops_per_text'] / 1e6:.0f} MFLOP/text, "
+    return (
+        f"{best['precision']} {best['encoding']} at {best['layers'] or 'all'} layers and dims {best['dims']} "
+        f"({compute}{best['bytes_per_vector']} bytes/vector, {metric.replace('_at_', '@')} {best[metric]:.3f})"
+    )
 
 
 def _labelled(
@@ -282,12 +351,13 @@ def _load(config: TradeoffConfig, precision: str) -> Embedder:
 def tradeoff_table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table `mrl-bench tradeoff` prints."""
     labelled = any("mrr_at_10" in r for r in rows)
-    headers = ["precision", "dims", "encoding", "bytes/vector", "index MB", "recall@10 vs full"]
+    headers = ["precision", "layers", "dims", "encoding", "bytes/vector", "index MB", "MFLOP/text", "recall@10 vs full"]
     headers += ["recall@10 (pairs)", "MRR@10 (pairs)"] if labelled else []
     headers += ["encode ms/text", "texts/s", "other load"]
     body = []
     for r in rows:
-        cells = [r["precision"], r["dims"], r["encoding"], r["bytes_per_vector"], r["index_bytes"] / 1e6]
+        cells = [r["precision"], r.get("layers") or "all", r["dims"], r["encoding"], r["bytes_per_vector"]]
+        cells += [r["index_bytes"] / 1e6, None if r.get("flops_per_text") is None else r["flops_per_text"] / 1e6]
         cells.append(f"{r['recall_at_10']:.3f}")
         if labelled:
             cells += [f"{r['labelled_recall_at_10']:.3f}", f"{r['mrr_at_10']:.3f}"]

@@ -19,8 +19,9 @@ import mrl
 from mrl.export import graph, parity, precision
 from mrl.export.calibrate import CalibrationTexts, calibrate
 from mrl.export.errors import ExportError, ParityError
+from mrl.export.layers import LAYER_LOSSES, reference_embeddings
 from mrl.export.source import SourceModel
-from mrl.runtime.errors import DimsError
+from mrl.runtime.errors import DimsError, LayersError
 from mrl.runtime.manifest import (
     PRECISIONS,
     Manifest,
@@ -42,6 +43,7 @@ class ExportOptions:
 
     dims: tuple[int, ...]
     precisions: tuple[str, ...] = ("fp32",)
+    layers: tuple[int, ...] | None = None  # depths to export (None: the full depth only)
     exporter: str = "auto"
     validate: bool = True
     force: bool = False
@@ -59,6 +61,11 @@ class ExportOptions:
             raise ExportError(
                 f"unknown precision {unknown[0] if unknown else ''!r}; choose from {', '.join(PRECISIONS)}"
             )
+        for n in self.layers or ():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise LayersError(f"layers must be positive integers, not {n!r}")
+        if self.layers is not None and not self.layers:
+            raise LayersError("give at least one layers value, e.g. --layers 3,6")
         if self.exporter not in graph.EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; choose from {', '.join(graph.EXPORTERS)}")
 
@@ -76,6 +83,44 @@ def check_dims(source: SourceModel, dims: tuple[int, ...]) -> None:
                 ",".join(map(str, untrained)),
                 ",".join(map(str, source.trained_dims)),
             )
+
+
+def plan_depths(source: SourceModel, layers: tuple[int, ...] | None) -> list[int | None]:
+    """The depths to export, deepest first (None: full depth); refuse depths the model lacks, warn on untrained ones."""
+    total = source.total_layers
+    if layers is None or set(layers) == {total}:
+        return [None]
+    if source.kind == "onnx":
+        raise LayersError(
+            "--layers cannot cut an existing ONNX encoder: its graph marks no layer boundaries that could be cut "
+            "soundly (exporters name and fuse nodes differently); export the PyTorch model (its "
+            "sentence-transformers or transformers directory) instead"
+        )
+    if total is None:
+        raise LayersError("the model's config does not say how many layers it has, so --layers cannot cut it")
+    above = [n for n in layers if n > total]
+    if above:
+        raise LayersError(f"layers {above[0]} is above the model's {total} layers")
+    cut = sorted({n for n in layers if n < total}, reverse=True)
+    if source.trained_layers is None:
+        log.warning(
+            "the model card records no %s, so layers %s were probably never trained to be used alone: quality may "
+            "drop sharply (--trained-layers says which depths the model was trained for)",
+            " or ".join(LAYER_LOSSES),
+            ",".join(map(str, cut)),
+        )
+    elif untrained := [n for n in cut if n not in source.trained_layers]:
+        log.warning(
+            "layers %s not among the depths the model was trained for (%s): quality may drop sharply",
+            ",".join(map(str, untrained)),
+            ",".join(map(str, source.trained_layers)),
+        )
+    return ([None] if total in layers else []) + cut
+
+
+def profile_name(dims: int, prec: str, layers: int | None) -> str:
+    """`d64-fp32` at full depth (as before layers existed), `l3-d64-fp32` for a profile that keeps 3 layers."""
+    return f"d{dims}-{prec}" if layers is None else f"l{layers}-d{dims}-{prec}"
 
 
 def _prepare_output(out: Path, force: bool) -> Path:
@@ -109,16 +154,22 @@ def _publish(tmp: Path, out: Path) -> None:
         tmp.replace(out)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Job:
+    """What every step of one export shares."""
+
+    source: SourceModel
+    tokenizer: TextTokenizer
+    texts: list[str]
+    workdir: Path
+    progress: Progress
+
+
 def _pooled_fp32(
-    source: SourceModel,
-    exporter: str,
-    tokenizer: TextTokenizer,
-    reference: np.ndarray | None,
-    texts: list[str],
-    workdir: Path,
-    progress: Progress,
+    job: _Job, exporter: str, reference: np.ndarray | None, layers: int | None
 ) -> tuple[onnx.ModelProto, str]:
-    """The fp32 pooled graph; with exporter "auto", the first exporter whose graph passes parity."""
+    """The fp32 pooled graph at a depth; with exporter "auto", the first exporter whose graph passes parity."""
+    source = job.source
     if source.kind == "onnx":
         from mrl.export.onnx_source import pooled_graph
 
@@ -126,23 +177,27 @@ def _pooled_fp32(
     candidates = ["legacy", "dynamo"] if exporter == "auto" else [exporter]
     failures = []
     for name in candidates:
-        progress(f"exporting with the {name} exporter")
+        job.progress(f"exporting {_depth_text(layers)} with the {name} exporter")
         try:
-            model = graph.export_pooled_encoder(source.st_model, source.inputs, name, workdir)
+            model = graph.export_pooled_encoder(source.st_model, source.inputs, name, job.workdir, layers)
         except Exception as e:  # exporters fail in many untyped ways; the next one may succeed
             failures.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
         if reference is None:
             return model, name
-        probe = workdir / f"probe-{name}.onnx"
+        probe = job.workdir / f"probe-{name}-{layers}.onnx"
         onnx.save_model(graph.append_mrl_head(model, source.full_dims), str(probe), save_as_external_data=True)
         result = parity.compare(
-            parity.embed_graph(probe, tokenizer, texts), reference, source.full_dims, "fp32", "probe"
+            parity.embed_graph(probe, job.tokenizer, job.texts), reference, source.full_dims, "fp32", "probe"
         )
         if result.passed:
             return model, name
         failures.append(f"{name}: parity min cosine {result.min_cosine:.6f}")
-    raise ExportError("no exporter produced a matching graph: " + "; ".join(failures))
+    raise ExportError(f"no exporter produced a matching graph at {_depth_text(layers)}: " + "; ".join(failures))
+
+
+def _depth_text(layers: int | None) -> str:
+    return "full depth" if layers is None else f"{layers} layers"
 
 
 def export_artifact(
@@ -150,10 +205,11 @@ def export_artifact(
 ) -> Manifest:
     """Export `source` to the artifact directory `out` and return its manifest."""
     check_dims(source, options.dims)
+    depths = plan_depths(source, options.layers)  # refuse bad layers before any work
     out = Path(out).absolute()
     tmp = _prepare_output(out, options.force)
     try:
-        manifest = _write_artifact(source, tmp, options, progress)
+        manifest = _write_artifact(source, tmp, options, depths, progress)
         _publish(tmp, out)
         return manifest
     except BaseException:
@@ -161,7 +217,9 @@ def export_artifact(
         raise
 
 
-def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, progress: Progress) -> Manifest:
+def _write_artifact(
+    source: SourceModel, tmp: Path, options: ExportOptions, depths: list[int | None], progress: Progress
+) -> Manifest:
     tokenizer_file = tmp / TokenizerSettings.file
     tokenizer_file.write_text(source.tokenizer_json)
     settings = TokenizerSettings(
@@ -172,59 +230,50 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
         pad_token=source.pad_token,
         inputs=source.inputs,
     )
-    tokenizer = TextTokenizer.load(tmp, settings)
-    texts = parity.validation_texts()
-    reference = None
-    if options.validate:
-        progress(f"computing reference embeddings for {len(texts)} validation texts")
-        reference = _reference(source, texts)
-    work = Path(tempfile.mkdtemp(prefix="work-", dir=tmp))
-    fp32, exporter = _pooled_fp32(source, options.exporter, tokenizer, reference, texts, work, progress)
-    profiles, weights = [], []
-    dims = sorted(set(options.dims), reverse=True)
-    for prec in dict.fromkeys(options.precisions):
-        progress(f"converting to {prec}")
-        base = graph.save_shared_weights(precision.convert(fp32, prec, work), tmp, f"weights-{prec}.bin")
-        weights.append(_weights_entry(tmp, f"weights-{prec}.bin", prec))
-        for d in dims:
-            name = f"d{d}-{prec}"
-            path = tmp / f"{name}.onnx"
-            graph.save_graph(graph.append_mrl_head(base, d), path)
-            result = None
-            if reference is not None:
-                progress(f"checking parity of {name}")
-                result = parity.compare(
-                    parity.embed_graph(path, tokenizer, texts), reference, d, prec, _ref_name(source)
-                )
-                if not result.passed:
-                    raise ParityError(_parity_message(name, prec, result))
-            profiles.append(
-                Profile(
-                    name=name,
-                    dims=d,
-                    precision=prec,
-                    file=path.name,
-                    sha256=sha256_file(path),
-                    weights=f"weights-{prec}.bin",
-                    parity=result,
-                )
-            )
-    shutil.rmtree(work)
+    job = _Job(
+        source=source,
+        tokenizer=TextTokenizer.load(tmp, settings),
+        texts=parity.validation_texts(),
+        workdir=Path(tempfile.mkdtemp(prefix="work-", dir=tmp)),
+        progress=progress,
+    )
+    precisions = list(dict.fromkeys(options.precisions))
+    shared = {prec: graph.SharedWeights(tmp / f"weights-{prec}.bin") for prec in precisions}
+    profiles, exporters = [], []
+    for depth in depths:
+        reference = None
+        if options.validate:
+            progress(f"computing reference embeddings at {_depth_text(depth)} for {len(job.texts)} validation texts")
+            reference = _reference(source, job.texts, depth)
+        fp32, exporter = _pooled_fp32(job, options.exporter, reference, depth)
+        exporters.append(exporter)
+        for prec in precisions:
+            progress(f"converting {_depth_text(depth)} to {prec}")
+            base = shared[prec].externalise(precision.convert(fp32, prec, job.workdir))
+            profiles += [
+                _write_profile(job, base, reference, dims=d, prec=prec, layers=depth)
+                for d in sorted(set(options.dims), reverse=True)
+            ]
+    shutil.rmtree(job.workdir)
+    order = {prec: i for i, prec in enumerate(precisions)}
+    profiles.sort(key=lambda p: (order[p.precision], -(p.layers or 1_000_000), -p.dims))
     manifest = Manifest(
         name=source.name,
         source={
             **source.manifest_source(),
-            "exporter": exporter,
+            "exporter": ", ".join(dict.fromkeys(exporters)),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         },
         tokenizer=settings,
         full_dims=source.full_dims,
         pooling=source.pooling,
         profiles=tuple(profiles),
-        weights=tuple(weights),
+        weights=tuple(_weights_entry(tmp, shared[prec].path.name, prec) for prec in precisions),
         trained_dims=source.trained_dims,
         prompts=source.prompts,
         default_prompt=source.default_prompt,
+        total_layers=source.total_layers,
+        trained_layers=source.trained_layers,
         toolkit_version=mrl.__version__,
     )
     progress("calibrating int8/uint8 output ranges")
@@ -234,21 +283,53 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
     return manifest
 
 
+def _write_profile(
+    job: _Job, base: onnx.ModelProto, reference: np.ndarray | None, *, dims: int, prec: str, layers: int | None
+) -> Profile:
+    """Append the head for one profile, save its graph, and check its parity."""
+    name = profile_name(dims, prec, layers)
+    path = job.workdir.parent / f"{name}.onnx"
+    graph.save_graph(graph.append_mrl_head(base, dims), path)
+    result = None
+    if reference is not None:
+        job.progress(f"checking parity of {name}")
+        embedded = parity.embed_graph(path, job.tokenizer, job.texts)
+        result = parity.compare(embedded, reference, dims, prec, _ref_name(job.source, layers))
+        if not result.passed:
+            raise ParityError(_parity_message(name, prec, result))
+    return Profile(
+        name=name,
+        dims=dims,
+        precision=prec,
+        file=path.name,
+        sha256=sha256_file(path),
+        weights=f"weights-{prec}.bin",
+        parity=result,
+        layers=layers,
+    )
+
+
 def _weights_entry(directory: Path, name: str, prec: str) -> WeightsFile:
     path = directory / name
     return WeightsFile(file=name, precision=prec, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def _reference(source: SourceModel, texts: list[str]) -> np.ndarray:
+def _reference(source: SourceModel, texts: list[str], layers: int | None) -> np.ndarray:
     if source.kind == "onnx":
-        from mrl.export.onnx_source import reference_embeddings
+        from mrl.export.onnx_source import reference_embeddings as onnx_reference
 
-        return reference_embeddings(source, texts)
+        return onnx_reference(source, texts)
+    if layers is not None:
+        return reference_embeddings(source.st_model, texts, layers)
     return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
 
 
-def _ref_name(source: SourceModel) -> str:
-    return "onnx-source-graph" if source.kind == "onnx" else "pytorch-sentence-transformers"
+def _ref_name(source: SourceModel, layers: int | None) -> str:
+    if source.kind == "onnx":
+        return "onnx-source-graph"
+    if layers is None:
+        return "pytorch-sentence-transformers"
+    return f"pytorch-sentence-transformers at hidden_states[{layers}], as AdaptiveLayerLoss evaluates it"
 
 
 def _parity_message(name: str, prec: str, result: Parity) -> str:

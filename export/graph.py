@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import copy
-import tempfile
+import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
 
 from mrl.export.errors import ExportError
+from mrl.export.layers import LayerOutput, first_layers
 from mrl.runtime.manifest import OUTPUT_NAME
 
 POOLED = "mrl_pooled"  # the base graph's one output: [batch, full_dims], before truncation
@@ -19,8 +21,12 @@ EXPORTERS = ("auto", "legacy", "dynamo")
 _AXES = {0: "batch", 1: "sequence"}
 
 
-def _pooled_module(st_model: Any) -> Any:
-    """The sentence-transformers pipeline minus Normalize, as a module taking positional tensors."""
+def _pooled_module(st_model: Any, layer_output: LayerOutput | None = None) -> Any:
+    """The sentence-transformers pipeline minus Normalize, as a module taking positional tensors.
+
+    With `layer_output`, the token embeddings the later stages see are that layer's output, not
+    the transformer's last hidden state (see mrl.export.layers).
+    """
     import torch
     from sentence_transformers.base.modules import Normalize
 
@@ -39,8 +45,10 @@ def _pooled_module(st_model: Any) -> Any:
             features: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
             if token_type_ids is not None:
                 features["token_type_ids"] = token_type_ids
-            for stage in self.stages:
+            for i, stage in enumerate(self.stages):
                 features = stage(features)
+                if i == 0 and layer_output is not None:
+                    features["token_embeddings"] = layer_output.value
             return features["sentence_embedding"]
 
     return PooledEncoder().eval()
@@ -52,18 +60,27 @@ def _sample_inputs(st_model: Any, inputs: tuple[str, ...]) -> tuple[Any, ...]:
     return tuple(features[name] for name in inputs)
 
 
-def export_pooled_encoder(st_model: Any, inputs: tuple[str, ...], exporter: str, workdir: Path) -> onnx.ModelProto:
-    """torch.onnx.export the pooled encoder (fp32) with dynamic batch and sequence axes."""
-    import torch
+def export_pooled_encoder(
+    st_model: Any, inputs: tuple[str, ...], exporter: str, workdir: Path, layers: int | None = None
+) -> onnx.ModelProto:
+    """torch.onnx.export the pooled encoder (fp32) with dynamic batch and sequence axes.
 
+    `layers`: keep only the model's first layers, as AdaptiveLayerLoss evaluates them (None: all).
+    """
     transformer = st_model[0].auto_model
     if exporter == "legacy" and hasattr(transformer, "set_attn_implementation"):
         # Eager attention traces to plain MatMul/Softmax, which the legacy exporter handles and
         # ONNX Runtime fuses; measured faster on CPU than sdpa through the dynamo exporter.
         transformer.set_attn_implementation("eager")
-    module = _pooled_module(st_model)
-    args = _sample_inputs(st_model, inputs)
-    path = workdir / f"pooled-{exporter}.onnx"
+    path = workdir / f"pooled-{exporter}-{'all' if layers is None else layers}.onnx"
+    with nullcontext() if layers is None else first_layers(st_model, layers) as output:
+        _trace(_pooled_module(st_model, output), _sample_inputs(st_model, inputs), inputs, exporter, path)
+    return onnx.load(str(path))
+
+
+def _trace(module: Any, args: tuple[Any, ...], inputs: tuple[str, ...], exporter: str, path: Path) -> None:
+    import torch
+
     with torch.inference_mode(False), torch.no_grad():
         if exporter == "legacy":
             torch.onnx.export(
@@ -88,7 +105,6 @@ def export_pooled_encoder(st_model: Any, inputs: tuple[str, ...], exporter: str,
                 dynamic_shapes={name: {0: batch, 1: seq} for name in inputs},
             )
             program.save(str(path), external_data=True)
-    return onnx.load(str(path))
 
 
 def _const(name: str, values: Any, dtype: Any = np.int64) -> onnx.TensorProto:
@@ -217,20 +233,38 @@ def append_mrl_head(base: onnx.ModelProto, dims: int) -> onnx.ModelProto:
     return model
 
 
-def save_shared_weights(model: onnx.ModelProto, directory: Path, weights_name: str) -> onnx.ModelProto:
-    """Write the graph's large tensors to one external-data file; return the graph referring to it."""
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        path = Path(tmp) / "base.onnx"
-        onnx.save_model(
-            copy.deepcopy(model),  # saving with external data rewrites the proto it is given
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=weights_name,
-            size_threshold=1024,
-        )
-        (Path(tmp) / weights_name).replace(directory / weights_name)
-        return onnx.load(str(path), load_external_data=False)
+class SharedWeights:
+    """One external-data file for all graphs of one precision; a tensor several graphs hold is stored once.
+
+    Profiles of different dims share every weight, and profiles that keep fewer layers share the
+    layers they keep: deduplicating by content makes both cost (almost) no extra disk.
+    """
+
+    ALIGN = 4096  # page-aligned offsets, so a runtime may map tensors instead of copying them
+    MIN_BYTES = 1024  # smaller tensors stay inside the graph
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stored: dict[bytes, tuple[int, int]] = {}
+        path.write_bytes(b"")
+
+    def externalise(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A copy of `model` whose large initializers point into this file, appending those it lacks."""
+        model = copy.deepcopy(model)
+        with open(self.path, "ab") as f:
+            for tensor in model.graph.initializer:
+                if not tensor.HasField("raw_data") or len(tensor.raw_data) < self.MIN_BYTES:
+                    continue
+                data = tensor.raw_data
+                key = hashlib.sha256(data).digest()
+                if key not in self._stored:
+                    f.write(b"\0" * (-f.tell() % self.ALIGN))
+                    self._stored[key] = (f.tell(), len(data))
+                    f.write(data)
+                offset, length = self._stored[key]
+                external_data_helper.set_external_data(tensor, self.path.name, offset=offset, length=length)
+                tensor.ClearField("raw_data")
+        return model
 
 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:

@@ -92,6 +92,7 @@ def load_onnx_source(path: Path, *, pooling: str | None, max_length: int | None)
         pad_token_id=0 if pad_id is None else pad_id,
         pad_token=pad_token,
         trained_dims=trained_dims_from_card(path),
+        total_layers=model_config.get("num_hidden_layers"),
         onnx_file=graph_file,
     )
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mrl.export.errors import ExportError
+from mrl.export.layers import total_layers, trained_layers_from_card
 
 POOLINGS = ("mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".data")
@@ -34,6 +35,8 @@ class SourceModel:
     pad_token_id: int
     pad_token: str
     trained_dims: tuple[int, ...] | None = None
+    total_layers: int | None = None  # the encoder's layers, where its config says
+    trained_layers: tuple[int, ...] | None = None  # depths it was trained to be cut at (AdaptiveLayerLoss)
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     st_model: Any = None  # the SentenceTransformer (torch routes)
@@ -116,6 +119,7 @@ def load_source(
     pooling: str | None = None,
     max_length: int | None = None,
     trained_dims: tuple[int, ...] | None = None,
+    trained_layers: tuple[int, ...] | None = None,
 ) -> SourceModel:
     """Load MODEL for export, choosing the route by what its directory holds."""
     path = resolve_model_path(model)
@@ -135,6 +139,11 @@ def load_source(
             "a transformers directory (config.json and weights) or an ONNX encoder (*.onnx)"
         )
     source.trained_dims = trained_dims or source.trained_dims or trained_dims_from_card(path)
+    source.trained_layers = trained_layers or trained_layers_from_card(path, source.total_layers)
+    if source.trained_layers and source.total_layers and max(source.trained_layers) > source.total_layers:
+        raise ExportError(
+            f"trained layers {max(source.trained_layers)} is above the model's {source.total_layers} layers"
+        )
     if not Path(model).expanduser().exists():
         source.name = model.rsplit("/", 1)[-1]  # a package name or model id names it better than its folder
     return source
@@ -226,5 +235,6 @@ def _describe(st: Any, path: Path, *, kind: str, max_length: int | None) -> Sour
         pad_token=str(tok.pad_token),
         prompts={k: v for k, v in (st.prompts or {}).items()},
         default_prompt=st.default_prompt_name,
+        total_layers=total_layers(st),
         st_model=st.eval(),
     )

@@ -12,22 +12,33 @@ import numpy as np
 
 from mrl.runtime import encodings
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
-from mrl.runtime.errors import DimsError, EncodingError, InvalidInputError, NotFoundError, UnknownPromptError, shorten
+from mrl.runtime.errors import (
+    DimsError,
+    EncodingError,
+    InvalidInputError,
+    LayersError,
+    NotFoundError,
+    UnknownPromptError,
+    shorten,
+)
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
 
 log = logging.getLogger(__name__)
 
 
-def choose_profile(profiles: Sequence[Profile], dims: int) -> Profile:
-    """The profile with exactly `dims`, else the smallest larger one (to slice and re-normalise)."""
+def choose_profile(profiles: Sequence[Profile], dims: int, layers: int | None = None) -> Profile:
+    """The profile running `layers` (None: full depth) with exactly `dims`, else the smallest larger one."""
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
         raise DimsError(f"dims must be an integer, not {shorten(dims)}")
     if dims < 1:
         raise DimsError(f"dims must be at least 1, not {dims}")
-    larger = sorted((p for p in profiles if p.dims >= dims), key=lambda p: p.dims)
+    at_depth = [p for p in profiles if p.layers == layers]
+    if not at_depth:
+        raise LayersError(f"no profile runs {'all' if layers is None else layers} layers")
+    larger = sorted((p for p in at_depth if p.dims >= dims), key=lambda p: p.dims)
     if not larger:
-        served = sorted({p.dims for p in profiles})
+        served = sorted({p.dims for p in at_depth})
         raise DimsError(f"dims {dims} is above the largest profile ({max(served)}); served dims: {served}")
     return larger[0]
 
@@ -105,20 +116,50 @@ class Embedder:
         )
 
     @property
+    def default_layers(self) -> int | None:
+        """The depth a request that names no layers gets: full depth (None) where served, else the deepest."""
+        depths = {p.layers for p in self.profiles}
+        return None if None in depths else max(depths)
+
+    @property
+    def layers_served(self) -> list[int | None]:
+        """The depths this precision's profiles run, shallowest first (full depth as the model's total)."""
+        return sorted({self.manifest.depth(p) for p in self.profiles}, key=lambda n: float("inf") if n is None else n)
+
+    @property
     def default_dims(self) -> int:
-        """The largest dims this precision serves: what a request that names no dims gets."""
-        return max(p.dims for p in self.profiles)
+        """The largest dims at the default depth: what a request that names neither dims nor layers gets."""
+        return self.resolve_dims(None)
 
     @property
     def providers(self) -> list[str]:
         """What the loaded backends really run on (e.g. onnxruntime's providers)."""
         return sorted({p for b in self._backends.values() for p in b.providers})
 
-    def resolve_dims(self, dims: int | None) -> int:
-        """The dims a request gets: `dims` if some profile covers it, None the default; else DimsError."""
+    def resolve_layers(self, layers: int | None) -> int | None:
+        """The `Profile.layers` a request runs (None: full depth); `layers` None means the default; else LayersError."""
+        if layers is None:
+            return self.default_layers
+        if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
+            raise LayersError(f"layers must be a whole number of at least 1, not {shorten(layers)}")
+        depth = None if layers == self.manifest.total_layers else int(layers)
+        if depth not in {p.layers for p in self.profiles}:
+            raise LayersError(f"layers {layers} is not served; {self._served_text()}")
+        return depth
+
+    def _served_text(self) -> str:
+        total = self.manifest.total_layers
+        if total is None:
+            return "this artifact runs its full depth only (export with --layers for profiles that keep fewer)"
+        served = ", ".join(str(n) for n in self.layers_served)
+        return f"served layers: {served} (the model has {total})"
+
+    def resolve_dims(self, dims: int | None, layers: int | None = None) -> int:
+        """The dims a request gets at its depth: `dims` if a profile covers it, None the largest; else DimsError."""
+        depth = self.resolve_layers(layers)
         if dims is None:
-            return self.default_dims
-        choose_profile(self.profiles, dims)
+            return max(p.dims for p in self.profiles if p.layers == depth)
+        choose_profile(self.profiles, dims, depth)
         return int(dims)
 
     @property
@@ -128,14 +169,16 @@ class Embedder:
         calibrated = calibration is not None and any(p.name in calibration.ranges for p in self.profiles)
         return [e for e in encodings.ENCODINGS if calibrated or e not in encodings.CALIBRATED]
 
-    def ranges_for(self, encoding: str, dims: int) -> np.ndarray | None:
-        """The per-dimension ranges `encoding` needs at `dims` (None: it needs none); EncodingError if absent."""
+    def ranges_for(self, encoding: str, dims: int, layers: int | None = None) -> np.ndarray | None:
+        """The per-dimension ranges `encoding` needs at `dims` and depth `layers` (None: it needs none);
+        EncodingError if the artifact has none."""
         if encodings.check_encoding(encoding) not in encodings.CALIBRATED:
             return None
         calibration = self.manifest.calibration
         ranges = {} if calibration is None else calibration.ranges
-        profile = next((p for p in self.profiles if p.dims == dims), None)
-        calibrated = sorted(p.dims for p in self.profiles if p.name in ranges)
+        depth = self.resolve_layers(layers)
+        profile = next((p for p in self.profiles if p.dims == dims and p.layers == depth), None)
+        calibrated = sorted(p.dims for p in self.profiles if p.name in ranges and p.layers == depth)
         if not calibrated:
             raise EncodingError(
                 f"{encoding} needs per-dimension value ranges and this model's artifact has none: add them "
@@ -151,9 +194,9 @@ class Embedder:
             self._ranges[profile.name] = np.array([found.min, found.max], dtype=np.float32)
         return self._ranges[profile.name]
 
-    def profile_for(self, dims: int) -> Profile:
-        """The profile that computes `dims`: exactly that width, else the smallest wider one."""
-        return choose_profile(self.profiles, dims)
+    def profile_for(self, dims: int, layers: int | None = None) -> Profile:
+        """The profile that computes `dims` at that depth: exactly that width, else the smallest wider one."""
+        return choose_profile(self.profiles, dims, self.resolve_layers(layers))
 
     def backend_for(self, profile: Profile) -> Backend:
         """The backend for a profile, created on first use."""
@@ -185,17 +228,22 @@ class Embedder:
         return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt_name), truncate=truncate))
 
     def run_encoded(
-        self, encoded: Sequence[Encoded], dims: Sequence[int], *, profile: Profile | None = None
+        self,
+        encoded: Sequence[Encoded],
+        dims: Sequence[int],
+        layers: int | None = None,
+        *,
+        profile: Profile | None = None,
     ) -> list[np.ndarray]:
-        """Run tokenised texts as one forward pass; row i comes back as a unit vector of `dims[i]` components.
+        """Run tokenised texts as one forward pass at one depth; row i comes back as a unit vector of `dims[i]`.
 
         Texts that want different dims share the pass: `profile` (default: the smallest covering the widest
-        dims asked for) runs, and the rest are sliced from it and re-normalised (a truncated unit vector is
-        not a unit vector).
+        dims asked for, at depth `layers`) runs, and the rest are sliced from it and re-normalised (a
+        truncated unit vector is not a unit vector). Texts that want different depths cannot share one.
         """
         if len(dims) != len(encoded):
             raise ValueError(f"{len(encoded)} texts but {len(dims)} dims")
-        profile = profile or self.profile_for(max(dims))
+        profile = profile or self.profile_for(max(dims), layers)
         if profile.dims < max(dims):
             raise DimsError(f"profile {profile.name} has {profile.dims} dims, fewer than the {max(dims)} asked for")
         out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
@@ -212,30 +260,33 @@ class Embedder:
         dims: int | None = None,
         prompt_name: str | None = None,
         *,
+        layers: int | None = None,
         batch_size: int = 32,
         truncate: bool = False,
         encoding: str = "float32",
     ) -> np.ndarray:
         """Embed texts; returns `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says.
 
+        `layers` runs a profile that keeps only the model's first layers (None: the deepest served).
         Texts longer than the model's max length raise InputTooLongError unless `truncate` cuts them.
         `encoding` is one of `mrl.runtime.encodings.ENCODINGS` (binary ones hold ceil(dims / 8) bytes a row).
         """
-        want = self.resolve_dims(dims)  # before any work
-        ranges = self.ranges_for(encoding, want)
+        depth = self.resolve_layers(layers)  # before any work
+        want = self.resolve_dims(dims, depth)
+        ranges = self.ranges_for(encoding, want, depth)
         encoded = self.prepare(texts, prompt_name, truncate=truncate).encoded
         result = np.empty((len(encoded), want), dtype=np.float32)
         # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
         order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows))
+            result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows), depth)
         return encodings.encode(result, encoding, ranges)
 
     def warmup(self) -> None:
         """Load and run every profile once."""
         for profile in self.profiles:
-            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims])
+            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims], self.manifest.depth(profile))
 
     def close(self) -> None:
         """Release every backend."""

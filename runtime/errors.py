@@ -27,6 +27,10 @@ class DimsError(InvalidInputError):
     """Requested dims outside what the model or artifact offers."""
 
 
+class LayersError(InvalidInputError):
+    """A requested depth (number of encoder layers) that no profile of the artifact runs."""
+
+
 class UnknownPromptError(InvalidInputError):
     """A prompt name the model does not define."""
 

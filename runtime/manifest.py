@@ -37,7 +37,10 @@ class Parity:
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
-    """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in."""
+    """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in.
+
+    `layers`: how many encoder layers the graph runs; None means all of them (full depth).
+    """
 
     name: str
     dims: int
@@ -46,6 +49,7 @@ class Profile:
     sha256: str
     weights: str | None = None
     parity: Parity | None = None
+    layers: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +178,8 @@ class Manifest:
     default_prompt: str | None = None
     engines: tuple[Engine, ...] = ()
     calibration: Calibration | None = None
+    total_layers: int | None = None  # the encoder's layers (None: not recorded, as in older artifacts)
+    trained_layers: tuple[int, ...] | None = None  # depths the model was trained to be cut at
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -181,6 +187,15 @@ class Manifest:
     def dims(self) -> list[int]:
         """The distinct dims of all profiles, ascending."""
         return sorted({p.dims for p in self.profiles})
+
+    def depth(self, profile: Profile) -> int | None:
+        """The layers a profile runs: its own `layers`, else the model's total (None where not recorded)."""
+        return profile.layers if profile.layers is not None else self.total_layers
+
+    @property
+    def layers(self) -> list[int | None]:
+        """The distinct depths of all profiles, shallowest first; None (full depth, total not recorded) last."""
+        return sorted({self.depth(p) for p in self.profiles}, key=lambda n: float("inf") if n is None else n)
 
     @property
     def precisions(self) -> list[str]:
@@ -290,12 +305,17 @@ def check_consistent(manifest: Manifest) -> None:
             raise ArtifactError(f"manifest.json: profile {p.name} has unknown precision {shorten(p.precision)}")
         if p.dims < 1 or p.dims > manifest.full_dims:
             raise ArtifactError(f"manifest.json: profile {p.name} has dims {p.dims}, outside 1..{manifest.full_dims}")
+        if p.layers is not None and not 1 <= p.layers <= (manifest.total_layers or p.layers):
+            raise ArtifactError(
+                f"manifest.json: profile {p.name} keeps {p.layers} layers, outside 1..{manifest.total_layers}"
+            )
     for e in manifest.engines:
         if not e.shape_ranges:
             raise ArtifactError(f"manifest.json: engine {shorten(e.file)} lists no shape ranges")
     dims = {p.name: p.dims for p in manifest.profiles}
     for name, r in (manifest.calibration.ranges if manifest.calibration else {}).items():
-        if dims.get(name) != len(r.min):
+        # Ranges of a profile no longer listed (removed by hand) are unused, not wrong.
+        if name in dims and dims[name] != len(r.min):
             raise ArtifactError(f"manifest.json: calibration.ranges.{shorten(name)} does not match a profile's dims")
 
 

@@ -17,8 +17,18 @@ def _tokenizer(padding_side: str = "right"):
     return AutoTokenizer.from_pretrained(str(path), model_max_length=64, padding_side=padding_side)
 
 
-def save_bert(directory: Path, hidden: int = 32, seed: int = 0, padding_side: str = "right") -> Path:
-    """A 2-layer BERT encoder as a plain transformers directory (config, weights, tokenizer)."""
+def save_bert(
+    directory: Path,
+    hidden: int = 32,
+    seed: int = 0,
+    layers: int = 2,
+    init_std: float = 0.02,
+    padding_side: str = "right",
+) -> Path:
+    """A BERT encoder (2 layers unless asked) as a plain transformers directory (config, weights, tokenizer).
+
+    `init_std` above transformers' 0.02 makes each layer move the vectors more (depth then matters).
+    """
     import torch
     from transformers import BertConfig, BertModel
 
@@ -27,18 +37,19 @@ def save_bert(directory: Path, hidden: int = 32, seed: int = 0, padding_side: st
     config = BertConfig(
         vocab_size=tok.vocab_size,
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
+        initializer_range=init_std,
     )
     BertModel(config).eval().save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
 
 
-def save_llama(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
-    """A 2-layer decoder (Llama architecture), left padding, as a transformers directory."""
+def save_llama(directory: Path, hidden: int = 32, seed: int = 0, layers: int = 2, init_std: float = 0.02) -> Path:
+    """A decoder (Llama architecture, 2 layers unless asked), left padding, as a transformers directory."""
     import torch
     from transformers import LlamaConfig, LlamaModel
 
@@ -47,14 +58,22 @@ def save_llama(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
     config = LlamaConfig(
         vocab_size=tok.vocab_size,
         hidden_size=hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         num_key_value_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=128,
         pad_token_id=tok.pad_token_id,
+        initializer_range=init_std,
     )
-    LlamaModel(config).eval().save_pretrained(directory)
+    model = LlamaModel(config).eval()
+    with torch.no_grad():
+        # RMSNorm weights start at 1, where a norm applied in the wrong place only rescales a row, which
+        # L2 normalisation then hides; spread them so such a mistake changes the vectors' direction.
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+    model.save_pretrained(directory)
     tok.save_pretrained(directory)
     return directory
 
@@ -67,6 +86,8 @@ def save_sentence_transformer(
     arch: str = "bert",
     prompts: dict[str, str] | None = None,
     max_seq_length: int = 48,
+    layers: int = 2,
+    init_std: float = 0.02,
     padding_side: str | None = None,
 ) -> Path:
     """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize.
@@ -79,9 +100,9 @@ def save_sentence_transformer(
 
     hf_dir = directory.parent / f"{directory.name}-hf"
     if arch == "llama":
-        save_llama(hf_dir)
+        save_llama(hf_dir, layers=layers, init_std=init_std)
     else:
-        save_bert(hf_dir, padding_side=padding_side or "right")
+        save_bert(hf_dir, layers=layers, init_std=init_std, padding_side=padding_side or "right")
     transformer = Transformer(str(hf_dir), max_seq_length=max_seq_length)
     width = transformer.get_embedding_dimension()
     modules = [transformer, Pooling(width, pooling_mode=pooling)]
@@ -93,12 +114,56 @@ def save_sentence_transformer(
     return directory
 
 
+def save_onnx_encoder(tmp_path: Path, with_pooled_output: bool = False) -> tuple[Path, Path]:
+    """(transformers dir, ONNX encoder dir shaped like Optimum's feature-extraction export) under tmp_path."""
+    import shutil
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    hf = save_bert(tmp_path / "hf", seed=3)
+    model = AutoModel.from_pretrained(hf, attn_implementation="eager").eval()
+    tok = AutoTokenizer.from_pretrained(hf)
+    out_dir = tmp_path / "onnx-encoder"
+    out_dir.mkdir()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            h = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+            if not with_pooled_output:
+                return h
+            m = attention_mask.unsqueeze(-1).float()
+            return h, (h * m).sum(1) / m.sum(1)
+
+    feats = tok(["hello there", "a longer sentence for tracing"], padding=True, return_tensors="pt")
+    names = ["last_hidden_state"] + (["sentence_embedding"] if with_pooled_output else [])
+    axes = {k: {0: "batch", 1: "sequence"} for k in ["input_ids", "attention_mask", "token_type_ids"]}
+    torch.onnx.export(
+        Wrapper(),
+        (feats["input_ids"], feats["attention_mask"], feats["token_type_ids"]),
+        str(out_dir / "model.onnx"),
+        dynamo=False,
+        opset_version=17,
+        input_names=list(axes),
+        output_names=names,
+        dynamic_axes=axes,
+    )
+    tok.save_pretrained(out_dir)
+    shutil.copy(hf / "config.json", out_dir / "config.json")
+    return hf, out_dir
+
+
 def export(
     model: str | Path,
     out: Path,
     dims: tuple[int, ...],
     precisions: tuple[str, ...] = ("fp32",),
     exporter: str = "auto",
+    layers: tuple[int, ...] | None = None,
     **kw,
 ):
     """Export through the public API (the same code path as `mrl-export`); `kw` goes to load_source."""
@@ -106,5 +171,5 @@ def export(
     from mrl.export.source import load_source
 
     source = load_source(str(model), **kw)
-    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, exporter=exporter))
+    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, exporter=exporter, layers=layers))
     return out

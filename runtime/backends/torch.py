@@ -136,6 +136,12 @@ def create(
         raise BackendUnavailableError(
             f"{directory} was exported from an ONNX encoder: there is no PyTorch model for the torch backend"
         )
+    if profile.layers is not None:
+        # Cutting the model's layers is export's work (mrl.export.layers); this backend would run them all.
+        raise BackendUnavailableError(
+            f"profile {profile.name} keeps {profile.layers} of the model's layers, and the torch backend runs "
+            "the source model at full depth only: serve it with an onnxruntime or tensorrt backend"
+        )
     path = Path(model_path or manifest.source.get("path", ""))
     if not path.is_dir():
         raise ArtifactError(

@@ -48,7 +48,7 @@ def test_engine_command_writes_json_and_prints_a_table(tiny_artifact, tmp_path, 
     argv = ["engine", str(tiny_artifact), *flags.split(), "--out", str(out)]
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert "| onnxruntime | fp32 | 16 | 2 | 8 |" in captured.out
+    assert "| onnxruntime | fp32 | 2 | 16 | 2 | 8 |" in captured.out
     assert "cell 1/1" in captured.err  # progress goes to stderr
     report = load_report(out)
     assert report["kind"] == "engine" and report["command"][:2] == ["mrl-bench", "engine"]

@@ -67,7 +67,7 @@ def test_plan_baseline(tmp_path):
 
 
 def test_speedups_pair_each_row_with_its_cells_baseline():
-    def row(backend, precision, tps, batch=1):
+    def row(backend, precision, tps, batch=1, full_depth=True):
         return {
             "backend": backend,
             "precision": precision,
@@ -76,6 +76,7 @@ def test_speedups_pair_each_row_with_its_cells_baseline():
             "batch_size": batch,
             "seq_len": 16,
             "texts_per_s": tps,
+            "full_depth": full_depth,
         }
 
     rows = [
@@ -83,12 +84,17 @@ def test_speedups_pair_each_row_with_its_cells_baseline():
         row("onnxruntime", "int8", 500),
         row("pytorch", "fp32", 100),
         row("onnxruntime", "fp32", 50, batch=32),
+        row("onnxruntime", "fp32", 540, full_depth=False),
+        row("onnxruntime", "int8", 80, batch=32, full_depth=False),
     ]
     add_speedups(rows)
     assert rows[0]["speedup"] == {"vs": "pytorch fp32 cpu", "ratio": 3.0}
     assert rows[1]["speedup"]["ratio"] == 5.0
     assert rows[2]["speedup"]["ratio"] == 1.0
     assert "speedup" not in rows[3] or rows[3]["speedup"] is None  # no baseline in that cell
+    # a layer-cut profile is held against the same backend and precision at full depth, not the baseline
+    assert rows[4]["vs_full_depth"] == 1.8 and rows[4].get("speedup") is None
+    assert rows[0]["vs_full_depth"] == 1.0 and rows[5]["vs_full_depth"] is None  # no full-depth int8 at batch 32
 
 
 def test_cosine_stats():

@@ -36,7 +36,7 @@ def test_rows_cover_every_dims_and_encoding(tiny_tradeoff):
         assert r["index_bytes"] == r["bytes_per_vector"] * extra["n_documents"]
         assert r["encode_ms_per_text"] > 0
     assert extra["recommendation"]["smallest_dims"]["fp32/float32"] in (8, 16, 32)
-    assert "| fp32 | 32 | float32 | 128 |" in tradeoff_table(rows)
+    assert "| fp32 | 2 | 32 | float32 | 128 |" in tradeoff_table(rows)
 
 
 def test_plot_is_written(tiny_tradeoff, tmp_path):

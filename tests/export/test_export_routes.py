@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 from sentence_transformers import SentenceTransformer
-from tinymodels import export, save_bert, save_sentence_transformer
+from tinymodels import export, save_bert, save_onnx_encoder, save_sentence_transformer
 
 from mrl.runtime import Embedder, load_manifest
 
@@ -67,50 +66,9 @@ def test_transformers_directory_with_pooling_flag(tmp_path):
     _check_against(artifact, st, 16)
 
 
-def _onnx_encoder_dir(tmp_path, with_pooled_output: bool):
-    """An ONNX encoder directory shaped like Optimum's feature-extraction export."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    hf = save_bert(tmp_path / "hf", seed=3)
-    model = AutoModel.from_pretrained(hf, attn_implementation="eager").eval()
-    tok = AutoTokenizer.from_pretrained(hf)
-    out_dir = tmp_path / "onnx-encoder"
-    out_dir.mkdir()
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            h = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
-            if not with_pooled_output:
-                return h
-            m = attention_mask.unsqueeze(-1).float()
-            return h, (h * m).sum(1) / m.sum(1)
-
-    feats = tok(["hello there", "a longer sentence for tracing"], padding=True, return_tensors="pt")
-    names = ["last_hidden_state"] + (["sentence_embedding"] if with_pooled_output else [])
-    axes = {k: {0: "batch", 1: "sequence"} for k in ["input_ids", "attention_mask", "token_type_ids"]}
-    torch.onnx.export(
-        Wrapper(),
-        (feats["input_ids"], feats["attention_mask"], feats["token_type_ids"]),
-        str(out_dir / "model.onnx"),
-        dynamo=False,
-        opset_version=17,
-        input_names=list(axes),
-        output_names=names,
-        dynamic_axes=axes,
-    )
-    tok.save_pretrained(out_dir)
-    shutil.copy(hf / "config.json", out_dir / "config.json")
-    return hf, out_dir
-
-
 @pytest.mark.parametrize("pooling", ["mean", "cls", "max", "lasttoken"])
 def test_onnx_encoder_gets_pooling_and_head_appended(tmp_path, pooling):
-    hf, onnx_dir = _onnx_encoder_dir(tmp_path, with_pooled_output=False)
+    hf, onnx_dir = save_onnx_encoder(tmp_path, with_pooled_output=False)
     artifact = export(onnx_dir, tmp_path / "artifact", (8, 32), pooling=pooling, max_length=40)
     manifest = load_manifest(artifact)
     assert manifest.source["kind"] == "onnx" and manifest.pooling == pooling
@@ -124,7 +82,7 @@ def test_onnx_encoder_gets_pooling_and_head_appended(tmp_path, pooling):
 
 
 def test_onnx_encoder_with_pooled_output_uses_it(tmp_path):
-    _, onnx_dir = _onnx_encoder_dir(tmp_path, with_pooled_output=True)
+    _, onnx_dir = save_onnx_encoder(tmp_path, with_pooled_output=True)
     artifact = export(onnx_dir, tmp_path / "artifact", (16,), max_length=40)
     assert load_manifest(artifact).pooling == "model"
 

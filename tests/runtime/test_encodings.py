@@ -120,7 +120,7 @@ def test_old_manifest_without_calibration_loads_and_refuses_int8(tiny_artifact, 
     ("edit", "words"),
     [
         (lambda c: c["ranges"]["d8-fp32"].update(min=c["ranges"]["d8-fp32"]["min"][:4]), "as many maxima as minima"),
-        (lambda c: c["ranges"].update({"d99-fp32": c["ranges"]["d8-fp32"]}), "does not match a profile's dims"),
+        (lambda c: c["ranges"].update({"d16-fp32": c["ranges"]["d8-fp32"]}), "does not match a profile's dims"),
         (lambda c: c["ranges"]["d8-fp32"].update(max="high"), "must be a list of numbers"),
     ],
 )

@@ -97,8 +97,8 @@ def edit(artifact, change) -> None:
         (lambda d: d.update(trained_dims="64"), r"trained_dims must be a list of whole numbers, not '64'"),
         (lambda d: d["profiles"][0].pop("file"), r"profiles\[0\] lacks the field 'file'"),
         (
-            lambda d: d["profiles"][0].update(layers=3),
-            r"profiles\[0\] has fields this toolkit does not know \(layers\)",
+            lambda d: d["profiles"][0].update(future=3),
+            r"profiles\[0\] has fields this toolkit does not know \(future\)",
         ),
         (lambda d: d["profiles"][0].update(file="../../etc/passwd"), "outside the artifact"),
         (lambda d: d["profiles"][0].update(precision="fp8"), "unknown precision 'fp8'"),
