@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -27,6 +28,7 @@ from mrl.runtime.errors import InvalidInputError
 Progress = Callable[[str], None]
 MAX_REQUESTS = 1_000_000  # per level: a typo in --requests must not run for days
 MAX_DURATION_S = 3600.0
+OFFLINE_SINGLES = 200  # texts embedded one at a time for the offline one-text latency
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,7 +262,8 @@ async def sweep(config: ServeConfig, progress: Progress) -> list[dict[str, Any]]
 def offline_throughput(
     artifact: Path, texts: Sequence[str], *, precision: str | None, threads: int, min_seconds: float = 5.0
 ) -> dict[str, Any]:
-    """The offline Embedder at batch 32 on the same texts: texts/s over whole passes, at least `min_seconds`."""
+    """The offline Embedder on the same texts: texts/s at batch 32 over whole passes (at least `min_seconds`),
+    and the median latency of one text at a time (what a server answering a lone caller is held against)."""
     from mrl.runtime.embedder import Embedder
 
     # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
@@ -274,6 +277,11 @@ def offline_throughput(
             t0 = time.perf_counter()
             embedder.embed(list(texts), batch_size=32, truncate=True)
             passes.append(time.perf_counter() - t0)
+        singles = []
+        for text in texts[:OFFLINE_SINGLES]:
+            t0 = time.perf_counter()
+            embedder.embed([text], truncate=True)
+            singles.append(time.perf_counter() - t0)
         return {
             "artifact": str(artifact),
             "precision": embedder.precision,
@@ -282,6 +290,7 @@ def offline_throughput(
             "passes": len(passes),
             "texts_per_s": len(texts) * len(passes) / sum(passes),
             "pass_seconds": passes,
+            "batch1_p50_ms": statistics.median(singles) * 1000,
             "other_load_cores": memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1),
         }
     finally:
@@ -314,8 +323,11 @@ def sweep_with_offline(
         progress("offline Embedder at batch 32 (after the sweep)")
         offline.append(measure_offline())
         rates = [o["texts_per_s"] for o in offline]
+        singles = [o["batch1_p50_ms"] for o in offline]
         for row in rows:
-            row["offline_texts_per_s"] = bracketing_offline(config.concurrency.index(row["concurrency"]), rates)
+            level = config.concurrency.index(row["concurrency"])
+            row["offline_texts_per_s"] = bracketing_offline(level, rates)
+            row["offline_batch1_p50_ms"] = bracketing_offline(level, singles)
     add_comparisons(rows)
     return rows, offline
 
@@ -328,6 +340,8 @@ def add_comparisons(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         target = row.get("target", "")
         row["vs_offline"] = ratio(row["texts_per_s"], row.get("offline_texts_per_s"))
+        p50, single = (row.get("latency") or {}).get("p50_ms"), row.get("offline_batch1_p50_ms")
+        row["p50_over_offline_batch1_ms"] = None if p50 is None or single is None else p50 - single
         if target != first and (first, row["concurrency"], row["dims_mix"]) in same:
             row["vs_first_target"] = ratio(
                 row["texts_per_s"], same[first, row["concurrency"], row["dims_mix"]]["texts_per_s"]
@@ -358,6 +372,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
         "server queue ms",
         "offline texts/s",
         "vs offline",
+        "p50 - offline 1-text ms",
         "vs single dims",
         *(["vs first target"] if several else []),
         "other load",
@@ -381,6 +396,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["server_queue_ms_mean"],
                 r.get("offline_texts_per_s"),
                 None if r.get("vs_offline") is None else f"{r['vs_offline']:.2f}",
+                r.get("p50_over_offline_batch1_ms"),
                 ", ".join(f"{ratio_:.2f} vs {m}" for m, ratio_ in vs.items() if ratio_ is not None) or None,
                 *([None if vs_first is None else f"{vs_first:.2f}"] if several else []),
                 r.get("other_load_cores"),
@@ -394,5 +410,9 @@ def offline_note(offline: Sequence[dict[str, Any]]) -> str:
     if not offline:
         return ""
     speeds = ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
+    singles = ", ".join(f"{o['batch1_p50_ms']:.2f}" for o in offline)
     loads = ", ".join("–" if o["other_load_cores"] is None else f"{o['other_load_cores']:.2f}" for o in offline)
-    return f"\noffline Embedder, batch 32, before each level and after the last: {speeds} texts/s; other load {loads}"
+    return (
+        f"\noffline Embedder before each level and after the last: batch 32 {speeds} texts/s; "
+        f"one text p50 {singles} ms; other load {loads}"
+    )

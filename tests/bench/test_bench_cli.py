@@ -87,7 +87,7 @@ def test_serve_command_and_compare(server, tiny_artifact, tmp_path, capsys):
         assert main(argv) == 0
         outs.append(out)
     table = capsys.readouterr().out
-    assert "offline Embedder, batch 32" in table and "vs 8" in table
+    assert "offline Embedder before each level" in table and "one text p50" in table and "vs 8" in table
     assert len(load_report(outs[0])["extra"]["offline"]) == 3  # before each of 2 levels, and after
     report = load_report(outs[0])
     assert len(report["results"]) == 4 and all(

@@ -83,8 +83,11 @@ def test_comparisons():
     ]
     for row in rows:
         row["offline_texts_per_s"] = 200.0
+        row["offline_batch1_p50_ms"] = 4.0
+    rows[0]["latency"] = {"p50_ms": 5.5}
     add_comparisons(rows)
     assert rows[0]["vs_offline"] == 0.5 and rows[1]["vs_single_dims"] == {"128": 0.9}
+    assert rows[0]["p50_over_offline_batch1_ms"] == 1.5 and rows[1]["p50_over_offline_batch1_ms"] is None
     assert bracketing_offline(0, [100.0, 200.0, 400.0]) == 150.0
     assert bracketing_offline(2, [100.0, 200.0, 400.0]) == 400.0
     assert bracketing_offline(0, []) is None
