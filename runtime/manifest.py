@@ -11,7 +11,12 @@ from typing import Any
 
 from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError
 
-SCHEMA_VERSION = 1
+# Rules: a reader loads every schema version up to its own and refuses newer ones ("upgrade
+# mrl-toolkit"). Bump the version whenever a manifest written now holds something an older reader
+# would reject or misread (a new key in a dataclass it builds with `**data`); give every new field
+# a default, so that older manifests, which lack it, keep loading.
+# 2: Profile.ort_cpu (ONNX Runtime CPU graphs), Manifest.ort_cpu and Manifest.quantization.
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 OUTPUT_NAME = "sentence_embedding"
@@ -31,6 +36,19 @@ class Parity:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OrtCpuGraph:
+    """A profile's graph rewritten for ONNX Runtime's CPU provider: fused contrib ops, not portable.
+
+    The portable graph (`Profile.file`) stays what TensorRT, other runtimes and GPUs run.
+    """
+
+    file: str
+    sha256: str
+    weights: str | None = None
+    parity: Parity | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in."""
 
@@ -41,6 +59,32 @@ class Profile:
     sha256: str
     weights: str | None = None
     parity: Parity | None = None
+    ort_cpu: OrtCpuGraph | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtCpuChoice:
+    """Which graph one precision runs on ONNX Runtime's CPU provider, and why.
+
+    `graph` is "optimized" (every profile of the precision has `ort_cpu`) or "portable";
+    `fusions` counts the fused operators the optimizer wrote (op type -> count).
+    """
+
+    precision: str
+    graph: str
+    reason: str
+    fusions: dict[str, int] = field(default_factory=dict)
+    onnxruntime: str = ""
+    kept_fp32: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """How the int8 graphs were quantised, and which matrix products were kept in fp32 and why."""
+
+    method: str
+    kept_fp32: tuple[str, ...] = ()
+    reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +191,8 @@ class Manifest:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     engines: tuple[Engine, ...] = ()
+    ort_cpu: tuple[OrtCpuChoice, ...] = ()
+    quantization: Quantization | None = None
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -186,6 +232,21 @@ def _parity(data: dict[str, Any] | None) -> Parity | None:
     return None if data is None else Parity(**data)
 
 
+def _profile(data: dict[str, Any]) -> Profile:
+    ort_cpu = data.get("ort_cpu")
+    if ort_cpu is not None:
+        ort_cpu = OrtCpuGraph(**{**ort_cpu, "parity": _parity(ort_cpu.get("parity"))})
+    return Profile(**{**data, "parity": _parity(data.get("parity")), "ort_cpu": ort_cpu})
+
+
+def _ort_cpu_choice(data: dict[str, Any]) -> OrtCpuChoice:
+    return OrtCpuChoice(**{**data, "kept_fp32": tuple(data.get("kept_fp32", ()))})
+
+
+def _quantization(data: dict[str, Any] | None) -> Quantization | None:
+    return None if data is None else Quantization(**{**data, "kept_fp32": tuple(data.get("kept_fp32", ()))})
+
+
 def engine_from_dict(data: dict[str, Any]) -> Engine:
     """One `engines` entry of manifest.json as an Engine (raises KeyError/TypeError/ValueError if malformed)."""
     ranges = tuple(ShapeRange.from_dict(r) for r in data["shape_ranges"])
@@ -207,7 +268,7 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
     try:
         tok = dict(data["tokenizer"])
         tok["inputs"] = tuple(tok.get("inputs", ("input_ids", "attention_mask")))
-        profiles = tuple(Profile(**{**p, "parity": _parity(p.get("parity"))}) for p in data["profiles"])
+        profiles = tuple(_profile(p) for p in data["profiles"])
         engines = tuple(engine_from_dict(e) for e in data.get("engines", ()))
         trained = data.get("trained_dims")
         return Manifest(
@@ -222,6 +283,8 @@ def manifest_from_dict(data: dict[str, Any]) -> Manifest:
             prompts=dict(data.get("prompts") or {}),
             default_prompt=data.get("default_prompt"),
             engines=engines,
+            ort_cpu=tuple(_ort_cpu_choice(c) for c in data.get("ort_cpu", ())),
+            quantization=_quantization(data.get("quantization")),
             toolkit_version=data.get("toolkit_version", ""),
             schema_version=version,
         )
@@ -252,6 +315,7 @@ def load_manifest(directory: Path | str, verify: bool = True) -> Manifest:
 def verify_files(directory: Path, manifest: Manifest) -> None:
     """Raise IntegrityError unless every graph and weights file matches its recorded sha256."""
     listed = [(p.file, p.sha256) for p in manifest.profiles]
+    listed += [(p.ort_cpu.file, p.ort_cpu.sha256) for p in manifest.profiles if p.ort_cpu is not None]
     listed += [(w.file, w.sha256) for w in manifest.weights]
     listed += [(e.file, e.sha256) for e in manifest.engines]
     for name, expected in listed:

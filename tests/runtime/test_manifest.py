@@ -19,7 +19,7 @@ def artifact(tiny_artifact, tmp_path):
 
 def test_manifest_records_what_the_issue_asks(tiny_artifact):
     m = load_manifest(tiny_artifact)
-    assert m.schema_version == 1 and m.full_dims == 32 and m.pooling == "mean"
+    assert m.schema_version == 2 and m.full_dims == 32 and m.pooling == "mean"
     assert m.source["kind"] == "sentence-transformers" and len(m.source["sha256"]) == 64
     assert m.tokenizer.max_length == 48 and m.tokenizer.inputs == ("input_ids", "attention_mask", "token_type_ids")
     assert m.prompts == {"query": "query: ", "document": "passage: "}
@@ -72,3 +72,29 @@ def test_missing_directory_and_manifest(tmp_path):
         load_manifest(tmp_path / "nope")
     with pytest.raises(ArtifactError, match="not an mrl-toolkit artifact"):
         load_manifest(tmp_path)
+
+
+def test_schema_1_manifests_still_load(artifact):
+    """Written before ONNX Runtime CPU graphs and the int8 record existed: they load with those empty."""
+    path = artifact / "manifest.json"
+    data = json.loads(path.read_text())
+    data["schema_version"] = 1
+    for key in ("ort_cpu", "quantization"):
+        data.pop(key, None)
+    for profile in data["profiles"]:
+        profile.pop("ort_cpu", None)
+    path.write_text(json.dumps(data))
+    m = load_manifest(artifact)
+    assert m.schema_version == 1 and m.ort_cpu == () and m.quantization is None
+    assert all(p.ort_cpu is None for p in m.profiles)
+    assert Embedder.load(artifact).embed(["hello"]).shape == (1, 32)
+
+
+def test_tampered_cpu_graph_is_refused(tiny_st_dir, tmp_path):
+    from tinymodels import export
+
+    out = export(tiny_st_dir, tmp_path / "a", (16,), ("fp32",), ort_cpu="optimized")
+    graph = out / "d16-fp32.ort-cpu.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(IntegrityError, match=r"d16-fp32\.ort-cpu\.onnx does not match its sha256"):
+        load_manifest(out)
