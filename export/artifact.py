@@ -15,15 +15,14 @@ import numpy as np
 import onnx
 
 import mrl
-from mrl.export import graph, parity, precision
-from mrl.export.errors import ExportError, ParityError
+from mrl.export import graph, ortopt, parity, precision
+from mrl.export.errors import ExportError
+from mrl.export.profiles import Builder
 from mrl.export.source import SourceModel
 from mrl.runtime.errors import DimsError
 from mrl.runtime.manifest import (
     PRECISIONS,
     Manifest,
-    Parity,
-    Profile,
     TokenizerSettings,
     WeightsFile,
     sha256_file,
@@ -32,6 +31,11 @@ from mrl.runtime.tokenize import TextTokenizer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+# Precisions ONNX Runtime runs on a CPU; fp16 is for GPUs.
+CPU_PRECISIONS = ("fp32", "int8")
+# Where the fused graph was measured to pay on ONNX Runtime's CPU provider (BENCHMARKS.md).
+AUTO_ORT_CPU = ("fp32", "int8")
+ORT_CPU_MODES = ("auto", "optimized", "portable")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +47,9 @@ class ExportOptions:
     exporter: str = "auto"
     validate: bool = True
     force: bool = False
+    # ONNX Runtime CPU graphs beside the portable ones: "auto" for the precisions where they were
+    # measured to pay (AUTO_ORT_CPU), "optimized" for every CPU precision, "portable" for none.
+    ort_cpu: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.dims:
@@ -57,6 +64,13 @@ class ExportOptions:
             )
         if self.exporter not in graph.EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; choose from {', '.join(graph.EXPORTERS)}")
+        if self.ort_cpu not in ORT_CPU_MODES:
+            raise ExportError(f"unknown --ort-cpu {self.ort_cpu!r}; choose from {', '.join(ORT_CPU_MODES)}")
+
+    def ort_cpu_precisions(self) -> tuple[str, ...]:
+        """The precisions that get an ONNX Runtime CPU graph beside the portable one."""
+        wanted = {"auto": AUTO_ORT_CPU, "optimized": CPU_PRECISIONS, "portable": ()}[self.ort_cpu]
+        return tuple(p for p in self.precisions if p in wanted)
 
 
 def check_dims(source: SourceModel, dims: tuple[int, ...]) -> None:
@@ -174,35 +188,27 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
         reference = _reference(source, texts)
     work = Path(tempfile.mkdtemp(prefix="work-", dir=tmp))
     fp32, exporter = _pooled_fp32(source, options.exporter, tokenizer, reference, texts, work, progress)
-    profiles, weights = [], []
+    fp32 = precision.name_nodes(fp32)
+    build = Builder(tmp, work, tokenizer, texts, reference, source, progress)
+    profiles, weights, choices, quantization = [], [], [], None
     dims = sorted(set(options.dims), reverse=True)
+    optimized: ortopt.Optimized | None = None
     for prec in dict.fromkeys(options.precisions):
         progress(f"converting to {prec}")
-        base = graph.save_shared_weights(precision.convert(fp32, prec, work), tmp, f"weights-{prec}.bin")
+        portable, quant = build.portable(fp32, prec)
+        quantization = quant or quantization
+        cpu_graph = None
+        if prec in options.ort_cpu_precisions():
+            optimized = optimized or build.optimize(fp32, strict=options.ort_cpu == "optimized")
+            cpu_graph, choice = build.ort_cpu(optimized, prec)
+            choices.append(choice)
+        bases = {"": graph.save_shared_weights(portable, tmp, f"weights-{prec}.bin")}
         weights.append(_weights_entry(tmp, f"weights-{prec}.bin", prec))
+        if cpu_graph is not None:
+            bases[".ort-cpu"] = graph.save_shared_weights(cpu_graph, tmp, f"weights-{prec}.ort-cpu.bin")
+            weights.append(_weights_entry(tmp, f"weights-{prec}.ort-cpu.bin", prec))
         for d in dims:
-            name = f"d{d}-{prec}"
-            path = tmp / f"{name}.onnx"
-            graph.save_graph(graph.append_mrl_head(base, d), path)
-            result = None
-            if reference is not None:
-                progress(f"checking parity of {name}")
-                result = parity.compare(
-                    parity.embed_graph(path, tokenizer, texts), reference, d, prec, _ref_name(source)
-                )
-                if not result.passed:
-                    raise ParityError(_parity_message(name, prec, result))
-            profiles.append(
-                Profile(
-                    name=name,
-                    dims=d,
-                    precision=prec,
-                    file=path.name,
-                    sha256=sha256_file(path),
-                    weights=f"weights-{prec}.bin",
-                    parity=result,
-                )
-            )
+            profiles.append(build.profile(bases, d, prec))
     shutil.rmtree(work)
     manifest = Manifest(
         name=source.name,
@@ -219,6 +225,8 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
         trained_dims=source.trained_dims,
         prompts=source.prompts,
         default_prompt=source.default_prompt,
+        ort_cpu=tuple(choices),
+        quantization=quantization,
         toolkit_version=mrl.__version__,
     )
     manifest.save(tmp)
@@ -236,19 +244,3 @@ def _reference(source: SourceModel, texts: list[str]) -> np.ndarray:
 
         return reference_embeddings(source, texts)
     return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
-
-
-def _ref_name(source: SourceModel) -> str:
-    return "onnx-source-graph" if source.kind == "onnx" else "pytorch-sentence-transformers"
-
-
-def _parity_message(name: str, prec: str, result: Parity) -> str:
-    hint = {
-        "fp16": " fp16 overflows in some models (activations above 65504); use fp32 or int8 for this model.",
-        "int8": " int8 loses too much for this model; use fp32 or fp16.",
-        "fp32": " the exported graph does not reproduce the model; try --exporter dynamo.",
-    }[prec]
-    return (
-        f"profile {name} failed parity: min cosine {result.min_cosine:.6f}, mean {result.mean_cosine:.6f} "
-        f"(needs {result.threshold}).{hint} --no-validate skips this check."
-    )

@@ -17,13 +17,13 @@ def _tokenizer(padding_side: str = "right"):
     return AutoTokenizer.from_pretrained(str(path), model_max_length=64, padding_side=padding_side)
 
 
-def save_bert(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
+def save_bert(directory: Path, hidden: int = 32, seed: int = 0, padding_side: str = "right") -> Path:
     """A 2-layer BERT encoder as a plain transformers directory (config, weights, tokenizer)."""
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    tok = _tokenizer()
+    tok = _tokenizer(padding_side)
     config = BertConfig(
         vocab_size=tok.vocab_size,
         hidden_size=hidden,
@@ -59,6 +59,51 @@ def save_llama(directory: Path, hidden: int = 32, seed: int = 0) -> Path:
     return directory
 
 
+def save_gemma_like(directory: Path, seed: int = 0) -> Path:
+    """A 4-layer bidirectional Gemma3 encoder with the family's massive activations, as a transformers directory.
+
+    As in the 300M Gemma3 embedding model: two MLP channels of layer 0 fire far above the rest (the
+    down projection's input spans ~1000x), its post-MLP norm writes ~1e5 into two residual channels,
+    and later norms scale those channels down again, so the model works in fp32 while int8 with one
+    activation scale per tensor wipes out the rest of that down projection's input.
+    """
+    import torch
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        max_position_embeddings=128,
+        sliding_window=64,
+        layer_types=["full_attention"] * 4,
+        use_bidirectional_attention=True,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Gemma3TextModel(config).eval()
+    massive = [3, 40]  # residual channels
+    with torch.no_grad():
+        first = model.layers[0]
+        for channel in (5, 77):  # MLP channels of layer 0 that fire ~30x harder in gate and up
+            first.mlp.gate_proj.weight[channel] *= 30
+            first.mlp.up_proj.weight[channel] *= 30
+        first.post_feedforward_layernorm.weight[massive] = 5e4
+        for layer in model.layers[1:]:
+            layer.input_layernorm.weight[massive] = -0.9999  # Gemma norms scale by (1 + weight)
+            layer.pre_feedforward_layernorm.weight[massive] = -0.9999
+        model.norm.weight[massive] = -0.9999
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
 def save_sentence_transformer(
     directory: Path,
     *,
@@ -67,6 +112,7 @@ def save_sentence_transformer(
     arch: str = "bert",
     prompts: dict[str, str] | None = None,
     max_seq_length: int = 48,
+    padding_side: str = "right",
 ) -> Path:
     """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize."""
     from sentence_transformers import SentenceTransformer
@@ -74,7 +120,12 @@ def save_sentence_transformer(
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
 
     hf_dir = directory.parent / f"{directory.name}-hf"
-    (save_llama if arch == "llama" else save_bert)(hf_dir)
+    if arch == "llama":
+        save_llama(hf_dir)
+    elif arch == "gemma-like":
+        save_gemma_like(hf_dir)
+    else:
+        save_bert(hf_dir, padding_side=padding_side)
     transformer = Transformer(str(hf_dir), max_seq_length=max_seq_length)
     width = transformer.get_embedding_dimension()
     modules = [transformer, Pooling(width, pooling_mode=pooling)]
@@ -92,6 +143,7 @@ def export(
     dims: tuple[int, ...],
     precisions: tuple[str, ...] = ("fp32",),
     exporter: str = "auto",
+    ort_cpu: str = "auto",
     **kw,
 ):
     """Export through the public API (the same code path as `mrl-export`); `kw` goes to load_source."""
@@ -99,5 +151,6 @@ def export(
     from mrl.export.source import load_source
 
     source = load_source(str(model), **kw)
-    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, exporter=exporter))
+    options = ExportOptions(dims=dims, precisions=precisions, exporter=exporter, ort_cpu=ort_cpu)
+    export_artifact(source, out, options)
     return out
