@@ -120,8 +120,14 @@ class Embedder:
         return int(dims)
 
     def profile_for(self, dims: int) -> Profile:
-        """The profile that computes `dims`: exactly that width, else the smallest wider one."""
-        return choose_profile(self.profiles, dims)
+        """The profile whose graph computes `dims`: the widest of this precision, for every dims it covers.
+
+        Running one graph per precision keeps one copy of the weights in memory; narrower dims are
+        sliced from it and re-normalised, which matches their own graphs (BENCHMARKS.md: weights
+        shared across sessions still cost more RAM per added profile, or speed).
+        """
+        choose_profile(self.profiles, dims)  # refuses dims no profile covers
+        return max(self.profiles, key=lambda p: p.dims)
 
     def backend_for(self, profile: Profile) -> Backend:
         """The backend for a profile, created on first use."""
@@ -189,9 +195,8 @@ class Embedder:
         return result
 
     def warmup(self) -> None:
-        """Load and run every profile once."""
-        for profile in self.profiles:
-            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims])
+        """Load and run the graph every dims runs on, once."""
+        self.run_encoded(self.tokenizer.encode(["warm-up"]), [self.default_dims])
 
     def close(self) -> None:
         """Release every backend."""

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 GPU_PROVIDERS = (TRT_EP, CUDA_EP)
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+GRAPHS = ("auto", "optimized", "portable")
 Provider = str | tuple[str, dict[str, Any]]
 
 
@@ -57,10 +58,14 @@ class OrtOptions:
     trt_options: dict[str, Any] = field(default_factory=dict)
     trt_cache_dir: str | Path | None = None  # default: ARTIFACT/engines/ort-tensorrt
     intra_op_threads: int = 0
+    graph: str = "auto"  # on the CPU provider: the profile's ONNX Runtime CPU graph where it has one
+    disabled_optimizers: Sequence[str] | None = None  # session fusions to skip; None: cpu_disabled_optimizers
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise InvalidInputError(f"unknown onnxruntime device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if self.graph not in GRAPHS:
+            raise InvalidInputError(f"unknown onnxruntime graph {self.graph!r}; choose from {', '.join(GRAPHS)}")
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> OrtOptions:
@@ -171,6 +176,33 @@ def plan_providers(directory: Path, manifest: Manifest, profile: Profile, option
     return [*providers, CPU_EP]
 
 
+def choose_graph(profile: Profile, providers: Sequence[Provider], want: str) -> tuple[str, str]:
+    """The graph file to run and why: the ONNX Runtime CPU graph on the CPU provider alone, else the portable one."""
+    if want == "portable":
+        return profile.file, "the portable graph, as asked"
+    if profile.ort_cpu is None:
+        if want == "optimized":
+            raise ArtifactError(
+                f"profile {profile.name} has no ONNX Runtime CPU graph (mrl-export --ort-cpu optimized writes "
+                "one); use graph='auto' or 'portable'"
+            )
+        return profile.file, "the portable graph: the artifact has no ONNX Runtime CPU graph for it"
+    if [_provider_name(p) for p in providers] != [CPU_EP]:
+        if want == "optimized":
+            raise InvalidInputError(f"the ONNX Runtime CPU graph of {profile.name} runs on the CPU provider only")
+        return profile.file, "the portable graph: the ONNX Runtime CPU graph is for the CPU provider only"
+    return profile.ort_cpu.file, "the fused ONNX Runtime CPU graph, on the CPU provider"
+
+
+def cpu_disabled_optimizers(providers: Sequence[Provider]) -> list[str]:
+    """Session-level fusions to leave out on the CPU provider: SkipLayerNormalization is slower there.
+
+    Measured with onnxruntime 1.32 (BENCHMARKS.md): its CPU SkipLayerNormalization took 650 us on a
+    [32, 21, 384] input where Add + LayerNormalization took 180-300 us.
+    """
+    return ["SkipLayerNormFusion"] if [_provider_name(p) for p in providers] == [CPU_EP] else []
+
+
 class OnnxRuntimeBackend:
     """One InferenceSession over one profile graph."""
 
@@ -182,6 +214,7 @@ class OnnxRuntimeBackend:
         providers: Sequence[Provider] | None = None,
         intra_op_threads: int = 0,
         strict: bool = False,
+        disabled_optimizers: Sequence[str] | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -193,11 +226,16 @@ class OnnxRuntimeBackend:
                 f"onnxruntime here has no {', '.join(map(_provider_name, unknown))}; it has "
                 f"{', '.join(ort.get_available_providers())} (for GPUs: {GPU_EXTRA})"
             )
+        if disabled_optimizers is None:
+            disabled_optimizers = cpu_disabled_optimizers(requested)
         try:
-            self._session = ort.InferenceSession(str(graph), options, providers=requested)
+            self._session = ort.InferenceSession(
+                str(graph), options, providers=requested, disabled_optimizers=list(disabled_optimizers)
+            )
         except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
             raise ArtifactError(f"onnxruntime cannot load {graph}: {e}") from None
         self.providers = self._session.get_providers()
+        self.graph = Path(graph)
         wanted = [_provider_name(p) for p in requested]
         if wanted and self.providers[0] != wanted[0]:
             message = f"onnxruntime asked for {wanted[0]} but runs on {self.providers[0]} (no usable GPU or driver?)"
@@ -232,7 +270,11 @@ def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any
     parsed = OrtOptions.parse(options)
     providers = plan_providers(Path(directory), manifest, profile, parsed)
     strict = parsed.device in ("cuda", "tensorrt") and not parsed.providers
-    return OnnxRuntimeBackend(directory / profile.file, providers, parsed.intra_op_threads, strict)
+    file, why = choose_graph(profile, providers, parsed.graph)
+    log.info("onnxruntime: %s runs %s: %s", profile.name, file, why)
+    return OnnxRuntimeBackend(
+        directory / file, providers, parsed.intra_op_threads, strict, disabled_optimizers=parsed.disabled_optimizers
+    )
 
 
 def create_cpu(directory: Path, manifest: Manifest, profile: Profile, **options: Any) -> OnnxRuntimeBackend:
