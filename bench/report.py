@@ -31,7 +31,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "engine": Kind(
-        key=("backend", "precision", "dims", "batch_size", "seq_len"),
+        key=("backend", "variant", "precision", "dims", "batch_size", "seq_len"),
         required=(
             "backend",
             "precision",
@@ -66,6 +66,11 @@ KINDS: dict[str, Kind] = {
             "encode_ms_per_text",
         ),
         compare=("recall_at_10", "mrr_at_10", "encode_ms_per_text"),
+    ),
+    "memory": Kind(
+        key=("strategy", "precision", "profiles"),
+        required=("strategy", "precision", "profiles", "dims", "rss_mib", "added_mib", "weights_mib", "s"),
+        compare=("rss_mib", "added_mib"),
     ),
 }
 LATENCY_KEYS = ("n", "mean_ms", "p50_ms", "p90_ms", "p99_ms")

@@ -41,13 +41,50 @@ class Runner(Protocol):
         ...
 
 
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """A named set of backend options, so several configurations of one backend run side by side."""
+
+    name: str
+    options: dict[str, Any]
+
+
+# Backend options a variant may set, and how to read each from text ("a+b" is a list; empty: none).
+VARIANT_OPTIONS = {"graph": str, "disabled_optimizers": lambda v: tuple(x for x in v.split("+") if x)}
+
+
+def parse_variant(text: str) -> Variant:
+    """`NAME:key=value,key=value` (e.g. `old:graph=portable,disabled_optimizers=`) as a Variant."""
+    name, _, spec = text.partition(":")
+    if not name.strip():
+        raise ValueError(f"a variant needs a name before ':', got {text!r}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in VARIANT_OPTIONS:
+            raise ValueError(f"variant option {item!r}: use key=value with key one of {', '.join(VARIANT_OPTIONS)}")
+        options[key] = VARIANT_OPTIONS[key](value)
+    return Variant(name=name.strip(), options=options)
+
+
 class EmbedderRunner:
     """A runtime backend (onnxruntime, tensorrt, ...) of one precision through `Embedder`."""
 
-    def __init__(self, artifact: Path, backend: str, precision: str, threads: int) -> None:
+    def __init__(
+        self,
+        artifact: Path,
+        backend: str,
+        precision: str,
+        threads: int,
+        variant: Variant | None = None,
+        tag: str = "",
+    ) -> None:
         # Only onnxruntime takes a thread count; other backends reject unknown options.
         name = resolve_backend(backend, artifact, load_manifest(artifact, verify=False))
         options: dict[str, Any] = {"intra_op_threads": threads} if name == "onnxruntime" else {}
+        options.update(variant.options if variant else {})
+        # `tag` tells apart runners of other artifacts timed in the same run (e.g. an earlier export).
+        self.variant = " ".join(filter(None, [tag, variant.name if variant else ""]))
         self.embedder = Embedder.load(artifact, name, precision=precision, **options)
         self.embedder.warmup()
         self.backend = self.embedder.backend_name
@@ -55,7 +92,7 @@ class EmbedderRunner:
         self.providers = self.embedder.providers
         gpu = any(p.startswith(("CUDA", "Tensorrt")) for p in self.providers) or backend == "tensorrt"
         self.device = "cuda" if gpu else "cpu"
-        self.label = f"{self.backend} {precision}"
+        self.label = f"{self.backend} {precision}" + (f" [{self.variant}]" if self.variant else "")
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed as one batch; the result is host memory, so the clock stops after the device is done."""
@@ -117,6 +154,7 @@ class SentenceTransformerRunner:
     """The source model through sentence-transformers: `truncate_dim` and normalisation, inference mode."""
 
     backend = BASELINE
+    variant = ""
 
     def __init__(self, path: str, device: str, precision: str, threads: int) -> None:
         import torch
