@@ -73,7 +73,7 @@ def quantise(
     first = check(plain)
     if first.passed:
         return Int8Graph(model=plain, parity=first)
-    ranked = [e for e in sensitivity.node_errors(fp32, feeds) if e.op_type in op_types]
+    ranked = [e for e in sensitivity.node_errors(fp32, feeds, workdir) if e.op_type in op_types]
     best, steps = first, sensitivity.exclusion_steps(ranked)
     for keep in steps:
         model = precision.to_int8(fp32, workdir, keep_fp32=tuple(keep), op_types=op_types)

@@ -13,8 +13,11 @@ relative error in that channel (1.0: the typical channel is wiped out; BERT-like
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -50,39 +53,55 @@ def quantise_dequantise(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale
 
 
-def node_errors(model: onnx.ModelProto, feeds: Iterable[dict[str, np.ndarray]]) -> list[NodeError]:
-    """Every candidate node's score on `feeds` (padded batches), worst first. `model` holds its weights."""
+def node_errors(
+    model: onnx.ModelProto, feeds: Sequence[dict[str, np.ndarray]], workdir: Path, group: int = 32
+) -> list[NodeError]:
+    """Every candidate node's score on `feeds` (padded batches), worst first. `model` holds its weights.
+
+    The inputs are exposed `group` at a time, each group in its own run over the feeds, so that a
+    large model's activations never all sit in memory at once.
+    """
     nodes = candidates(model)
-    probe = copy.deepcopy(model)
     exposed = list(dict.fromkeys(n.input[0] for n in nodes))
-    known = {o.name for o in probe.graph.output}
-    for name in exposed:
-        if name not in known:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    # The weights are written once; each group's graph is a small file pointing into them.
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        onnx.save_model(copy.deepcopy(model), f"{tmp}/base.onnx", save_as_external_data=True, location="base.data")
+        skeleton = onnx.load(f"{tmp}/base.onnx", load_external_data=False)
+        stats: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+        for start in range(0, len(exposed), group):
+            probe = copy.deepcopy(skeleton)
+            del probe.graph.output[:]
+            for name in exposed[start : start + group]:
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            onnx.save_model(probe, f"{tmp}/probe.onnx")
+            stats.update(_input_stats(f"{tmp}/probe.onnx", feeds))
+    result = []
+    for n in nodes:
+        lost, energy, peak = stats[n.input[0]]
+        score = float(np.median(np.sqrt(lost / np.maximum(energy, 1e-30))))
+        result.append(NodeError(node=n.name, op_type=n.op_type, score=score, input_max=peak))
+    return sorted(result, key=lambda e: e.score, reverse=True)
+
+
+def _input_stats(graph: str, feeds: Sequence[dict[str, np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray, float]]:
+    """Per exposed tensor: squared error lost to quantisation and energy per channel, and its largest |value|."""
     options = ort.SessionOptions()
     # Fusions would hide the exposed tensors or change where they are computed.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
-    lost = {name: 0.0 for name in exposed}
-    energy = {name: 0.0 for name in exposed}
-    peak = dict.fromkeys(exposed, 0.0)
     names = [o.name for o in session.get_outputs()]
+    lost: dict[str, Any] = dict.fromkeys(names, 0.0)
+    energy: dict[str, Any] = dict.fromkeys(names, 0.0)
+    peak = dict.fromkeys(names, 0.0)
     for feed in feeds:
-        values = dict(zip(names, session.run(None, {k: feed[k] for k in inputs}), strict=True))
-        for name in exposed:
-            x = np.asarray(values[name], dtype=np.float32)
+        for name, value in zip(names, session.run(None, {k: feed[k] for k in inputs}), strict=True):
+            x = np.asarray(value, dtype=np.float32)
             axes = tuple(range(x.ndim - 1))  # per input channel (the last axis)
-            lost[name] = lost[name] + np.sum((quantise_dequantise(x) - x) ** 2, axis=axes)
+            lost[name] = lost[name] + np.sum((quantise_dequantise(x) - x).astype(np.float64) ** 2, axis=axes)
             energy[name] = energy[name] + np.sum(x.astype(np.float64) ** 2, axis=axes)
             peak[name] = max(peak[name], float(np.abs(x).max()))
-    result = []
-    for n in nodes:
-        name = n.input[0]
-        per_channel = np.sqrt(lost[name] / np.maximum(energy[name], 1e-30))
-        score = float(np.median(per_channel))
-        result.append(NodeError(node=n.name, op_type=n.op_type, score=score, input_max=peak[name]))
-    return sorted(result, key=lambda e: e.score, reverse=True)
+    return {name: (lost[name], energy[name], peak[name]) for name in names}
 
 
 def exclusion_steps(ranked: list[NodeError], limit: float = 0.5) -> list[list[str]]:
