@@ -120,8 +120,9 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
         action="append",
         type=_variant,
         metavar="NAME:KEY=VALUE,...",
-        help="run each backend x precision once per variant, with these backend options (graph=auto|optimized|"
-        "portable, disabled_optimizers=A+B or empty); repeatable, e.g. --variant fused:graph=optimized",
+        help="run each backend x precision once per variant, with these backend options (onnxruntime: graph=auto|"
+        "optimized|portable, disabled_optimizers=A+B or empty; torch: dtype=fp32|fp16|bf16); repeatable, "
+        "e.g. --variant fused:graph=optimized",
     )
     e.add_argument("--precision", type=_names, help="precisions to run (default: all the artifact has)")
     e.add_argument("--dims", type=_ints, help="dims to run (default: all served)")

@@ -200,17 +200,19 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     if a["kind"] != b["kind"]:
         raise ReportError(f"cannot compare a {a['kind']} report with a {b['kind']} report")
     kind = KINDS[a["kind"]]
-    rows_b = {tuple(r.get(k) for k in kind.key): r for r in b["results"]}
-    headers = [*kind.key]
+    # Key columns no row of either report sets (e.g. `variant` in reports written before it existed) are left out.
+    key = [k for k in kind.key if any(k in r for r in [*a["results"], *b["results"]])]
+    rows_b = {tuple(r.get(k) for k in key): r for r in b["results"]}
+    headers = [*key]
     for m in kind.compare:
         headers += [f"{m} A", f"{m} B", "B/A"]
     rows = []
     seen = set()
     for ra in a["results"]:
-        key = tuple(ra.get(k) for k in kind.key)
-        seen.add(key)
-        rb = rows_b.get(key, {})
-        cells: list[Any] = list(key)
+        row_key = tuple(ra.get(k) for k in key)
+        seen.add(row_key)
+        rb = rows_b.get(row_key, {})
+        cells: list[Any] = list(row_key)
         for m in kind.compare:
             va, vb = metric(ra, m), metric(rb, m)
             both = isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va

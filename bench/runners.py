@@ -49,8 +49,13 @@ class Variant:
     options: dict[str, Any]
 
 
-# Backend options a variant may set, and how to read each from text ("a+b" is a list; empty: none).
-VARIANT_OPTIONS = {"graph": str, "disabled_optimizers": lambda v: tuple(x for x in v.split("+") if x)}
+# Backend options a variant may set, and how to read each from text ("a+b" is a list; empty: none):
+# onnxruntime's graph and session fusions, the torch backend's dtype.
+VARIANT_OPTIONS = {
+    "graph": str,
+    "disabled_optimizers": lambda v: tuple(x for x in v.split("+") if x),
+    "dtype": str,
+}
 
 
 def parse_variant(text: str) -> Variant:
