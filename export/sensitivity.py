@@ -6,8 +6,8 @@ activations" of Gemma-like models, typically the MLP's down projection) gets a s
 that every other channel rounds to zero. So a node's error is measured where it arises: the fp32
 graph runs the validation texts with every candidate's input exposed, each input is quantised as
 DynamicQuantizeLinear would, and the node's score is the median over input channels of the
-relative error in that channel (1.0: the typical channel is wiped out; BERT-like models score
-0.01-0.05). Weights are quantised per output channel and rarely matter; they are not scored.
+relative error in that channel (1.0: the typical channel is wiped out; all-MiniLM-L6-v2's worst
+product scores 0.17). Weights are quantised per output channel and rarely matter; they are not scored.
 """
 
 from __future__ import annotations
