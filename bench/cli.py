@@ -23,6 +23,8 @@ examples:
   mrl-bench serve --target 127.0.0.1:50051 --concurrency 1,8,32,128 --requests 2000
   mrl-bench serve --target 127.0.0.1:50051 --texts texts.txt --dims-mix 128 --dims-mix 64,128,256 \\
       --offline-baseline artifacts/minilm
+  mrl-bench serve --target mrl=127.0.0.1:50051 --target triton=127.0.0.1:8001 --triton-model minilm \\
+      --client-python .venv-triton/bin/python --concurrency 1,64   # mrl-serve and Triton, same run
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
   mrl-bench memory artifacts/minilm --precision fp32,int8   # RSS as 1, 2, 3, ... dims profiles are served
   mrl-bench corpus chatterbot --out data/chatterbot   # real offline texts: corpus, pairs, request texts
@@ -155,11 +157,25 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     """The `mrl-bench serve` flags."""
     s = sub.add_parser(
         "serve",
-        help="closed-loop load on an mrl-serve server",
+        help="closed-loop load on mrl-serve and Triton servers",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    s.add_argument("--target", required=True, help="HOST:PORT of the server; nothing else is contacted")
+    s.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        help="[KIND=]HOST:PORT, KIND mrl (default) or triton; repeatable: levels alternate between them. "
+        "Nothing else is contacted",
+    )
+    s.add_argument("--triton-model", help="triton targets: the model name prefix (requests go to NAME_dDIMS)")
+    s.add_argument(
+        "--client-python",
+        action="append",
+        metavar="[KIND=]PYTHON",
+        help="run KIND's client (default triton) in a worker under this Python, such as one with tritonclient[grpc] "
+        "(.venv-triton/bin/python from scripts/setup_triton.sh); repeatable",
+    )
     s.add_argument("--concurrency", type=_ints, default=(1, 8, 32, 128), help="levels (default 1,8,32,128)")
     amount = s.add_mutually_exclusive_group()
     amount.add_argument("--requests", type=int, help="measured requests per level (default 1000)")
@@ -172,7 +188,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--offline-baseline", type=Path, metavar="ARTIFACT", help="also time Embedder at batch 32")
     s.add_argument("--offline-seconds", type=_positive_float, default=3.0, help="each offline pass (default 3)")
     s.add_argument("--offline-precision", help="precision of the offline baseline (default: the manifest's first)")
-    s.add_argument("--server-pid", type=int, help="a local server's pid: not counted as other load")
+    s.add_argument(
+        "--server-pid", type=int, action="append", help="a local server's pid (repeatable): not counted as other load"
+    )
     s.add_argument("--timeout", type=_positive_float, default=60.0, help="per-request deadline in seconds (default 60)")
     s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
     s.add_argument("--tls-ca", type=Path, help="PEM root certificates: connect with TLS")
@@ -191,7 +209,12 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--corpus", type=Path, required=True, help="documents, one a line")
     t.add_argument("--pairs", type=Path, help='JSONL of {"query": ..., "positive": ...} for labelled recall and MRR')
     t.add_argument("--precision", type=_names, help="precisions (default: all the artifact has)")
-    t.add_argument("--encodings", type=_names, default=("float32", "int8", "ubinary"), help="also float16")
+    t.add_argument(
+        "--encodings",
+        type=_names,
+        default=("float32", "int8", "ubinary"),
+        help="of float32, float16, int8, uint8, binary, ubinary (default %(default)s)",
+    )
     t.add_argument("--target-recall", type=float, default=0.95, help="recall@10 to keep (default 0.95)")
     t.add_argument(
         "--max-queries", type=int, default=1000, help="corpus documents used as label-free queries (default 1000)"
@@ -284,13 +307,14 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
 
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
     from mrl.bench.serve import ServeConfig, offline_note, offline_throughput, serve_table, sweep_with_offline
+    from mrl.bench.targets import client_pythons, target_specs
     from mrl.bench.texts import passage_sentences, read_lines
 
     texts = tuple(read_lines(args.texts)) if args.texts else tuple(passage_sentences())
     token = args.token_file.read_text().strip() if args.token_file else None
     roots = args.tls_ca.read_bytes() if args.tls_ca else None
     config = ServeConfig(
-        target=args.target,
+        targets=target_specs(args.target, triton_model=args.triton_model, token=token, root_certificates=roots),
         texts=texts,
         concurrency=args.concurrency,
         requests=None if args.duration else (args.requests or 1000),
@@ -299,9 +323,9 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         texts_per_request=args.texts_per_request,
         dims_mixes=tuple(args.dims_mix) if args.dims_mix else (None,),
         request_timeout_s=args.timeout,
-        token=token,
-        server_pid=args.server_pid,
+        server_pids=tuple(args.server_pid or ()),
         rounds=args.rounds,
+        client_python=client_pythons(args.client_python or ()),
     )
     measure = None
     if args.offline_baseline:
@@ -315,7 +339,7 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
                 min_seconds=args.offline_seconds,
             )
 
-    rows, offline = sweep_with_offline(config, progress, measure, root_certificates=roots)
+    rows, offline = sweep_with_offline(config, progress, measure)
     extra: dict[str, Any] = {"offline": offline}
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "token_file"}
     return {"config": settings, "rows": rows, "extra": extra, "artifact": args.offline_baseline}, serve_table(

@@ -21,9 +21,7 @@ from mrl.bench.runners import (
     SentenceTransformerRunner,
     Variant,
     cuda_available,
-    device_peak_mib,
     plan_baseline,
-    reset_device_peak,
     torch_present,
 )
 from mrl.bench.stats import block_schedule, ratio, summarize, throughput
@@ -98,10 +96,10 @@ def measure_cell(
     peaks: dict[str, tuple[float | None, float | None]] = {}
     for r in runners:
         memory.reset_peak_rss()
-        reset_device_peak(r)
+        r.reset_device_peak()
         for i in range(warmup):
             r.timed(batches[i % len(batches)], dims)
-        peaks[r.label] = (memory.peak_rss_mib(), device_peak_mib(r))
+        peaks[r.label] = (memory.peak_rss_mib(), r.device_peak_mib())
     seconds: dict[str, list[float]] = {r.label: [] for r in runners}
     by_label = {r.label: r for r in runners}
     for label, calls in block_schedule(list(by_label), len(batches), block):

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import mrl
+from mrl.runtime.backends.gpu import run_nvidia_smi
 from mrl.runtime.manifest import MANIFEST_NAME, sha256_file
 
 # Distributions whose versions change the numbers; read from metadata so nothing heavy is imported.
 PACKAGES = (
+    "mrl-toolkit",
+    "mrl-toolkit-gpu",
     "onnxruntime",
     "onnxruntime-gpu",
     "tensorrt",
+    "tensorrt-cu13",
+    "cuda-bindings",
+    "nvidia-cuda-runtime",
+    "nvidia-cudnn-cu13",
     "torch",
     "sentence-transformers",
     "transformers",
@@ -95,17 +100,11 @@ def parse_nvidia_smi(csv: str, header: str = "") -> list[dict[str, str | None]]:
 
 
 def gpu_info() -> list[dict[str, str | None]]:
-    """GPUs nvidia-smi reports (empty where there is none or no driver)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+    """GPUs nvidia-smi reports (empty where there is none, no driver, or nvidia-smi hangs)."""
+    csv = run_nvidia_smi("--query-gpu=name,driver_version,memory.total", "--format=csv,noheader")
+    if csv is None:
         return []
-    try:
-        query = [smi, "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]
-        csv = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
-        header = subprocess.run([smi], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return parse_nvidia_smi(csv, header)
+    return parse_nvidia_smi(csv, run_nvidia_smi() or "")
 
 
 def torch_cuda_info() -> dict[str, Any] | None:

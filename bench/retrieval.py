@@ -1,70 +1,24 @@
-"""Retrieval quality, pure numpy: output encodings, nearest neighbours, recall@k and MRR@k."""
+"""Retrieval quality, pure numpy: similarity of encoded vectors, nearest neighbours, recall@k and MRR@k."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-ENCODINGS = ("float32", "float16", "int8", "ubinary")
+from mrl.runtime import encodings
 
 
-@dataclass(frozen=True, kw_only=True)
-class Encoded:
-    """Vectors as an index would store them, and how to score them against each other."""
-
-    codes: np.ndarray  # what is stored, one row a vector
-    encoding: str
-
-
-def bytes_per_vector(encoding: str, dims: int) -> int:
-    """Storage for one vector of `dims` components in `encoding` (ubinary packs 8 dims a byte, sign bits)."""
-    per_dim = {"float32": 4, "float16": 2, "int8": 1}
-    if encoding == "ubinary":
-        return math.ceil(dims / 8)
-    if encoding not in per_dim:
-        raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
-    return per_dim[encoding] * dims
-
-
-def int8_ranges(calibration: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension (minimum, step) mapping the calibration vectors' range onto 256 levels."""
-    low = calibration.min(axis=0)
-    high = calibration.max(axis=0)
-    step = np.maximum(high - low, 1e-12) / 255
-    return low.astype(np.float32), step.astype(np.float32)
-
-
-def encode(vectors: np.ndarray, encoding: str, calibration: np.ndarray | None = None) -> Encoded:
-    """Store unit vectors as `encoding`; int8 is scalar quantisation with ranges from `calibration`."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if encoding == "float32":
-        return Encoded(codes=vectors, encoding=encoding)
-    if encoding == "float16":
-        return Encoded(codes=vectors.astype(np.float16), encoding=encoding)
-    if encoding == "int8":
-        # Per-dimension ranges from the corpus, as sentence-transformers' quantize_embeddings and
-        # vector databases do; values outside the calibration range are clipped.
-        low, step = int8_ranges(vectors if calibration is None else calibration)
-        codes = np.clip(np.round((vectors - low) / step) - 128, -128, 127).astype(np.int8)
-        return Encoded(codes=codes, encoding=encoding)
-    if encoding == "ubinary":
-        return Encoded(codes=np.packbits(vectors > 0, axis=1), encoding=encoding)
-    raise ValueError(f"unknown encoding {encoding!r}; choose from {', '.join(ENCODINGS)}")
-
-
-def scores(queries: Encoded, docs: Encoded, dims: int) -> np.ndarray:
-    """`[n_queries, n_docs]` similarity in the encoding's own space (higher is closer)."""
-    if queries.encoding != docs.encoding:
-        raise ValueError(f"cannot score {queries.encoding} queries against {docs.encoding} documents")
-    if queries.encoding == "ubinary":
+def scores(queries: np.ndarray, docs: np.ndarray, encoding: str, dims: int) -> np.ndarray:
+    """`[n_queries, n_docs]` similarity of codes in their encoding's own space (higher is closer)."""
+    if encoding in encodings.PACKED:
         # Agreeing bits minus disagreeing bits: the dot product of ±1 vectors, i.e. dims - 2 * Hamming.
-        q = np.unpackbits(queries.codes, axis=1, count=dims).astype(np.float32) * 2 - 1
-        d = np.unpackbits(docs.codes, axis=1, count=dims).astype(np.float32) * 2 - 1
+        q = encodings.unpack_bits(queries, encoding, dims).astype(np.float32) * 2 - 1
+        d = encodings.unpack_bits(docs, encoding, dims).astype(np.float32) * 2 - 1
         return q @ d.T
-    return queries.codes.astype(np.float32) @ docs.codes.astype(np.float32).T
+    # uint8 holds the same buckets as int8, shifted by 128: score both centred, so they rank alike.
+    shift = 128 if encoding == "uint8" else 0
+    return (queries.astype(np.float32) - shift) @ (docs.astype(np.float32) - shift).T
 
 
 def top_k(score: np.ndarray, k: int, exclude: Sequence[int] | None = None) -> np.ndarray:

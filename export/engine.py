@@ -195,16 +195,33 @@ def serialize_engine(
         config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: parity holds it to 0.9999
     if workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    cache = config.create_timing_cache(timing.read_bytes() if timing.is_file() else b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        log.warning("the timing cache %s does not fit this GPU or TensorRT; starting an empty one", timing)
-        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    use_timing_cache(config, timing)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {graph.name}: see {ENGINE_DIR}/build.log")
     _atomic_write(timing, bytes(config.get_timing_cache().serialize()))
     input_dtype = str(inputs[0].dtype).rsplit(".", 1)[-1].lower() if inputs else "int64"
     return bytes(serialized), input_dtype
+
+
+def use_timing_cache(config: Any, path: Path) -> bool:
+    """Give the builder config the timing cache at `path`; an empty one where it is missing, unreadable or foreign.
+
+    Returns whether the saved cache was used. TensorRT returns None for bytes it cannot parse (and
+    `set_timing_cache(None)` is then a TypeError) or refuses a cache from another GPU or version:
+    either way the build goes on with an empty cache, which only costs time.
+    """
+    try:
+        data = path.read_bytes() if path.is_file() else b""
+        cache = config.create_timing_cache(data) if data else None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return True
+        if data:
+            log.warning("the timing cache %s is unreadable or for another GPU or TensorRT; starting an empty one", path)
+    except (OSError, TypeError, RuntimeError, ValueError) as e:
+        log.warning("the timing cache %s cannot be used (%s); starting an empty one", path, e)
+    config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+    return False
 
 
 def _embed(backend: Any, tokenizer: TextTokenizer, texts: list[str], batch_size: int = 8) -> np.ndarray:

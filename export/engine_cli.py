@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mrl.cli import OneLineParser
+from mrl.cli import OneLineParser, interrupted_exit_code
 from mrl.export.engine import (
     BuildResult,
     EngineBuildOptions,
@@ -149,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except MrlError as e:
         print(f"mrl-export build-engine: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("mrl-export build-engine: interrupted; engines already listed are kept", file=sys.stderr)
-        return 130
+        return interrupted_exit_code(e)
     except Exception as e:
         if args.verbose:
             raise

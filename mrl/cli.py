@@ -1,8 +1,41 @@
-"""What every `mrl-*` command shares: usage errors as one readable line with exit code 2."""
+"""What every `mrl-*` command shares: usage errors as one readable line with exit code 2; SIGTERM as Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's KeyboardInterrupt would be, so the same clean-up runs for both."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within, SIGTERM interrupts the main thread like Ctrl-C (by default it ends the process uncleaned)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_exit_code(error: KeyboardInterrupt) -> int:
+    """128 + the signal that interrupted: 143 for SIGTERM, 130 for Ctrl-C."""
+    return error.exit_code if isinstance(error, Terminated) else 128 + signal.SIGINT
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from mrl.runtime import encodings
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
-from mrl.runtime.errors import DimsError, InvalidInputError, NotFoundError, UnknownPromptError
+from mrl.runtime.errors import DimsError, EncodingError, InvalidInputError, NotFoundError, UnknownPromptError, shorten
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.tokenize import Encoded, TextTokenizer
 
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 def choose_profile(profiles: Sequence[Profile], dims: int) -> Profile:
     """The profile with exactly `dims`, else the smallest larger one (to slice and re-normalise)."""
     if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
-        raise DimsError(f"dims must be an integer, not {dims!r}")
+        raise DimsError(f"dims must be an integer, not {shorten(dims)}")
     if dims < 1:
         raise DimsError(f"dims must be at least 1, not {dims}")
     larger = sorted((p for p in profiles if p.dims >= dims), key=lambda p: p.dims)
@@ -71,6 +72,7 @@ class Embedder:
         self.profiles = [p for p in manifest.profiles if p.precision == precision]
         self._backend_options = backend_options
         self._backends: dict[str, Backend] = {}
+        self._ranges: dict[str, np.ndarray] = {}
 
     @classmethod
     def load(
@@ -119,6 +121,36 @@ class Embedder:
         choose_profile(self.profiles, dims)
         return int(dims)
 
+    @property
+    def encodings(self) -> list[str]:
+        """The output encodings this artifact can produce (int8 and uint8 only where calibrated)."""
+        calibration = self.manifest.calibration
+        calibrated = calibration is not None and any(p.name in calibration.ranges for p in self.profiles)
+        return [e for e in encodings.ENCODINGS if calibrated or e not in encodings.CALIBRATED]
+
+    def ranges_for(self, encoding: str, dims: int) -> np.ndarray | None:
+        """The per-dimension ranges `encoding` needs at `dims` (None: it needs none); EncodingError if absent."""
+        if encodings.check_encoding(encoding) not in encodings.CALIBRATED:
+            return None
+        calibration = self.manifest.calibration
+        ranges = {} if calibration is None else calibration.ranges
+        profile = next((p for p in self.profiles if p.dims == dims), None)
+        calibrated = sorted(p.dims for p in self.profiles if p.name in ranges)
+        if not calibrated:
+            raise EncodingError(
+                f"{encoding} needs per-dimension value ranges and this model's artifact has none: add them "
+                "with `mrl-export calibrate ARTIFACT --texts FILE` (typical texts, one a line)"
+            )
+        if profile is None or profile.name not in ranges:
+            raise EncodingError(
+                f"{encoding} ranges are calibrated per profile and dims {dims} has none: ask for dims "
+                f"{', '.join(map(str, calibrated))}"
+            )
+        if profile.name not in self._ranges:
+            found = ranges[profile.name]
+            self._ranges[profile.name] = np.array([found.min, found.max], dtype=np.float32)
+        return self._ranges[profile.name]
+
     def profile_for(self, dims: int) -> Profile:
         """The profile whose graph computes `dims`: the widest of this precision, for every dims it covers.
 
@@ -137,32 +169,41 @@ class Embedder:
             self._backends[profile.name] = backend
         return self._backends[profile.name]
 
+    def prompt_text(self, prompt_name: str | None) -> str:
+        """The text a prompt name prepends (None: the model's default prompt; no prompt: "")."""
+        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
+        if name is None:
+            return ""
+        if name not in self.manifest.prompts:
+            known = ", ".join(sorted(self.manifest.prompts)) or "none"
+            raise UnknownPromptError(f"unknown prompt name {shorten(name)}; this model's prompts: {known}")
+        return self.manifest.prompts[name]
+
     def apply_prompt(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
         """Prepend the named prompt's text (None: the model's default prompt, if any)."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
-        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
-        if name is None:
-            return list(texts)
-        if name not in self.manifest.prompts:
-            known = ", ".join(sorted(self.manifest.prompts)) or "none"
-            raise UnknownPromptError(f"unknown prompt name {name!r}; this model's prompts: {known}")
-        prefix = self.manifest.prompts[name]
-        return [prefix + t for t in texts]
+        prefix = self.prompt_text(prompt_name)
+        return [prefix + t for t in texts] if prefix else list(texts)
 
     def prepare(self, texts: Sequence[str], prompt_name: str | None = None, *, truncate: bool = False) -> PreparedBatch:
         """Apply the prompt and tokenise, raising on inputs the model cannot take."""
         return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt_name), truncate=truncate))
 
-    def run_encoded(self, encoded: Sequence[Encoded], dims: Sequence[int]) -> list[np.ndarray]:
+    def run_encoded(
+        self, encoded: Sequence[Encoded], dims: Sequence[int], *, profile: Profile | None = None
+    ) -> list[np.ndarray]:
         """Run tokenised texts as one forward pass; row i comes back as a unit vector of `dims[i]` components.
 
-        Texts that want different dims share the pass: the profile covering the widest runs, and the
-        others are sliced from it and re-normalised (a truncated unit vector is not a unit vector).
+        Texts that want different dims share the pass: `profile` (default: the smallest covering the widest
+        dims asked for) runs, and the rest are sliced from it and re-normalised (a truncated unit vector is
+        not a unit vector).
         """
         if len(dims) != len(encoded):
             raise ValueError(f"{len(encoded)} texts but {len(dims)} dims")
-        profile = self.profile_for(max(dims))
+        profile = profile or self.profile_for(max(dims))
+        if profile.dims < max(dims):
+            raise DimsError(f"profile {profile.name} has {profile.dims} dims, fewer than the {max(dims)} asked for")
         out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
         rows: list[np.ndarray] = list(out)
         for want in set(dims) - {profile.dims}:
@@ -179,12 +220,15 @@ class Embedder:
         *,
         batch_size: int = 32,
         truncate: bool = False,
+        encoding: str = "float32",
     ) -> np.ndarray:
-        """Embed texts; returns float32 `[len(texts), dims]` with unit-norm rows, in input order.
+        """Embed texts; returns `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says.
 
         Texts longer than the model's max length raise InputTooLongError unless `truncate` cuts them.
+        `encoding` is one of `mrl.runtime.encodings.ENCODINGS` (binary ones hold ceil(dims / 8) bytes a row).
         """
         want = self.resolve_dims(dims)  # before any work
+        ranges = self.ranges_for(encoding, want)
         encoded = self.prepare(texts, prompt_name, truncate=truncate).encoded
         result = np.empty((len(encoded), want), dtype=np.float32)
         # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
@@ -192,7 +236,7 @@ class Embedder:
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows))
-        return result
+        return encodings.encode(result, encoding, ranges)
 
     def warmup(self) -> None:
         """Load and run the graph every dims runs on, once."""

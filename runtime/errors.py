@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+ECHO_CHARS = 100
+"""The most of a caller's string an error message repeats: a 100 KB name must not make a 100 KB error."""
+
+
+def shorten(value: object, limit: int = ECHO_CHARS) -> str:
+    """`repr(value)`, cut to about `limit` characters with the full length said, for echoing in errors."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else "cut"
+    return f"{text[:limit]}... ({size})"
+
 
 class MrlError(Exception):
     """Base of every error the toolkit raises on purpose."""
@@ -21,6 +33,10 @@ class UnknownPromptError(InvalidInputError):
 
 class InputTooLongError(InvalidInputError):
     """A text longer than the model's max length while truncation is off."""
+
+
+class EncodingError(InvalidInputError):
+    """An output encoding that is unknown, or that this artifact cannot produce (int8 without calibration)."""
 
 
 class NotFoundError(MrlError, LookupError):

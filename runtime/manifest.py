@@ -5,18 +5,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError
+from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError, shorten
 
-# Rules: a reader loads every schema version up to its own and refuses newer ones ("upgrade
-# mrl-toolkit"). Bump the version whenever a manifest written now holds something an older reader
-# would reject or misread (a new key in a dataclass it builds with `**data`); give every new field
-# a default, so that older manifests, which lack it, keep loading.
-# 2: Profile.ort_cpu (ONNX Runtime CPU graphs), Manifest.ort_cpu and Manifest.quantization.
-SCHEMA_VERSION = 2
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 OUTPUT_NAME = "sentence_embedding"
@@ -60,6 +60,7 @@ class Profile:
     weights: str | None = None
     parity: Parity | None = None
     ort_cpu: OrtCpuGraph | None = None
+    """The ONNX Runtime CPU graph of this profile; None: the portable graph runs there too."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +103,8 @@ class TokenizerSettings:
     """What the runtime needs to tokenise exactly as the source model did."""
 
     file: str = "tokenizer.json"
+    sha256: str | None = None
+    """Of `file`; None only in artifacts written before the tokenizer was hashed (then it is not verified)."""
     max_length: int
     padding_side: str = "right"
     pad_token_id: int = 0
@@ -145,11 +148,6 @@ class ShapeRange:
     def __str__(self) -> str:
         return f"batch {self.batch} x seq {self.seq}"
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShapeRange:
-        """Read the `{"batch": {...}, "seq": {...}}` form that `dataclasses.asdict` writes."""
-        return cls(batch=Span(**data["batch"]), seq=Span(**data["seq"]))
-
 
 @dataclass(frozen=True, kw_only=True)
 class Engine:
@@ -177,6 +175,30 @@ class Engine:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Range:
+    """Per-dimension minimum and maximum of one profile's embeddings over the calibration texts."""
+
+    min: tuple[float, ...]
+    max: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.min or len(self.min) != len(self.max):
+            raise ValueError(f"a range needs as many maxima as minima, got {len(self.min)} and {len(self.max)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Calibration:
+    """What int8/uint8 outputs quantise with: each profile's value ranges over a corpus of typical texts."""
+
+    texts: str
+    """Where the texts came from: "validation texts" (export's own) or the file given."""
+    n_texts: int
+    texts_sha256: str
+    ranges: dict[str, Range]
+    """Profile name -> its range."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything `manifest.json` records about an artifact."""
 
@@ -191,6 +213,7 @@ class Manifest:
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt: str | None = None
     engines: tuple[Engine, ...] = ()
+    calibration: Calibration | None = None
     ort_cpu: tuple[OrtCpuChoice, ...] = ()
     quantization: Quantization | None = None
     toolkit_version: str = ""
@@ -228,68 +251,111 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _parity(data: dict[str, Any] | None) -> Parity | None:
-    return None if data is None else Parity(**data)
+def _describe(tp: Any) -> str:
+    """A type as a manifest reader would say it: "a whole number", "a list of ...", ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        plural = {int: "whole numbers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(args[0], 'objects')}"
+    if origin is dict:
+        return "an object"
+    names = {int: "a whole number", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    return names.get(tp, "an object")
 
 
-def _profile(data: dict[str, Any]) -> Profile:
-    ort_cpu = data.get("ort_cpu")
-    if ort_cpu is not None:
-        ort_cpu = OrtCpuGraph(**{**ort_cpu, "parity": _parity(ort_cpu.get("parity"))})
-    return Profile(**{**data, "parity": _parity(data.get("parity")), "ort_cpu": ort_cpu})
+def read_typed(tp: Any, value: Any, where: str) -> Any:
+    """`value` (parsed JSON) as type `tp`: dataclasses from objects, tuples from lists, each field checked.
+
+    Raises ArtifactError naming the field (`where`) and what it should be, so a hand-edited or tampered
+    manifest fails when loaded, not with a TypeError in the middle of a request.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return read_typed(inner, value, where)
+    if origin is tuple and isinstance(value, list):
+        return tuple(read_typed(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict and isinstance(value, dict):
+        if args and args[1] is not Any:
+            return {str(k): read_typed(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return dict(value)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        return _read_dataclass(tp, value, where)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if tp is int and value != int(value):
+            raise ArtifactError(f"manifest.json: {where} must be a whole number, not {shorten(value)}")
+        return tp(value)
+    if tp is str and isinstance(value, str):
+        return value
+    if tp is Any:
+        return value
+    raise ArtifactError(f"manifest.json: {where} must be {_describe(tp)}, not {shorten(value)}")
 
 
-def _ort_cpu_choice(data: dict[str, Any]) -> OrtCpuChoice:
-    return OrtCpuChoice(**{**data, "kept_fp32": tuple(data.get("kept_fp32", ()))})
+def _read_dataclass(cls: Any, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ArtifactError(
+            f"manifest.json: {where} has fields this toolkit does not know ({', '.join(unknown)}): it was "
+            "written by a newer mrl-toolkit; upgrade"
+        )
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = read_typed(hints[name], data[name], f"{where}.{name}" if where else name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ArtifactError(f"manifest.json: {where or 'the manifest'} lacks the field {name!r}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:  # a value each field accepts, which together make no sense
+        raise ArtifactError(f"manifest.json: {where or 'the manifest'} is invalid: {e}") from None
 
 
-def _quantization(data: dict[str, Any] | None) -> Quantization | None:
-    return None if data is None else Quantization(**{**data, "kept_fp32": tuple(data.get("kept_fp32", ()))})
-
-
-def engine_from_dict(data: dict[str, Any]) -> Engine:
-    """One `engines` entry of manifest.json as an Engine (raises KeyError/TypeError/ValueError if malformed)."""
-    ranges = tuple(ShapeRange.from_dict(r) for r in data["shape_ranges"])
-    if not ranges:
-        raise ValueError(f"engine {data.get('file')!r} lists no shape ranges")
-    return Engine(**{**data, "shape_ranges": ranges, "parity": _parity(data.get("parity"))})
+def check_consistent(manifest: Manifest) -> None:
+    """Refuse values that type-check but cannot be right: files outside the artifact, unknown precisions."""
+    files = [manifest.tokenizer.file, *(p.file for p in manifest.profiles), *(w.file for w in manifest.weights)]
+    files += [p.weights for p in manifest.profiles if p.weights] + [e.file for e in manifest.engines]
+    cpu_graphs = [p.ort_cpu for p in manifest.profiles if p.ort_cpu is not None]
+    files += [g.file for g in cpu_graphs] + [g.weights for g in cpu_graphs if g.weights]
+    for name in files:
+        path = PurePosixPath(name)
+        if path.is_absolute() or ".." in path.parts or not name:
+            raise ArtifactError(f"manifest.json names the file {shorten(name)}, outside the artifact: refusing it")
+    for p in manifest.profiles:
+        if p.precision not in PRECISIONS:
+            raise ArtifactError(f"manifest.json: profile {p.name} has unknown precision {shorten(p.precision)}")
+        if p.dims < 1 or p.dims > manifest.full_dims:
+            raise ArtifactError(f"manifest.json: profile {p.name} has dims {p.dims}, outside 1..{manifest.full_dims}")
+    for e in manifest.engines:
+        if not e.shape_ranges:
+            raise ArtifactError(f"manifest.json: engine {shorten(e.file)} lists no shape ranges")
+    dims = {p.name: p.dims for p in manifest.profiles}
+    for name, r in (manifest.calibration.ranges if manifest.calibration else {}).items():
+        if dims.get(name) != len(r.min):
+            raise ArtifactError(f"manifest.json: calibration.ranges.{shorten(name)} does not match a profile's dims")
 
 
 def manifest_from_dict(data: dict[str, Any]) -> Manifest:
-    """Build a Manifest from parsed JSON, refusing newer schemas and malformed entries."""
+    """Build a Manifest from parsed JSON, refusing newer schemas and malformed or inconsistent entries."""
     version = data.get("schema_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ArtifactError("manifest.json has no integer schema_version: not an mrl-toolkit artifact")
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"manifest schema version {version} is newer than this toolkit reads ({SCHEMA_VERSION}): "
             "upgrade mrl-toolkit"
         )
-    try:
-        tok = dict(data["tokenizer"])
-        tok["inputs"] = tuple(tok.get("inputs", ("input_ids", "attention_mask")))
-        profiles = tuple(_profile(p) for p in data["profiles"])
-        engines = tuple(engine_from_dict(e) for e in data.get("engines", ()))
-        trained = data.get("trained_dims")
-        return Manifest(
-            name=data["name"],
-            source=dict(data["source"]),
-            tokenizer=TokenizerSettings(**tok),
-            full_dims=int(data["full_dims"]),
-            pooling=data["pooling"],
-            profiles=profiles,
-            weights=tuple(WeightsFile(**w) for w in data.get("weights", ())),
-            trained_dims=None if trained is None else tuple(int(d) for d in trained),
-            prompts=dict(data.get("prompts") or {}),
-            default_prompt=data.get("default_prompt"),
-            engines=engines,
-            ort_cpu=tuple(_ort_cpu_choice(c) for c in data.get("ort_cpu", ())),
-            quantization=_quantization(data.get("quantization")),
-            toolkit_version=data.get("toolkit_version", ""),
-            schema_version=version,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"manifest.json is malformed ({type(e).__name__}: {e})") from None
+    manifest = read_typed(Manifest, data, "")
+    check_consistent(manifest)
+    return manifest
 
 
 def load_manifest(directory: Path | str, verify: bool = True) -> Manifest:
@@ -313,8 +379,16 @@ def load_manifest(directory: Path | str, verify: bool = True) -> Manifest:
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Raise IntegrityError unless every graph and weights file matches its recorded sha256."""
-    listed = [(p.file, p.sha256) for p in manifest.profiles]
+    """Raise IntegrityError unless every file the manifest lists (tokenizer, graphs, weights, engines) matches
+    its recorded sha256."""
+    listed = [(manifest.tokenizer.file, manifest.tokenizer.sha256)] if manifest.tokenizer.sha256 else []
+    if not manifest.tokenizer.sha256:
+        log.warning(
+            "%s predates hashing the tokenizer: %s is not verified (export it again)",
+            directory,
+            manifest.tokenizer.file,
+        )
+    listed += [(p.file, p.sha256) for p in manifest.profiles]
     listed += [(p.ort_cpu.file, p.ort_cpu.sha256) for p in manifest.profiles if p.ort_cpu is not None]
     listed += [(w.file, w.sha256) for w in manifest.weights]
     listed += [(e.file, e.sha256) for e in manifest.engines]

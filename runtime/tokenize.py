@@ -5,12 +5,32 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from mrl.runtime.errors import ArtifactError, InputTooLongError, InvalidInputError
 from mrl.runtime.manifest import TokenizerSettings
+
+CHARS_PER_TOKEN = 8
+"""A long text is first cut to this many characters per token of max length: English runs 4-5 per token."""
+
+
+def cut_prefix(text: str, chars: int) -> str:
+    """The first `chars` characters of `text`, ended before the space that starts the word cut in two.
+
+    Ending before a space keeps every kept word whole, so the tokens of the prefix are the tokens the whole
+    text starts with (a cut word could tokenise differently: WordPiece maps a word over 100 characters to
+    one unknown token). Only a plain space is a word boundary for every tokenizer: SentencePiece's
+    Metaspace keeps tabs and newlines inside words. With no space in its second half, the prefix is cut as is.
+    """
+    if len(text) <= chars:
+        return text
+    if text[chars] == " ":
+        return text[:chars]
+    boundary = text.rfind(" ", chars // 2, chars)
+    return text[: boundary if boundary > 0 else chars]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,25 +71,51 @@ class TextTokenizer:
         """The model's max input length in tokens."""
         return self.settings.max_length
 
+    @property
+    def first_cut_chars(self) -> int:
+        """Characters of a long text tokenised first (more only when they hold fewer than max length tokens)."""
+        return self.max_length * CHARS_PER_TOKEN
+
     def encode(self, texts: Sequence[str], *, truncate: bool = False) -> list[Encoded]:
-        """Tokenise texts; one longer than max length raises InputTooLongError unless `truncate` cuts it."""
+        """Tokenise texts; one longer than max length raises InputTooLongError unless `truncate` cuts it.
+
+        However long a text, only a prefix of about what the model can read is tokenised (`cut_prefix`),
+        so a 15 MB text costs about what a max-length one costs, and gives the same tokens.
+        """
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInputError(f"input {i} is {type(t).__name__}, not a string")
-        encodings = self._tok.encode_batch(list(texts))
+        limit = self.first_cut_chars
+        encodings = dict(
+            zip(
+                (i for i, t in enumerate(texts) if len(t) <= limit),
+                self._tok.encode_batch([t for t in texts if len(t) <= limit]),
+                strict=True,
+            )
+        )
         out = []
-        for i, enc in enumerate(encodings):
+        for i, text in enumerate(texts):
+            enc = encodings[i] if i in encodings else self._encode_long(text)
             cut = bool(enc.overflowing)
             if cut and not truncate:
-                full = len(enc.ids) + sum(len(o.ids) for o in enc.overflowing)
                 raise InputTooLongError(
-                    f"input {i} has about {full} tokens, more than the model's max of "
-                    f"{self.max_length}: shorten it or ask for truncation (truncate=true)"
+                    f"input {i} is longer than the model's max of {self.max_length} tokens: shorten it or ask "
+                    "for truncation (truncate=true)"
                 )
             out.append(Encoded(ids=enc.ids, type_ids=enc.type_ids, truncated=cut))
         return out
+
+    def _encode_long(self, text: str) -> Any:
+        """Tokenise growing prefixes of `text` until one overflows max length (or the whole text fits)."""
+        chars = self.first_cut_chars
+        while True:
+            prefix = cut_prefix(text, chars)
+            enc = self._tok.encode(prefix)
+            if enc.overflowing or len(prefix) == len(text):
+                return enc
+            chars *= 4
 
     def pad(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
         """Pad to the longest in the batch and build the feed the graph's inputs ask for."""

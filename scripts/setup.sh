@@ -11,5 +11,6 @@ python3 -m venv "$VENV"
 python -m pip install -q --upgrade pip
 # torch first, pinned: anything that admits a newer torch, installed before it, pulls a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[export,bench,dev]"
+# setuptools says "Editable installation" for every package-dir layout like ours: information only.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[export,bench,dev]"
 touch "$stamp"

@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Triton and tritonclient in their own environment (.venv-triton): the Triton tests run against a real server.
+bash scripts/setup_triton.sh
+export MRL_REQUIRE_TRITON=1  # set up just now: a Triton test that cannot find it fails instead of skipping
 . "${MRL_VENV:-.venv}/bin/activate"
 ruff check .
 ruff format --check .

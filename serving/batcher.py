@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from mrl.serving.config import BatcherConfig
-from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError
+from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class BatchStats:
     queue_seconds: tuple[float, ...]
     run_seconds: float
     failed: int
+    abandoned: int = 0
+    """Texts computed whose caller had gone (cancelled, or past its deadline) by the time they were done."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +139,11 @@ def select_batch(
 
 
 class Batcher(Generic[P, R]):
-    """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once."""
+    """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once.
+
+    With `fn_alone`, a lone batch (the machine idle, the queue empty behind it) runs through `fn_alone` and
+    holds every worker: one text alone gets the whole machine, while load still runs batches side by side.
+    """
 
     def __init__(
         self,
@@ -144,10 +151,14 @@ class Batcher(Generic[P, R]):
         config: BatcherConfig,
         executor: Executor,
         *,
+        fn_alone: Callable[[list[P]], Sequence[R]] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "batcher",
     ) -> None:
         self._fn = fn
+        self._fn_alone = fn_alone
+        """Runs a batch that has the machine to itself: nothing else runs and nothing waits. It holds every
+        worker's slot while it runs, so it may use all their cores (None: every batch runs through `fn`)."""
         self._config = config
         self._executor = executor
         self.on_batch = on_batch
@@ -162,6 +173,7 @@ class Batcher(Generic[P, R]):
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._hurry = False
+        self._running: set[asyncio.Task[None]] = set()  # batches dispatched and not yet done
 
     @property
     def queued_jobs(self) -> int:
@@ -178,21 +190,24 @@ class Batcher(Generic[P, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"{self._name}-loop")
 
+    def check_room(self, tokens: int) -> None:
+        """Raise unless the queue has room for a request of `tokens` (too large ever, or full now)."""
+        capacity = self._config.max_queue_tokens
+        if tokens > capacity:
+            raise RequestTooLargeError(
+                f"the request holds {tokens} tokens, more than the queue ever takes ({capacity}): "
+                "split it into smaller requests"
+            )
+        if not admits(self._queued_tokens, tokens, capacity):
+            raise QueueFullError(
+                f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
+            )
+
     def submit(self, jobs: Sequence[Job[P]], *, deadline: float | None = None) -> list[asyncio.Future[JobResult[R]]]:
         """Queue all of `jobs` or none: one future per job. `deadline` is in `loop.time()` seconds."""
         if self._closing or self._task is None:
             raise NotReadyError(f"{self._name} is not running (starting up or shutting down): retry shortly")
-        cost = sum(j.tokens for j in jobs)
-        capacity = self._config.max_queue_tokens
-        if cost > capacity:
-            raise QueueFullError(
-                f"the request holds {cost} tokens, more than the queue ever takes ({capacity}): "
-                "split it into smaller requests"
-            )
-        if not admits(self._queued_tokens, cost, capacity):
-            raise QueueFullError(
-                f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
-            )
+        self.check_room(sum(j.tokens for j in jobs))
         loop = asyncio.get_running_loop()
         now = loop.time()
         futures = []
@@ -246,7 +261,12 @@ class Batcher(Generic[P, R]):
         return selection, self._queue[oldest].enqueued + self._config.max_queue_delay_ms / 1000
 
     async def _next_batch(self) -> list[_Item] | None:
-        """Wait for a full batch or for the oldest job's delay to pass; None once closed and empty."""
+        """The next batch to run; None once closed and empty.
+
+        With no batch running the queue's best batch goes at once: waiting for company would only add
+        latency while the machine idles. With one running, a batch waits until it is full or its oldest
+        text has waited `max_queue_delay_ms`, so load makes batches fuller instead of more numerous.
+        """
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
@@ -258,7 +278,7 @@ class Batcher(Generic[P, R]):
                 continue
             selection, due = self._select()
             wait = due - loop.time()
-            if selection.full or wait <= 0 or self._closing or self._hurry:
+            if selection.full or wait <= 0 or not self._running or self._closing or self._hurry:
                 items = self._queue[selection.start : selection.stop]
                 del self._queue[selection.start : selection.stop]
                 del self._keys[selection.start : selection.stop]
@@ -270,28 +290,37 @@ class Batcher(Generic[P, R]):
 
     async def _loop(self) -> None:
         slots = asyncio.Semaphore(self._config.workers)
-        running: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None], held: int) -> None:
+            self._running.discard(task)
+            for _ in range(held):
+                slots.release()
+            self._wake.set()  # a batch waiting for company may go now that the machine is idle
+
         try:
             while True:
                 await slots.acquire()
                 items = await self._next_batch()
                 if items is None:
                     break
-                task = asyncio.ensure_future(self._run_guarded(items))
-                running.add(task)
-                task.add_done_callback(running.discard)
-                task.add_done_callback(lambda _: slots.release())
-            await asyncio.gather(*running)
+                alone = self._fn_alone is not None and not self._running and not self._queue
+                held = self._config.workers if alone else 1
+                for _ in range(held - 1):  # nothing runs, so every slot is free: these never wait
+                    await slots.acquire()
+                task = asyncio.ensure_future(self._run_guarded(items, alone))
+                self._running.add(task)
+                task.add_done_callback(functools.partial(done, held=held))
+            await asyncio.gather(*self._running)
         finally:
             # Whatever ended the loop, no caller is left waiting forever.
             self._closing = True
-            for task in running:
+            for task in self._running:
                 task.cancel()
             self._fail(list(self._queue), NotReadyError("the server stopped before this request ran"))
 
-    async def _run_guarded(self, items: list[_Item]) -> None:
+    async def _run_guarded(self, items: list[_Item], alone: bool) -> None:
         try:
-            await self._run(items)
+            await self._run(items, alone)
         except Exception as e:
             log.exception("%s: batch failed outside the batch function", self._name)
             self._fail(items, e)
@@ -305,7 +334,7 @@ class Batcher(Generic[P, R]):
             if not item.future.done():
                 item.future.set_exception(error)
 
-    async def _run(self, items: list[_Item]) -> None:
+    async def _run(self, items: list[_Item], alone: bool) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         # Late check: callers may have gone between selection and now.
@@ -314,12 +343,20 @@ class Batcher(Generic[P, R]):
             return
         for item in live:
             item.started = now
-        outcome = await loop.run_in_executor(self._executor, self._execute, [i.job.payload for i in live])
+        fn = self._fn_alone if alone and self._fn_alone is not None else self._fn
+        outcome = await loop.run_in_executor(self._executor, self._execute, fn, [i.job.payload for i in live])
         longest = max(i.job.tokens for i in live)
         batch = next(self._batches)
-        failed = 0
+        failed = abandoned = 0
+        done_at = loop.time()
         for item, value, error in zip(live, outcome.values, outcome.errors, strict=True):
-            if item.future.done():
+            if item.future.done():  # the caller went while its text ran
+                abandoned += 1
+                continue
+            if item.deadline is not None and item.deadline <= done_at:
+                # Its caller has stopped waiting, whether or not the transport told us: say so, count it.
+                abandoned += 1
+                item.future.set_exception(RequestExpiredError("the deadline passed while the request was computed"))
                 continue
             if error is not None:
                 failed += 1
@@ -343,14 +380,15 @@ class Batcher(Generic[P, R]):
                     queue_seconds=tuple(i.started - i.enqueued for i in live),
                     run_seconds=outcome.run_seconds,
                     failed=failed,
+                    abandoned=abandoned,
                 )
             )
 
-    def _execute(self, payloads: list[P]) -> _Outcome:
+    def _execute(self, fn: Callable[[list[P]], Sequence[R]], payloads: list[P]) -> _Outcome:
         """Runs in the executor: the whole batch, or on failure each job alone so one bad job fails only itself."""
         start = time.perf_counter()
         try:
-            values = list(self._fn(payloads))
+            values = list(fn(payloads))
             if len(values) != len(payloads):
                 raise RuntimeError(f"batch function returned {len(values)} results for {len(payloads)} jobs")
             return _Outcome(values=values, errors=[None] * len(values), run_seconds=time.perf_counter() - start)
@@ -362,7 +400,7 @@ class Batcher(Generic[P, R]):
         outcome = _Outcome()
         for payload in payloads:
             try:
-                (value,) = self._fn([payload])
+                (value,) = fn([payload])
                 outcome.values.append(value)
                 outcome.errors.append(None)
             except Exception as e:

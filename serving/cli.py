@@ -1,4 +1,5 @@
-"""`mrl-serve`: serve exported artifacts over gRPC. The only module that reads flags and files for the server."""
+"""`mrl-serve`: serve exported artifacts over gRPC and OpenAI-compatible HTTP. The only module that reads flags
+and files for the server."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 
 from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
-from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig, TlsConfig
+from mrl.serving.config import BatcherConfig, ModelSpec, RequestLimits, ServerConfig, TlsConfig
+from mrl.serving.core import check_names
 from mrl.serving.metrics import ServerMetrics
 from mrl.serving.model import ServedModel
-from mrl.serving.server import EmbedServer, check_names
+from mrl.serving.process import return_freed_memory_to_the_os
+from mrl.serving.server import EmbedServer
 
 log = logging.getLogger("mrl.serving")
 
@@ -26,6 +29,7 @@ examples:
   mrl-serve small=artifacts/minilm big=artifacts/gemma --precision big=fp16
   mrl-serve artifacts/minilm --host 0.0.0.0 --tls-cert server.crt --tls-key server.key \\
       --auth-token-file token.txt
+  mrl-serve artifacts/minilm --http-port 8080 --http-metrics   # also OpenAI-compatible HTTP, /metrics on it
 
 call it (grpcurl uses the server's reflection; -plaintext without TLS):
   grpcurl -plaintext -d '{"inputs": ["hello world"], "dimensions": 128}' \\
@@ -33,10 +37,19 @@ call it (grpcurl uses the server's reflection; -plaintext without TLS):
   grpcurl -plaintext -H "authorization: Bearer $(cat token.txt)" 127.0.0.1:50051 mrl.v1.Embedder/ListModels
   grpcurl -plaintext -d '{"service": "minilm"}' 127.0.0.1:50051 grpc.health.v1.Health/Check
 
-from Python (float32 numpy arrays):
+from Python (numpy arrays; float32 unless encoding= says int8, uint8, binary, ubinary, float16):
   from mrl.serving.client import EmbedClient
   with EmbedClient("127.0.0.1:50051") as client:
       vectors = client.embed(["hello world"], dims=128, prompt_name="query")
+
+over HTTP (with --http-port 8080; add -H "Authorization: Bearer $(cat token.txt)" with a token):
+  curl -s 127.0.0.1:8080/v1/embeddings -d '{"input": ["hello world"], "dimensions": 128}'
+  curl -s 127.0.0.1:8080/v1/embeddings -d '{"input": "hello", "encoding_format": "int8"}'
+  curl -s 127.0.0.1:8080/v1/models
+  curl -s 127.0.0.1:8080/health
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused-without-a-token")
+  client.embeddings.create(model="minilm", input=["hello world"], dimensions=128)
 """
 
 
@@ -44,25 +57,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line, parsed."""
     p = OneLineParser(
         prog="mrl-serve",
-        description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder).",
+        description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder) and, with "
+        "--http-port, the OpenAI-compatible HTTP API (POST /v1/embeddings).",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("artifacts", nargs="+", metavar="[NAME=]ARTIFACT_DIR", help="artifact directories (mrl-export)")
+    server, limits = ServerConfig(), RequestLimits()
     net = p.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all; default %(default)s)")
-    net.add_argument("--port", type=int, default=50051, help="gRPC port (0: a free one; default %(default)s)")
+    net.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0: all; default %(default)s)")
+    net.add_argument("--port", type=int, default=server.port, help="gRPC port (0: a free one; default %(default)s)")
+    net.add_argument(
+        "--http-port", type=int, help="also serve OpenAI-compatible HTTP on this port (0: a free one; default: off)"
+    )
+    net.add_argument("--http-metrics", action="store_true", help="serve Prometheus /metrics on --http-port too")
     net.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default: off)")
     net.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
     net.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (with --tls-key)")
     net.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     net.add_argument("--auth-token-file", type=Path, help="file holding a bearer token every call must carry")
-    net.add_argument("--max-message-bytes", type=int, default=16 << 20, help="largest request (default %(default)s)")
-    net.add_argument("--max-inputs", type=int, default=512, help="texts per request at most (default %(default)s)")
+    net.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=limits.max_message_bytes,
+        help="largest request (default %(default)s)",
+    )
+    net.add_argument(
+        "--max-inputs",
+        type=int,
+        default=limits.max_inputs_per_request,
+        help="texts per request at most (default %(default)s)",
+    )
     net.add_argument(
         "--shutdown-grace-s",
         type=float,
-        default=30.0,
+        default=server.shutdown_grace_s,
         help="on SIGTERM, time for calls in flight (default %(default)s)",
     )
     model = p.add_argument_group("models")
@@ -76,6 +105,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     model.add_argument("--backend", default="auto", help="runtime backend (default %(default)s)")
     model.add_argument(
         "--intra-op-threads", type=int, help="ONNX Runtime threads per batch (default: CPU cores / --batch-workers)"
+    )
+    model.add_argument(
+        "--lone-batch-threads",
+        type=int,
+        help="threads for a batch that has the machine to itself, in a session of its own "
+        "(default: all CPU cores when --batch-workers > 1; 0: no such session)",
+    )
+    model.add_argument(
+        "--intra-op-spinning",
+        action=argparse.BooleanOptionalAction,
+        help="let ONNX Runtime's idle threads spin for work (default: only with one batch worker)",
     )
     model.add_argument("--no-verify", action="store_true", help="skip the sha256 check of artifact files at start")
     batch = p.add_argument_group("batching")
@@ -110,7 +150,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     batch.add_argument(
         "--batch-workers",
         type=int,
-        default=2,
+        default=defaults.workers,
         help="batches run at once per model, each in its own thread (default %(default)s)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -147,7 +187,8 @@ def intra_op_threads(requested: int | None, cores: int, workers: int) -> int:
 def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """One ModelSpec per artifact argument, with its precision."""
     precisions = dict(split_named(v) for v in args.precision)
-    threads = intra_op_threads(args.intra_op_threads, cpu_cores(), args.batch_workers)
+    cores = cpu_cores()
+    threads = intra_op_threads(args.intra_op_threads, cores, args.batch_workers)
     specs = []
     for value in args.artifacts:
         name, directory = split_named(value)
@@ -159,6 +200,8 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 precision=precision,
                 backend=args.backend,
                 intra_op_threads=threads,
+                spinning=args.batch_workers == 1 if args.intra_op_spinning is None else args.intra_op_spinning,
+                lone_batch_threads=cores if args.lone_batch_threads is None else args.lone_batch_threads,
                 verify=not args.no_verify,
             )
         )
@@ -183,10 +226,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         raise ValueError("TLS needs both --tls-cert and --tls-key")
     tls = None
     if args.tls_cert is not None:
-        tls = TlsConfig(
-            certificate_chain=read_file(args.tls_cert, "--tls-cert"),
-            private_key=read_file(args.tls_key, "--tls-key"),
-        )
+        cert, key = read_file(args.tls_cert, "--tls-cert"), read_file(args.tls_key, "--tls-key")
+        try:
+            tls = TlsConfig(certificate_chain=cert, private_key=key)
+        except ValueError as e:
+            raise ValueError(f"--tls-cert {args.tls_cert} and --tls-key {args.tls_key}: {e}") from None
     token = None
     if args.auth_token_file is not None:
         token = read_file(args.auth_token_file, "--auth-token-file").decode("utf-8", "replace").strip()
@@ -197,10 +241,11 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        http_metrics=args.http_metrics,
         tls=tls,
         auth_token=token,
-        max_inputs_per_request=args.max_inputs,
-        max_message_bytes=args.max_message_bytes,
+        limits=RequestLimits(max_inputs_per_request=args.max_inputs, max_message_bytes=args.max_message_bytes),
         shutdown_grace_s=args.shutdown_grace_s,
         batcher=BatcherConfig(
             max_batch_tokens=args.max_batch_tokens,
@@ -240,6 +285,7 @@ async def serve(models: list[ServedModel], config: ServerConfig, metrics: Server
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mrl-serve`; returns the exit code."""
     args = parse_args(argv)
+    return_freed_memory_to_the_os()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = server_config(args)

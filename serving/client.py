@@ -10,6 +10,7 @@ import numpy as np
 
 from mrl.proto import embedder_pb2 as pb
 from mrl.proto import embedder_pb2_grpc as pb_grpc
+from mrl.runtime.encodings import ENCODINGS, dtype_of
 
 __all__ = ["AsyncEmbedClient", "EmbedClient", "build_request", "to_array"]
 
@@ -24,12 +25,19 @@ def build_request(
     prompt_name: str | None = None,
     truncate: bool = False,
     request_id: str = "",
+    encoding: str = "float32",
 ) -> pb.EmbedRequest:
-    """An EmbedRequest for `texts` (unset options take the server's defaults)."""
+    """An EmbedRequest for `texts` (unset options take the server's defaults); `encoding` as in ENCODINGS."""
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of strings, not one string: wrap it in a list")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
     request = pb.EmbedRequest(
-        model=model or "", inputs=list(texts), truncate=truncate, encoding=pb.ENCODING_FLOAT32, request_id=request_id
+        model=model or "",
+        inputs=list(texts),
+        truncate=truncate,
+        encoding=pb.Encoding.Value(f"ENCODING_{encoding.upper()}"),
+        request_id=request_id,
     )
     if dims is not None:
         if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 0:
@@ -41,11 +49,15 @@ def build_request(
 
 
 def to_array(response: pb.EmbedResponse) -> np.ndarray:
-    """The response's embeddings as float32 `[n, dims]`."""
-    out = np.empty((len(response.embeddings), response.dimensions), dtype=np.float32)
-    for row, embedding in zip(out, response.embeddings, strict=True):
-        row[:] = embedding.values
-    return out
+    """The response's embeddings as numpy: float32 `[n, dims]`, or the encoding's dtype (binary: ceil(dims / 8))."""
+    if response.encoding in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_FLOAT32):
+        out = np.empty((len(response.embeddings), response.dimensions), dtype=np.float32)
+        for row, embedding in zip(out, response.embeddings, strict=True):
+            row[:] = embedding.values
+        return out
+    dtype = dtype_of(pb.Encoding.Name(response.encoding).removeprefix("ENCODING_").lower()).newbyteorder("<")
+    data = b"".join(e.data for e in response.embeddings)
+    return np.frombuffer(data, dtype=dtype).reshape(len(response.embeddings), -1).astype(dtype.newbyteorder("="))
 
 
 def _metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
@@ -88,9 +100,12 @@ class EmbedClient:
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
+        encoding: str = "float32",
     ) -> pb.EmbedResponse:
         """The raw EmbedResponse for `texts` (usage, timing, dims used)."""
-        request = build_request(texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate)
+        request = build_request(
+            texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate, encoding=encoding
+        )
         return self._stub.Embed(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     def embed(
@@ -102,11 +117,18 @@ class EmbedClient:
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
+        encoding: str = "float32",
     ) -> np.ndarray:
-        """Embed `texts`: float32 `[len(texts), dims]`, unit-norm rows in input order."""
+        """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says."""
         return to_array(
             self.embed_response(
-                texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate, timeout=timeout
+                texts,
+                dims=dims,
+                model=model,
+                prompt_name=prompt_name,
+                truncate=truncate,
+                timeout=timeout,
+                encoding=encoding,
             )
         )
 
@@ -171,9 +193,12 @@ class AsyncEmbedClient:
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
+        encoding: str = "float32",
     ) -> pb.EmbedResponse:
         """The raw EmbedResponse for `texts` (usage, timing, dims used)."""
-        request = build_request(texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate)
+        request = build_request(
+            texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate, encoding=encoding
+        )
         return await self._stub.Embed(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
     async def embed(
@@ -185,10 +210,17 @@ class AsyncEmbedClient:
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
+        encoding: str = "float32",
     ) -> np.ndarray:
-        """Embed `texts`: float32 `[len(texts), dims]`, unit-norm rows in input order."""
+        """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says."""
         response = await self.embed_response(
-            texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate, timeout=timeout
+            texts,
+            dims=dims,
+            model=model,
+            prompt_name=prompt_name,
+            truncate=truncate,
+            timeout=timeout,
+            encoding=encoding,
         )
         return to_array(response)
 

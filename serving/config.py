@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +29,7 @@ class BatcherConfig:
     """How long the oldest waiting text may wait for a batch to fill."""
     max_queue_tokens: int = 262144
     """Tokens that may wait in the queue; beyond it requests get RESOURCE_EXHAUSTED at once."""
-    workers: int = 1
+    workers: int = 2
     """Batches that may run at once, each in its own thread."""
 
     def __post_init__(self) -> None:
@@ -62,12 +64,21 @@ class ModelSpec:
     """Check every file's sha256 against the manifest when loading."""
     intra_op_threads: int = 0
     """ONNX Runtime threads per inference (0: its default, one per core)."""
+    spinning: bool = True
+    """Whether ONNX Runtime's idle threads spin for work (off when batches share the cores)."""
+    lone_batch_threads: int = 0
+    """Threads for a batch that has the machine to itself (a session of its own, on the widest profile,
+    spinning); 0: lone batches run like any other."""
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or any(c.isspace() for c in self.name)):
             raise ValueError(f"model name {self.name!r} must be non-empty and without spaces, like 'minilm'")
         if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
             raise ValueError(f"intra_op_threads must be an integer, not {self.intra_op_threads!r}")
+        if isinstance(self.lone_batch_threads, bool) or not isinstance(self.lone_batch_threads, int):
+            raise ValueError(f"lone_batch_threads must be an integer, not {self.lone_batch_threads!r}")
+        if self.lone_batch_threads < 0:
+            raise ValueError(f"lone_batch_threads must be 0 (off) or more, not {self.lone_batch_threads}")
         if self.intra_op_threads < 0:
             raise ValueError(
                 f"intra_op_threads must be 0 (ONNX Runtime's default) or more, not {self.intra_op_threads}"
@@ -88,6 +99,36 @@ class TlsConfig:
             raise ValueError(
                 "the TLS key is not a PEM private key: pass a file holding '-----BEGIN ... PRIVATE KEY-----'"
             )
+        try:
+            self.ssl_context()  # gRPC would only say it cannot listen; OpenSSL says why
+        except ssl.SSLError as e:
+            raise ValueError(
+                f"the TLS certificate and key do not work together ({e.reason or e}): pass the private key "
+                "that belongs to the certificate"
+            ) from None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """A server TLS context (the ssl module reads keys only from files: a private temporary directory)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        with tempfile.TemporaryDirectory(prefix="mrl-tls-") as directory:  # mode 0700: only we read the key
+            cert, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
+            cert.write_bytes(self.certificate_chain)
+            key.write_bytes(self.private_key)
+            context.load_cert_chain(cert, key)
+        return context
+
+
+@dataclass(frozen=True, kw_only=True)
+class RequestLimits:
+    """What one request may hold: the same limits on every transport."""
+
+    max_inputs_per_request: int = 512
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest request body the server reads (a gRPC message, an HTTP body)."""
+
+    def __post_init__(self) -> None:
+        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 512")
+        _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,31 +142,35 @@ class ServerConfig:
     """Port of the Prometheus /metrics endpoint (None: off; 0: a free port)."""
     metrics_host: str | None = None
     """Address of the metrics endpoint (None: same as `host`)."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (None: off; 0: a free port); same host, TLS and token as gRPC."""
+    http_metrics: bool = False
+    """Also serve Prometheus /metrics on the HTTP port."""
     tls: TlsConfig | None = None
     auth_token: str | None = field(default=None, repr=False)
     """Bearer token every call but the health check must carry (None: no auth)."""
-    max_inputs_per_request: int = 512
-    max_message_bytes: int = 16 * 1024 * 1024
-    """Largest request the server reads."""
     shutdown_grace_s: float = 30.0
     """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
     stream_window: int = 32
     """Requests of one EmbedStream that may be in progress at once (more wait unread: flow control)."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
     def __post_init__(self) -> None:
         if not self.host:
             raise ValueError("host must be an address like 127.0.0.1 or 0.0.0.0 (all interfaces)")
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
-            if value is None and name == "metrics_port":
+            if value is None and name != "port":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
                 raise ValueError(f"{name} must be an integer in 0..65535 (0: a free port), not {value!r}")
+        if self.http_port is not None and self.http_port != 0 and self.http_port == self.port:
+            raise ValueError(f"http_port and port are both {self.port}: give HTTP and gRPC different ports")
+        if self.http_metrics and self.http_port is None:
+            raise ValueError("http_metrics serves /metrics on the HTTP port: set http_port too")
         if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
             raise ValueError("the auth token must be non-empty and hold no whitespace: write one token to the file")
-        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 512")
-        _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
         _positive("stream_window", self.stream_window, "try 32")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be 0 or more, not {self.shutdown_grace_s}: try 30")

@@ -24,7 +24,10 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "mrl_requests", "Embed requests by model, method and gRPC status", ["model", "method", "code"], registry=r
+            "mrl_requests",
+            "Embed requests by model, transport (grpc, http) and outcome (ok, invalid_argument, queue_full, ...)",
+            ["model", "transport", "outcome"],
+            registry=r,
         )
         self.latency = Histogram(
             "mrl_request_latency_seconds",
@@ -59,6 +62,12 @@ class ServerMetrics:
         self.padded_tokens = Counter("mrl_padded_tokens", "Tokens computed, padding included", ["model"], registry=r)
         self.texts = Counter("mrl_texts", "Texts embedded", ["model"], registry=r)
         self.failed_texts = Counter("mrl_failed_texts", "Texts whose batch run raised", ["model"], registry=r)
+        self.abandoned_texts = Counter(
+            "mrl_abandoned_texts",
+            "Texts computed whose caller had gone (cancelled, or past its deadline) when they were done",
+            ["model"],
+            registry=r,
+        )
         self.queue_depth = Gauge("mrl_queue_depth", "Texts waiting for a batch", ["model"], registry=r)
         self.queue_tokens = Gauge("mrl_queue_tokens", "Tokens waiting for a batch", ["model"], registry=r)
         self.in_flight = Gauge("mrl_requests_in_flight", "Embed requests being handled", ["model"], registry=r)
@@ -77,6 +86,7 @@ class ServerMetrics:
         padded = self.batch_padded_tokens.labels(model)
         tokens, padded_total = self.input_tokens.labels(model), self.padded_tokens.labels(model)
         texts, failed = self.texts.labels(model), self.failed_texts.labels(model)
+        abandoned = self.abandoned_texts.labels(model)
 
         def observe(stats: BatchStats) -> None:
             for seconds in stats.queue_seconds:
@@ -86,9 +96,11 @@ class ServerMetrics:
             padded.observe(stats.padded_tokens)
             tokens.inc(stats.tokens)
             padded_total.inc(stats.padded_tokens)
-            texts.inc(stats.size - stats.failed)
+            texts.inc(stats.size - stats.failed - stats.abandoned)
             if stats.failed:
                 failed.inc(stats.failed)
+            if stats.abandoned:
+                abandoned.inc(stats.abandoned)
 
         return observe
 

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mrl.runtime import Embedder
+from mrl.runtime.backends import resolve_backend
+from mrl.runtime.encodings import encode
 from mrl.runtime.errors import InvalidInputError
+from mrl.runtime.manifest import load_manifest
 from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
 from mrl.serving.config import BatcherConfig, ModelSpec
@@ -19,9 +25,13 @@ from mrl.serving.errors import NotReadyError
 
 log = logging.getLogger(__name__)
 
-# Requests with more texts than this are tokenised in a worker thread, so they never stall the event loop;
-# smaller ones are tokenised inline, where a thread hop would cost more than the tokenising.
-INLINE_TOKENIZE_TEXTS = 8
+INLINE_TOKENIZE_CHARS = 2048
+"""Requests of more characters than this are tokenised in a worker thread (tokenizers releases the GIL), so
+none stalls the event loop by more than about a millisecond; smaller ones are tokenised inline, where the
+thread hop would cost more than the tokenising."""
+CHARS_PER_TOKEN_ESTIMATE = 6
+"""For refusing a request at once when the queue has no room for it: a text counts as one token per this
+many characters (at most max length) until it is tokenised and counted exactly."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,10 +47,48 @@ class EmbedResult:
     """A request's embeddings with its usage and timing."""
 
     vectors: np.ndarray
+    """`[n, width]` values of `encoding` (width: dims, or ceil(dims / 8) for the binary encodings)."""
     dims: int
+    encoding: str
     input_tokens: int
     queue_seconds: float
     inference_seconds: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileInfo:
+    """One profile as callers see it."""
+
+    name: str
+    dims: int
+    precision: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What a served model offers, for every front end's model listing."""
+
+    name: str
+    full_dims: int
+    default_dims: int
+    trained_dims: tuple[int, ...]
+    profiles: tuple[ProfileInfo, ...]
+    max_input_tokens: int
+    prompts: dict[str, str]
+    default_prompt: str | None
+    precision: str
+    ready: bool
+    encodings: tuple[str, ...]
+
+
+def backend_options(spec: ModelSpec, backend: str) -> dict[str, Any]:
+    """The thread settings of `spec` that `backend` takes (TensorRT takes none)."""
+    options: dict[str, Any] = {}
+    if spec.intra_op_threads and (backend.startswith("onnxruntime") or backend == "torch"):
+        options["intra_op_threads"] = spec.intra_op_threads
+    if backend.startswith("onnxruntime"):
+        options["spinning"] = spec.spinning
+    return options
 
 
 def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
@@ -49,37 +97,75 @@ def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
 
 
 class ServedModel:
-    """An Embedder with its own batcher and inference thread, addressed by `name`."""
+    """An Embedder with its own batcher and inference threads, addressed by `name`.
 
-    def __init__(
-        self,
-        name: str,
-        embedder: Embedder,
-        config: BatcherConfig,
-    ) -> None:
+    `lone`, when given, is the same artifact opened with more threads: a batch that has the machine to itself
+    runs on it (on its widest profile, so it holds one session), while batches side by side run on `embedder`.
+    """
+
+    def __init__(self, name: str, embedder: Embedder, config: BatcherConfig, lone: Embedder | None = None) -> None:
         self.name = name
         self.embedder = embedder
         self.config = config
         self.ready = False
         self._closed = False
+        self._lone = lone
         # Inference threads of this model only: a slow model never holds up another's batches.
         self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"mrl-{name}")
         self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
-            self.run_batch, config, self._executor, name=f"model {name!r}"
+            self.run_batch,
+            config,
+            self._executor,
+            fn_alone=None if lone is None else self.run_lone_batch,
+            name=f"model {name!r}",
         )
 
     @classmethod
     def load(cls, spec: ModelSpec, config: BatcherConfig) -> ServedModel:
         """Open an artifact as described by `spec` (blocking: reads and verifies files)."""
-        options = {"intra_op_threads": spec.intra_op_threads} if spec.intra_op_threads else {}
+        manifest = load_manifest(spec.artifact_dir, verify=False)  # to resolve "auto"; verified when loaded
+        backend = resolve_backend(spec.backend, Path(spec.artifact_dir), manifest, spec.precision)
         embedder = Embedder.load(
-            spec.artifact_dir, spec.backend, precision=spec.precision, verify=spec.verify, **options
+            spec.artifact_dir,
+            backend,
+            precision=spec.precision,
+            verify=spec.verify,
+            **backend_options(spec, backend),
         )
-        return cls(spec.name or embedder.manifest.name, embedder, config)
+        lone = None
+        if spec.lone_batch_threads and backend == "onnxruntime-cpu" and config.workers > 1:
+            wide = dataclasses.replace(spec, intra_op_threads=spec.lone_batch_threads, spinning=True)
+            lone = Embedder.load(  # already verified above
+                spec.artifact_dir, backend, precision=spec.precision, verify=False, **backend_options(wide, backend)
+            )
+        return cls(spec.name or embedder.manifest.name, embedder, config, lone)
+
+    def info(self) -> ModelInfo:
+        """What this model offers: dims, profiles, prompts, limits, readiness."""
+        embedder, manifest = self.embedder, self.embedder.manifest
+        return ModelInfo(
+            name=self.name,
+            full_dims=manifest.full_dims,
+            default_dims=embedder.default_dims,
+            trained_dims=tuple(manifest.trained_dims or ()),
+            profiles=tuple(ProfileInfo(name=p.name, dims=p.dims, precision=p.precision) for p in embedder.profiles),
+            max_input_tokens=embedder.tokenizer.max_length,
+            prompts=dict(manifest.prompts),
+            default_prompt=manifest.default_prompt,
+            precision=embedder.precision,
+            ready=self.ready,
+            encodings=tuple(embedder.encodings),
+        )
 
     def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
-        """The batcher's function (runs in the inference thread)."""
+        """The batcher's function (runs in an inference thread)."""
         return run_jobs(self.embedder, jobs)
+
+    def run_lone_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
+        """The batcher's function for a batch that has the machine to itself: every core, one session."""
+        assert self._lone is not None
+        widest = self._lone.profile_for(self._lone.default_dims)
+        return self._lone.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], profile=widest)
 
     def start(self) -> None:
         """Start the batcher (from the event loop); requests are refused until `warmup` finishes."""
@@ -97,6 +183,12 @@ class ServedModel:
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)
         self.embedder.run_encoded(encoded, [self.embedder.default_dims] * len(encoded))
+        if self._lone is not None:
+            self.run_lone_batch([TextJob(encoded=e, dims=self.embedder.default_dims) for e in encoded])
+
+    def hurry(self) -> None:
+        """Run queued texts at once from now on, without waiting for fuller batches (the server is draining)."""
+        self.batcher.hurry()
 
     async def close(self) -> None:
         """Finish queued work, stop the batcher and release the model."""
@@ -104,21 +196,34 @@ class ServedModel:
         await self.batcher.close()
         self._executor.shutdown(wait=True)
         self.embedder.close()
+        if self._lone is not None:
+            self._lone.close()
 
-    def validate(self, texts: Sequence[str], dims: int | None) -> int:
-        """Check what can be checked before tokenising; returns the dims to produce."""
+    def check_ready(self) -> None:
+        """Raise NotReadyError unless the model takes requests."""
+        if not self.ready:
+            state = "shutting down" if self._closed else "warming up"
+            raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
+
+    def validate(self, texts: Sequence[str], dims: int | None, prompt_name: str | None) -> int:
+        """Check all that needs no tokenising, queue room included; returns the dims to produce."""
         if not texts:
             raise InvalidInputError("inputs is empty: send at least one text")
         for i, text in enumerate(texts):
             if not text:
                 raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
-        return self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
+        want = self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
+        prefix = self.embedder.prompt_text(prompt_name)  # UnknownPromptError
+        longest = self.embedder.tokenizer.max_length
+        estimate = sum(min(longest, 1 + (len(prefix) + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
+        self.batcher.check_room(estimate)  # QueueFullError before any tokenising
+        return want
 
-    async def tokenize(self, texts: Sequence[str], prompt: str | None, truncate: bool) -> list[Encoded]:
-        """Apply the prompt and tokenise (raises UnknownPromptError, InputTooLongError)."""
-        if len(texts) <= INLINE_TOKENIZE_TEXTS:
-            return self.embedder.prepare(texts, prompt, truncate=truncate).encoded
-        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt, truncate=truncate)
+    async def tokenize(self, texts: Sequence[str], prompt_name: str | None, truncate: bool) -> list[Encoded]:
+        """Apply the prompt and tokenise (raises InputTooLongError), off the event loop when large."""
+        if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
+            return self.embedder.prepare(texts, prompt_name, truncate=truncate).encoded
+        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt_name, truncate=truncate)
         return prepared.encoded
 
     async def embed(
@@ -126,16 +231,16 @@ class ServedModel:
         texts: Sequence[str],
         *,
         dims: int | None = None,
-        prompt: str | None = None,
+        prompt_name: str | None = None,
         truncate: bool = False,
         deadline: float | None = None,
+        encoding: str = "float32",
     ) -> EmbedResult:
-        """Validate, tokenise, batch with other callers' texts and return this request's embeddings."""
-        if not self.ready:
-            state = "shutting down" if self._closed else "warming up"
-            raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
-        want = self.validate(texts, dims)
-        encoded = await self.tokenize(texts, prompt, truncate)
+        """Validate, tokenise, batch with other callers' texts and return this request's embeddings, encoded."""
+        self.check_ready()
+        want = self.validate(texts, dims, prompt_name)
+        ranges = self.embedder.ranges_for(encoding, want)  # EncodingError before any tokenising
+        encoded = await self.tokenize(texts, prompt_name, truncate)
         jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
         futures = self.batcher.submit(jobs, deadline=deadline)
         try:
@@ -146,10 +251,11 @@ class ServedModel:
             for f in futures:
                 if not f.cancel() and not f.cancelled():
                     f.exception()
-        vectors = np.stack([r.value for r in results]).astype(np.float32, copy=False)
+        vectors = encode(np.stack([r.value for r in results]), encoding, ranges)
         return EmbedResult(
             vectors=vectors,
             dims=want,
+            encoding=encoding,
             input_tokens=sum(j.tokens for j in jobs),
             queue_seconds=max(r.queue_seconds for r in results),
             inference_seconds=sum({r.batch: r.run_seconds for r in results}.values()),

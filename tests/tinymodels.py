@@ -112,9 +112,12 @@ def save_sentence_transformer(
     arch: str = "bert",
     prompts: dict[str, str] | None = None,
     max_seq_length: int = 48,
-    padding_side: str = "right",
+    padding_side: str | None = None,
 ) -> Path:
-    """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize."""
+    """A sentence-transformers directory: Transformer -> Pooling -> [Dense] -> Normalize.
+
+    `padding_side`: the tokenizer's (default: right for bert, left for llama).
+    """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Dense, Normalize
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
@@ -125,7 +128,7 @@ def save_sentence_transformer(
     elif arch == "gemma-like":
         save_gemma_like(hf_dir)
     else:
-        save_bert(hf_dir, padding_side=padding_side)
+        save_bert(hf_dir, padding_side=padding_side or "right")
     transformer = Transformer(str(hf_dir), max_seq_length=max_seq_length)
     width = transformer.get_embedding_dimension()
     modules = [transformer, Pooling(width, pooling_mode=pooling)]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mrl.runtime.backends.engines import find_engine
-from mrl.runtime.backends.gpu import GpuInfo, detect_gpu
+from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu, install_hint, own_distribution
 from mrl.runtime.errors import BackendUnavailableError, NotFoundError
 from mrl.runtime.manifest import Manifest, Profile
 
@@ -28,6 +28,7 @@ class Backend(Protocol):
 
     name: str
     providers: list[str]
+    device: str  # "cuda" or "cpu": where the work runs, for reports and benchmark labels
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Embed one padded batch; returns float32 `[batch, dims]`."""
@@ -43,14 +44,16 @@ class Backend(Protocol):
 
 
 _ORT = "mrl.runtime.backends.onnxruntime"
-# name -> (module, factory function, pip requirement that provides what it imports)
+# name -> (module, factory function, what provides what it imports: an extra of this install, or for
+# ONNX Runtime's GPU providers the mrl-toolkit-gpu distribution). Every factory accepts
+# `intra_op_threads`, so callers may pass it whatever "auto" resolves to.
 _REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": (_ORT, "create", "mrl-toolkit"),
-    "onnxruntime-cpu": (_ORT, "create_cpu", "mrl-toolkit"),
-    "onnxruntime-cuda": (_ORT, "create_cuda", "mrl-toolkit[gpu]"),
-    "onnxruntime-tensorrt": (_ORT, "create_tensorrt", "mrl-toolkit[gpu]"),
-    "tensorrt": ("mrl.runtime.backends.tensorrt", "create", "mrl-toolkit[gpu]"),
-    "torch": ("mrl.runtime.backends.torch", "create", "mrl-toolkit[export]"),
+    "onnxruntime": (_ORT, "create", ""),
+    "onnxruntime-cpu": (_ORT, "create_cpu", ""),
+    "onnxruntime-cuda": (_ORT, "create_cuda", "mrl-toolkit-gpu"),
+    "onnxruntime-tensorrt": (_ORT, "create_tensorrt", "mrl-toolkit-gpu[tensorrt]"),
+    "tensorrt": ("mrl.runtime.backends.tensorrt", "create", "tensorrt"),
+    "torch": ("mrl.runtime.backends.torch", "create", "export"),
 }
 
 
@@ -60,8 +63,11 @@ def backend_names() -> list[str]:
 
 
 def pip_extra(name: str) -> str:
-    """The pip requirement that provides backend `name`."""
-    return _REGISTRY[name][2]
+    """The pip requirement that provides backend `name` (`mrl-toolkit[tensorrt]`, `mrl-toolkit-gpu`, ...)."""
+    needs = _REGISTRY[name][2]
+    if needs.startswith("mrl-toolkit"):
+        return needs
+    return f"{own_distribution()}[{needs}]" if needs else own_distribution()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,14 +86,14 @@ def probe_machine(device_id: int = 0) -> Probe:
     import onnxruntime
 
     gpu, gpu_note = detect_gpu(device_id)
-    version, trt_note = None, "TensorRT is not installed (pip install 'mrl-toolkit[gpu]')"
+    version, trt_note = None, f"TensorRT is not installed ({install_hint('tensorrt')})"
     if importlib.util.find_spec("tensorrt") is not None:
         try:
             import tensorrt
 
             version, trt_note = tensorrt.__version__, "tensorrt imports"
-        except (ImportError, OSError) as e:  # a wheel without its libraries
-            trt_note = f"tensorrt is installed but does not import ({e})"
+        except Exception as e:  # a wheel without its libraries (OSError), or one built for another CUDA
+            trt_note = f"tensorrt is installed but does not import ({type(e).__name__}: {e})"
     return Probe(
         gpu=gpu,
         gpu_note=gpu_note,
@@ -120,7 +126,7 @@ def choose_backend(probe: Probe, manifest: Manifest, precision: str | None) -> t
     if probe.gpu is None:
         cuda_reason = f"no GPU ({probe.gpu_note})"
     else:
-        cuda_reason = "onnxruntime here has no CUDA provider (onnxruntime-gpu: pip install 'mrl-toolkit[gpu]')"
+        cuda_reason = f"onnxruntime here has no CUDA provider (for it: {ORT_GPU_INSTALL})"
     return "onnxruntime-cpu", f"{trt_reason}; {cuda_reason}"
 
 
@@ -137,11 +143,11 @@ def create_backend(name: str, directory: Path, manifest: Manifest, profile: Prof
     """Create the backend called `name` for one profile of the artifact in `directory`."""
     if name not in _REGISTRY:
         raise NotFoundError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}")
-    module_name, factory, extra = _REGISTRY[name]
+    module_name, factory, _ = _REGISTRY[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
         raise BackendUnavailableError(
-            f"backend {name!r} needs a package that is not installed ({e.name}): pip install '{extra}'"
+            f"backend {name!r} needs a package that is not installed ({e.name}): pip install '{pip_extra(name)}'"
         ) from None
     return getattr(module, factory)(directory, manifest, profile, **options)

@@ -177,8 +177,14 @@ def plan_chunks(rows: int, seq: int, ranges: Sequence[ShapeRange]) -> list[Chunk
     return chunks
 
 
-def pad_feed(feed: dict[str, np.ndarray], seq: int, pad_token_id: int, padding_side: str) -> dict[str, np.ndarray]:
-    """The feed padded to `seq` tokens the way the tokenizer pads (masked, so the embedding is unchanged)."""
+def pad_feed(feed: dict[str, np.ndarray], seq: int, pad_token_id: int) -> dict[str, np.ndarray]:
+    """The feed with masked pad tokens appended on the right up to `seq` tokens; the embeddings stay the same.
+
+    Always on the right, whichever side the tokenizer pads: tokens appended after every real token
+    move no real token's position (left padding would shift them, which changes the output of
+    models with absolute position embeddings, and of cls pooling), and the graph's pooling reads the
+    attention mask (last-token pooling takes the last attended position, wherever it is).
+    """
     out = {}
     for name, array in feed.items():
         extra = seq - array.shape[1]
@@ -186,8 +192,7 @@ def pad_feed(feed: dict[str, np.ndarray], seq: int, pad_token_id: int, padding_s
             out[name] = array
             continue
         value = pad_token_id if name == "input_ids" else 0
-        pad = np.full((array.shape[0], extra), value, dtype=array.dtype)
-        out[name] = np.concatenate([pad, array] if padding_side == "left" else [array, pad], axis=1)
+        out[name] = np.concatenate([array, np.full((array.shape[0], extra), value, dtype=array.dtype)], axis=1)
     return out
 
 

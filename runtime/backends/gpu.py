@@ -1,13 +1,16 @@
 """Which GPU is here: its name and compute capability, the identity engines are keyed by.
 
-Device queries go through NVIDIA's `cuda-python` bindings (the `gpu` extra), never torch: a serving
-image with TensorRT needs a few MB of CUDA bindings, not a multi-GB torch build. Where cuda-python
-is absent, `nvidia-smi` still answers "is there a GPU at all" for reports and backend selection.
+Device queries go through NVIDIA's `cuda-python` bindings (`cuda-bindings`, in the `tensorrt`
+extra), never torch: a serving image with TensorRT needs a few MB of CUDA bindings, not a multi-GB
+torch build. Where cuda-python is absent or cannot reach a driver, `nvidia-smi` still answers "is
+there a GPU at all" for reports and backend selection. Every failure of either becomes "no GPU, and
+why", never an exception: `auto` must still pick the CPU on a host without a driver.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import re
 import shutil
 import subprocess
@@ -17,7 +20,23 @@ from typing import Any
 
 from mrl.runtime.errors import BackendUnavailableError
 
-GPU_EXTRA = "pip install 'mrl-toolkit[gpu]'"
+# How to get each GPU piece; the README's "Deploying on a GPU" explains the two distributions.
+ORT_GPU_INSTALL = "pip uninstall -y mrl-toolkit onnxruntime && pip install mrl-toolkit-gpu"
+NVIDIA_SMI_TIMEOUT_S = 20.0  # a wedged driver can hang nvidia-smi for minutes
+
+
+def own_distribution() -> str:
+    """Which distribution this code came in: mrl-toolkit-gpu where that is installed, else mrl-toolkit."""
+    try:
+        importlib.metadata.version("mrl-toolkit-gpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "mrl-toolkit"
+    return "mrl-toolkit-gpu"
+
+
+def install_hint(extra: str) -> str:
+    """The pip command that adds `extra` to this install, without pulling the other onnxruntime wheel."""
+    return f"pip install '{own_distribution()}[{extra}]'"
 
 
 @dataclass(frozen=True)
@@ -45,14 +64,18 @@ def cuda_runtime() -> ModuleType:
         return runtime
     except ImportError:
         pass
+    except Exception as e:  # installed but broken (a missing libcuda can surface as OSError or RuntimeError)
+        raise BackendUnavailableError(f"the CUDA runtime bindings do not load: {type(e).__name__}: {e}") from None
     try:
         from cuda import cudart  # older cuda-python layout, removed in 13
 
         return cudart
     except ImportError:
         raise BackendUnavailableError(
-            f"the CUDA runtime bindings (cuda-python) are not installed: {GPU_EXTRA}"
+            f"the CUDA runtime bindings (cuda-python) are not installed: {install_hint('tensorrt')}"
         ) from None
+    except Exception as e:
+        raise BackendUnavailableError(f"the CUDA runtime bindings do not load: {type(e).__name__}: {e}") from None
 
 
 def cuda_check(cudart: ModuleType, result: Any, what: str) -> Any:
@@ -68,15 +91,16 @@ def cuda_check(cudart: ModuleType, result: Any, what: str) -> Any:
 def current_gpu(device_id: int = 0) -> GpuInfo:
     """The identity of CUDA device `device_id`, via cuda-python; BackendUnavailableError if none."""
     cudart = cuda_runtime()
+    hint = "check the driver, CUDA_VISIBLE_DEVICES"
     try:
         count = cuda_check(cudart, cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+        if not count or device_id >= count:
+            raise BackendUnavailableError(f"CUDA device {device_id} does not exist here ({count or 0} visible)")
+        props = cuda_check(cudart, cudart.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
     except BackendUnavailableError as e:
-        raise BackendUnavailableError(
-            f"no usable CUDA GPU here ({e}): check the driver, CUDA_VISIBLE_DEVICES"
-        ) from None
-    if not count or device_id >= count:
-        raise BackendUnavailableError(f"CUDA device {device_id} does not exist here ({count or 0} visible)")
-    props = cuda_check(cudart, cudart.cudaGetDeviceProperties(device_id), "cudaGetDeviceProperties")
+        raise BackendUnavailableError(f"no usable CUDA GPU here ({e}): {hint}") from None
+    except Exception as e:  # the bindings raise their own errors where the driver library is missing or too old
+        raise BackendUnavailableError(f"no usable CUDA GPU here ({type(e).__name__}: {e}): {hint}") from None
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else str(props.name)
     return GpuInfo(name=name.strip("\x00 ").strip(), compute_capability=f"{props.major}.{props.minor}")
 
@@ -94,22 +118,21 @@ def parse_nvidia_smi(text: str) -> list[GpuInfo]:
     return gpus
 
 
-def nvidia_smi_gpus() -> list[GpuInfo]:
-    """What nvidia-smi lists; empty where it is missing or fails (no driver, no GPU)."""
+def run_nvidia_smi(*args: str) -> str | None:
+    """nvidia-smi's stdout for `args`; None where it is missing, fails or hangs past NVIDIA_SMI_TIMEOUT_S."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return []
+        return None
     try:
-        done = subprocess.run(
-            [exe, "--query-gpu=name,compute_cap", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return parse_nvidia_smi(done.stdout) if done.returncode == 0 else []
+        done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def nvidia_smi_gpus() -> list[GpuInfo]:
+    """What nvidia-smi lists; empty where it is missing or fails (no driver, no GPU)."""
+    return parse_nvidia_smi(run_nvidia_smi("--query-gpu=name,compute_cap", "--format=csv,noheader") or "")
 
 
 @functools.lru_cache(maxsize=8)  # the GPUs of a process do not change; probing costs a subprocess

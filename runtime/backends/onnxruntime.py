@@ -12,12 +12,20 @@ GPU providers are configured explicitly, never left to defaults:
 - CUDA provider: TF32 off for fp32 graphs (fp32 means fp32: parity is checked against it) and an
   arena that grows by what is asked, not in powers of two, for batches of changing shape.
 Every option can be overridden with `cuda_options=` / `trt_options=`.
+
+Where a GPU provider fails to start, ONNX Runtime retries on its own (CUDA and CPU, without our
+options) and only prints a banner. So the session's providers and provider options are checked
+against what was asked: a named GPU backend refuses to run otherwise, `auto` warns. The libraries
+the GPU providers open by name (CUDA, cuDNN, TensorRT from NVIDIA's pip wheels) are loaded first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import importlib.metadata
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +36,7 @@ import numpy as np
 import onnxruntime as ort
 
 from mrl.runtime.backends.engines import cache_key, default_shape_ranges, envelope, weights_sha256
-from mrl.runtime.backends.gpu import GPU_EXTRA, GpuInfo, detect_gpu
+from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, InvalidInputError
 from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile, ShapeRange
 
@@ -58,8 +66,13 @@ class OrtOptions:
     trt_options: dict[str, Any] = field(default_factory=dict)
     trt_cache_dir: str | Path | None = None  # default: ARTIFACT/engines/ort-tensorrt
     intra_op_threads: int = 0
-    graph: str = "auto"  # on the CPU provider: the profile's ONNX Runtime CPU graph where it has one
-    disabled_optimizers: Sequence[str] | None = None  # session fusions to skip; None: cpu_disabled_optimizers
+    spinning: bool = True
+    """Whether idle intra-op threads spin waiting for work: faster for one caller at a time, slower when
+    several batches share the cores (spinning threads take the CPU the others need)."""
+    graph: str = "auto"
+    """On the CPU provider: the profile's ONNX Runtime CPU graph where it has one (auto), always, or never."""
+    disabled_optimizers: Sequence[str] | None = None
+    """Session fusions to skip; None: `cpu_disabled_optimizers`."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -214,34 +227,37 @@ class OnnxRuntimeBackend:
         providers: Sequence[Provider] | None = None,
         intra_op_threads: int = 0,
         strict: bool = False,
+        spinning: bool = True,
         disabled_optimizers: Sequence[str] | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         requested = list(providers) if providers else default_providers()
         unknown = [p for p in requested if _provider_name(p) not in ort.get_available_providers()]
         if unknown:
             raise BackendUnavailableError(
                 f"onnxruntime here has no {', '.join(map(_provider_name, unknown))}; it has "
-                f"{', '.join(ort.get_available_providers())} (for GPUs: {GPU_EXTRA})"
+                f"{', '.join(ort.get_available_providers())}{_wheels_note()}. For GPUs: {ORT_GPU_INSTALL}"
             )
+        wanted = [_provider_name(p) for p in requested]
+        if any(p in GPU_PROVIDERS for p in wanted):
+            preload_gpu_libraries(TRT_EP in wanted)
         if disabled_optimizers is None:
             disabled_optimizers = cpu_disabled_optimizers(requested)
-        try:
-            self._session = ort.InferenceSession(
-                str(graph), options, providers=requested, disabled_optimizers=list(disabled_optimizers)
-            )
-        except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs
-            raise ArtifactError(f"onnxruntime cannot load {graph}: {e}") from None
+        self._session = open_session(graph, options, requested, strict, disabled_optimizers)
         self.providers = self._session.get_providers()
         self.graph = Path(graph)
-        wanted = [_provider_name(p) for p in requested]
-        if wanted and self.providers[0] != wanted[0]:
-            message = f"onnxruntime asked for {wanted[0]} but runs on {self.providers[0]} (no usable GPU or driver?)"
-            if strict:  # an explicit device was asked for: falling back silently would hide it
-                raise BackendUnavailableError(f"{message}: {GPU_EXTRA}")
-            log.warning(message)
+        self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
+        problems = fallback_problems(requested, self.providers, self._session.get_provider_options())
+        if problems:
+            message = f"onnxruntime did not start the providers as asked ({'; '.join(problems)}){_wheels_note()}"
+            if strict:  # an explicit device was asked for: running elsewhere or otherwise would hide it
+                raise BackendUnavailableError(
+                    f"{message}. Check the GPU and driver; for the GPU runtime: {ORT_GPU_INSTALL}"
+                )
+            log.warning("%s; running on %s", message, ", ".join(self.providers))
         self._inputs = [i.name for i in self._session.get_inputs()]
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -261,6 +277,105 @@ class OnnxRuntimeBackend:
         self._session = None
 
 
+def open_session(
+    graph: Path, options: Any, providers: list[Provider], strict: bool, disabled_optimizers: Sequence[str] = ()
+) -> Any:
+    """An InferenceSession whose providers never change behind our back once it exists.
+
+    `strict`: no retry on other providers at creation either (ONNX Runtime's `enable_fallback`),
+    so the provider's own error is what the caller sees.
+    """
+    retry = {"enable_fallback": 0} if strict else {}
+    skip = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+    try:
+        session = ort.InferenceSession(str(graph), options, providers=providers, **retry, **skip)
+    except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs and failed providers
+        names = [_provider_name(p) for p in providers]
+        if strict and any(p in GPU_PROVIDERS for p in names):
+            raise BackendUnavailableError(f"onnxruntime cannot start {', '.join(names)} for {graph}: {e}") from None
+        raise ArtifactError(f"onnxruntime cannot load {graph}: {e}") from None
+    # At run time ONNX Runtime would re-create the session on other providers after a provider error.
+    session.disable_fallback()
+    return session
+
+
+def _option_text(value: Any) -> str:
+    """An option value as ONNX Runtime reports it back: strings, with booleans as 0/1."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    text = str(value)
+    return {"true": "1", "false": "0"}.get(text.lower(), text)
+
+
+def fallback_problems(
+    requested: Sequence[Provider], running: Sequence[str], applied: dict[str, dict[str, Any]]
+) -> list[str]:
+    """How the session differs from what was asked: another first provider, or provider options not applied.
+
+    ONNX Runtime's retry after a provider error keeps CUDA first but drops every option, so the
+    first provider alone says nothing; `applied` is `session.get_provider_options()`. Keys a provider
+    does not report are not judged.
+    """
+    problems = []
+    first = _provider_name(requested[0]) if requested else None
+    if first is not None and (not running or running[0] != first):
+        problems.append(f"asked for {first} first, runs on {running[0] if running else 'nothing'}")
+    for provider in requested:
+        if isinstance(provider, str) or provider[0] not in running:
+            continue
+        name, asked = provider
+        got = applied.get(name, {})
+        for key, value in asked.items():
+            if key in got and _option_text(got[key]) != _option_text(value):
+                problems.append(f"{name} {key} is {got[key]!r}, asked {value!r}")
+    return problems
+
+
+@functools.cache
+def preload_gpu_libraries(tensorrt: bool) -> tuple[str, ...]:
+    """Load the libraries ONNX Runtime's GPU providers open by name; returns what could not be loaded.
+
+    `onnxruntime.preload_dlls()` loads CUDA and cuDNN from NVIDIA's pip wheels (the plain
+    onnxruntime-gpu wheel does not find them on its own), and `import tensorrt` loads libnvinfer
+    from the tensorrt wheel, where the TensorRT provider's `dlopen("libnvinfer.so.10")` then finds
+    it. Done once per process, before the first GPU session, by every path that makes one.
+    """
+    notes = []
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime >= 1.21
+    if preload is not None:
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):  # it prints, rather than raises, what it cannot load
+                preload()
+        except Exception as e:
+            notes.append(f"onnxruntime.preload_dlls failed: {e}")
+        notes += [line for line in printed.getvalue().splitlines() if line.strip()]
+    if tensorrt:
+        try:
+            import tensorrt
+        except (ImportError, OSError) as e:
+            notes.append(f"tensorrt does not import ({e}): the TensorRT provider will not find libnvinfer")
+    for note in notes:
+        log.warning("GPU libraries: %s", note)
+    return tuple(notes)
+
+
+def installed_onnxruntime_wheels() -> list[str]:
+    """The ONNX Runtime distributions installed here; two of them overwrite each other's files."""
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            found.append(f"{dist} {importlib.metadata.version(dist)}")
+    return found
+
+
+def _wheels_note() -> str:
+    wheels = installed_onnxruntime_wheels()
+    if len(wheels) < 2:
+        return ""
+    return f" (both {' and '.join(wheels)} are installed and overwrite each other: keep one)"
+
+
 def _provider_name(p: Provider) -> str:
     return p if isinstance(p, str) else p[0]
 
@@ -273,7 +388,12 @@ def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any
     file, why = choose_graph(profile, providers, parsed.graph)
     log.info("onnxruntime: %s runs %s: %s", profile.name, file, why)
     return OnnxRuntimeBackend(
-        directory / file, providers, parsed.intra_op_threads, strict, disabled_optimizers=parsed.disabled_optimizers
+        directory / file,
+        providers,
+        parsed.intra_op_threads,
+        strict,
+        spinning=parsed.spinning,
+        disabled_optimizers=parsed.disabled_optimizers,
     )
 
 

@@ -4,20 +4,20 @@ Engines come from `mrl-export build-engine` and are listed in the manifest. An e
 when its cache key matches this GPU, this TensorRT and the current graph (a stale or foreign engine
 is refused with the command that builds a fresh one), and only when its bytes match their sha256.
 
-Device memory: NVIDIA's `cuda-python` runtime bindings (`cuda.bindings.runtime`), not torch. They
-are a few MB and are all TensorRT needs beside itself (malloc, pinned host memory, async copies,
-streams), while torch would put a multi-GB CUDA build into every serving image. torch stays the
-baseline backend, never a dependency of this one.
+Device memory: NVIDIA's `cuda-python` runtime bindings (`cuda.bindings.runtime`, see `cudamem`), not
+torch. They are a few MB and are all TensorRT needs beside itself (malloc, pinned host memory, async
+copies, streams), while torch would put a multi-GB CUDA build into every serving image. torch stays
+the baseline backend, never a dependency of this one. Every call that touches the device first makes
+the engine's device current for the calling thread (the CUDA current device is per host thread).
 
 Each batch runs in the shape range that fits it (rows beyond its max batch run as further chunks;
-sequences shorter than its min are padded with masked tokens, which leaves embeddings unchanged).
+sequences shorter than its min get masked tokens appended on the right, see `engines.pad_feed`).
 Only `[rows, dims]` floats come back from the device: the truncation is baked into the graph, so
 the copy is as small as the requested embedding.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 from pathlib import Path
@@ -25,8 +25,9 @@ from types import ModuleType
 
 import numpy as np
 
+from mrl.runtime.backends.cudamem import DeviceStream, StagedBuffer
 from mrl.runtime.backends.engines import Chunk, explain_missing, find_engine, numpy_dtype, pad_feed, plan_chunks
-from mrl.runtime.backends.gpu import GPU_EXTRA, cuda_check, cuda_runtime, current_gpu
+from mrl.runtime.backends.gpu import cuda_check, cuda_runtime, current_gpu, install_hint
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, IntegrityError
 from mrl.runtime.manifest import OUTPUT_NAME, Engine, Manifest, Profile, TokenizerSettings, sha256_file
 
@@ -38,38 +39,23 @@ def import_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except (ImportError, OSError) as e:  # OSError: the wheel is there but libnvinfer is not
-        raise BackendUnavailableError(f"TensorRT is not installed here ({e}): {GPU_EXTRA}") from None
+        raise BackendUnavailableError(f"TensorRT is not installed here ({e}): {install_hint('tensorrt')}") from None
     major = str(getattr(tensorrt, "__version__", "0")).split(".")[0]
     if not major.isdigit() or int(major) < 10:  # the name-based I/O API and strong typing arrived in 10
-        raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} is older than 10: {GPU_EXTRA}")
+        raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} is older than 10: {install_hint('tensorrt')}")
     return tensorrt
-
-
-class _Staged:
-    """A device buffer with a pinned host buffer of the same size, so copies can be asynchronous."""
-
-    def __init__(self, cudart: ModuleType, nbytes: int) -> None:
-        self._cudart = cudart
-        self.nbytes = nbytes
-        self.device = cuda_check(cudart, cudart.cudaMalloc(nbytes), "cudaMalloc")
-        self.host_ptr = cuda_check(cudart, cudart.cudaMallocHost(nbytes), "cudaMallocHost")
-        self.host = np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(int(self.host_ptr)))
-
-    def free(self) -> None:
-        """Release both buffers."""
-        self._cudart.cudaFree(self.device)
-        self._cudart.cudaFreeHost(self.host_ptr)
 
 
 class TensorRtBackend:
     """One deserialised engine, one execution context, one CUDA stream."""
 
     name = "tensorrt"
+    device = "cuda"
 
     def __init__(self, path: Path, engine: Engine, tokenizer: TokenizerSettings, device_id: int = 0) -> None:
         trt = import_tensorrt()
-        self._cudart = cudart = cuda_runtime()
-        cuda_check(cudart, cudart.cudaSetDevice(device_id), "cudaSetDevice")
+        cudart = cuda_runtime()
+        cuda_check(cudart, cudart.cudaSetDevice(device_id), "cudaSetDevice")  # the engine loads onto it
         if sha256_file(path) != engine.sha256:
             raise IntegrityError(
                 f"{path} does not match its sha256 in the manifest: rebuild with mrl-export build-engine"
@@ -91,13 +77,13 @@ class TensorRtBackend:
         # The installed TensorRT decides the integer type of the token inputs (INT64 from 10 on).
         self._dtypes = {n: np.dtype(numpy_dtype(self._engine.get_tensor_dtype(n))) for n in names}
         self.dims = int(tuple(self._engine.get_tensor_shape(OUTPUT_NAME))[-1])
-        self._pad_id, self._side = tokenizer.pad_token_id, tokenizer.padding_side
+        self._pad_id = tokenizer.pad_token_id
         self._context = self._engine.create_execution_context()
-        self._stream = cuda_check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self._io = DeviceStream(cudart, device_id)
         most_tokens = max(r.batch.max * r.seq.max for r in self.ranges)
         most_rows = max(r.batch.max for r in self.ranges)
-        self._buffers = {n: _Staged(cudart, most_tokens * self._dtypes[n].itemsize) for n in self._inputs}
-        self._buffers[OUTPUT_NAME] = _Staged(cudart, most_rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize)
+        self._buffers = {n: StagedBuffer(cudart, most_tokens * self._dtypes[n].itemsize) for n in self._inputs}
+        self._buffers[OUTPUT_NAME] = StagedBuffer(cudart, most_rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize)
         self._active: int | None = None
         self._lock = threading.Lock()  # one context and one set of buffers: one batch at a time
         self.providers = [f"TensorRT {trt.__version__} on CUDA device {device_id}"]
@@ -108,44 +94,35 @@ class TensorRtBackend:
         rows, seq = arrays[self._inputs[0]].shape
         out = np.empty((rows, self.dims), dtype=np.float32)
         with self._lock:
+            self._io.activate()  # this may be another thread than the one that built the engine
             for chunk in plan_chunks(rows, seq, self.ranges):
                 out[chunk.start : chunk.stop] = self._run_chunk(arrays, chunk)
         return out
 
     def _run_chunk(self, arrays: dict[str, np.ndarray], chunk: Chunk) -> np.ndarray:
-        cudart, context, stream = self._cudart, self._context, self._stream
+        context, stream = self._context, int(self._io.stream)
         if chunk.range_index != self._active:
-            if not context.set_optimization_profile_async(chunk.range_index, int(stream)):
+            if not context.set_optimization_profile_async(chunk.range_index, stream):
                 raise RuntimeError(f"TensorRT refused shape range {chunk.range_index}")
             self._active = chunk.range_index
         part = {n: a[chunk.start : chunk.stop] for n, a in arrays.items()}
-        part = pad_feed(part, chunk.seq, self._pad_id, self._side)
-        to_device = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-        for name, array in part.items():
+        for name, array in pad_feed(part, chunk.seq, self._pad_id).items():
             data = np.ascontiguousarray(array, dtype=self._dtypes[name])
-            staged = self._buffers[name]
-            staged.host[: data.nbytes] = data.reshape(-1).view(np.uint8)
-            copied = cudart.cudaMemcpyAsync(staged.device, staged.host_ptr, data.nbytes, to_device, stream)
-            cuda_check(cudart, copied, "cudaMemcpyAsync to device")
+            self._io.upload(self._buffers[name], data)
             if not context.set_input_shape(name, data.shape):
                 raise RuntimeError(f"TensorRT refused shape {data.shape} for {name} in shape range {chunk.range_index}")
-            context.set_tensor_address(name, staged.device)
+            context.set_tensor_address(name, self._buffers[name].device)
         out = self._buffers[OUTPUT_NAME]
         context.set_tensor_address(OUTPUT_NAME, out.device)
-        if not context.execute_async_v3(int(stream)):
+        if not context.execute_async_v3(stream):
             raise RuntimeError("TensorRT execution failed (see the TensorRT log above)")
-        rows = chunk.stop - chunk.start
-        nbytes = rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize
-        to_host = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        copied = cudart.cudaMemcpyAsync(out.host_ptr, out.device, nbytes, to_host, stream)
-        cuda_check(cudart, copied, "cudaMemcpyAsync to host")
-        cuda_check(cudart, cudart.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-        values = out.host[:nbytes].view(self._dtypes[OUTPUT_NAME]).reshape(rows, self.dims)
-        return values.astype(np.float32)  # a copy: the pinned buffer is reused by the next chunk
+        values = self._io.download(out, self._dtypes[OUTPUT_NAME], (chunk.stop - chunk.start, self.dims))
+        return values.astype(np.float32)
 
     def warmup(self) -> None:
         """Run every shape range once at its smallest shape."""
         with self._lock:
+            self._io.activate()
             for index, r in enumerate(self.ranges):
                 feed = {n: np.ones((r.batch.min, r.seq.min), dtype=np.int64) for n in self._inputs}
                 if "token_type_ids" in feed:
@@ -154,12 +131,14 @@ class TensorRtBackend:
 
     def close(self) -> None:
         """Free device and pinned memory, the stream, the context and the engine."""
+        io = getattr(self, "_io", None)
+        if io is not None and io.stream is not None:
+            io.activate()  # free on the engine's device, whichever thread closes
         for staged in getattr(self, "_buffers", {}).values():
             staged.free()
         self._buffers = {}
-        if getattr(self, "_stream", None) is not None:
-            self._cudart.cudaStreamDestroy(self._stream)
-            self._stream = None
+        if io is not None:
+            io.close()
         self._context = self._engine = None
 
 

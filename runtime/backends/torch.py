@@ -86,6 +86,7 @@ class TorchBackend:
             _SHARED[self._key][1] += 1
             self._model = _SHARED[self._key][0]
         self._device = device
+        self.device = "cuda" if device.startswith("cuda") else "cpu"
         self.providers = [f"torch {torch.__version__} {device} {dtype}"]
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:

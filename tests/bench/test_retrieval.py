@@ -5,6 +5,7 @@ import pytest
 
 from mrl.bench import retrieval
 from mrl.bench.tradeoff import recommend
+from mrl.runtime import encodings
 
 
 def test_neighbour_recall_by_hand():
@@ -46,33 +47,36 @@ def test_recall_and_mrr_at_k_from_ranks():
     assert retrieval.mrr_at_k(ranks, 3) == pytest.approx((1 / 2 + 1 + 0) / 3)
 
 
-@pytest.mark.parametrize(
-    ("encoding", "dims", "expected"),
-    [("float32", 384, 1536), ("float16", 384, 768), ("int8", 64, 64), ("ubinary", 64, 8), ("ubinary", 65, 9)],
-)
-def test_bytes_per_vector(encoding, dims, expected):
-    assert retrieval.bytes_per_vector(encoding, dims) == expected
-    if encoding != "float16":
-        vectors = np.random.default_rng(0).standard_normal((3, dims)).astype(np.float32)
-        assert retrieval.encode(vectors, encoding).codes[0].nbytes == expected
-
-
-def test_encodings_keep_the_obvious_neighbour():
+def test_every_encoding_keeps_the_obvious_neighbour():
     rng = np.random.default_rng(1)
     docs = rng.standard_normal((50, 32)).astype(np.float32)
     docs /= np.linalg.norm(docs, axis=1, keepdims=True)
     queries = docs[:5] + 0.01 * rng.standard_normal((5, 32)).astype(np.float32)
-    for encoding in retrieval.ENCODINGS:
-        q = retrieval.encode(queries, encoding, calibration=docs)
-        d = retrieval.encode(docs, encoding)
-        best = retrieval.top_k(retrieval.scores(q, d, 32), 1)
+    ranges = encodings.calibration_ranges(docs)
+    for encoding in encodings.ENCODINGS:
+        q, d = encodings.encode(queries, encoding, ranges), encodings.encode(docs, encoding, ranges)
+        best = retrieval.top_k(retrieval.scores(q, d, encoding, 32), 1)
         assert best[:, 0].tolist() == [0, 1, 2, 3, 4], encoding
 
 
-def test_ubinary_scores_are_agreements_minus_disagreements():
-    a = retrieval.encode(np.array([[1.0, -1.0, 1.0]]), "ubinary")
-    b = retrieval.encode(np.array([[1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]]), "ubinary")
-    assert retrieval.scores(a, b, 3).tolist() == [[1.0, -3.0]]
+def test_int8_and_uint8_rank_alike():
+    rng = np.random.default_rng(2)
+    docs = rng.standard_normal((40, 16)).astype(np.float32)
+    ranges = encodings.calibration_ranges(docs)
+    ranked = [
+        retrieval.top_k(
+            retrieval.scores(encodings.encode(docs, e, ranges), encodings.encode(docs, e, ranges), e, 16), 5
+        )
+        for e in ("int8", "uint8")
+    ]
+    np.testing.assert_array_equal(*ranked)
+
+
+@pytest.mark.parametrize("encoding", ["binary", "ubinary"])
+def test_bit_scores_are_agreements_minus_disagreements(encoding):
+    a = encodings.encode(np.array([[1.0, -1.0, 1.0]]), encoding)
+    b = encodings.encode(np.array([[1.0, 1.0, 1.0], [-1.0, 1.0, -1.0]]), encoding)
+    assert retrieval.scores(a, b, encoding, 3).tolist() == [[1.0, -3.0]]
 
 
 def test_sample_indices_spread_and_bounded():

@@ -10,7 +10,6 @@ from mrl.bench.serve import (
     ServeConfig,
     add_comparisons,
     bracketing_offline,
-    check_target,
     dims_for,
     level_row,
     measurement_window,
@@ -19,6 +18,7 @@ from mrl.bench.serve import (
     serve_table,
     sweep,
 )
+from mrl.bench.targets import TargetSpec, check_target
 from mrl.runtime.errors import InvalidInputError
 
 TEXTS = ("the river runs past the mill", "a small library on the square", "the first train leaves at six")
@@ -39,13 +39,13 @@ def test_targets_refused(target):
 
 def test_config_is_bounded():
     with pytest.raises(InvalidInputError, match="either"):
-        ServeConfig(target="127.0.0.1:1", texts=TEXTS, requests=10, duration_s=1.0)
+        ServeConfig(targets=(TargetSpec(address="127.0.0.1:1"),), texts=TEXTS, requests=10, duration_s=1.0)
     with pytest.raises(InvalidInputError, match="requests per level"):
-        ServeConfig(target="127.0.0.1:1", texts=TEXTS, requests=10**9)
+        ServeConfig(targets=(TargetSpec(address="127.0.0.1:1"),), texts=TEXTS, requests=10**9)
     with pytest.raises(InvalidInputError, match="duration"):
-        ServeConfig(target="127.0.0.1:1", texts=TEXTS, requests=None, duration_s=10**6)
+        ServeConfig(targets=(TargetSpec(address="127.0.0.1:1"),), texts=TEXTS, requests=None, duration_s=10**6)
     with pytest.raises(InvalidInputError, match="concurrency"):
-        ServeConfig(target="127.0.0.1:1", texts=TEXTS, concurrency=(0,))
+        ServeConfig(targets=(TargetSpec(address="127.0.0.1:1"),), texts=TEXTS, concurrency=(0,))
 
 
 def test_dims_mix_is_an_exact_round_robin():
@@ -92,7 +92,7 @@ def test_comparisons():
 
 def test_sweep_against_a_real_server(server):
     config = ServeConfig(
-        target=server,
+        targets=(TargetSpec(address=server),),
         texts=TEXTS,
         concurrency=(1, 4),
         requests=12,
@@ -114,14 +114,26 @@ def test_sweep_against_a_real_server(server):
 
 def test_errors_are_counted_by_status_code(server):
     config = ServeConfig(
-        target=server, texts=TEXTS, concurrency=(2,), requests=4, warmup_requests=0, dims_mixes=((999,),)
+        targets=(TargetSpec(address=server),),
+        texts=TEXTS,
+        concurrency=(2,),
+        requests=4,
+        warmup_requests=0,
+        dims_mixes=((999,),),
     )
     (row,) = asyncio.run(sweep(config, lambda _: None))
     assert row["ok"] == 0 and row["errors"] == {"INVALID_ARGUMENT": 4} and row["latency"] is None
 
 
 def test_duration_mode_stops(server):
-    config = ServeConfig(target=server, texts=TEXTS, concurrency=(2,), requests=None, duration_s=0.5, warmup_requests=2)
+    config = ServeConfig(
+        targets=(TargetSpec(address=server),),
+        texts=TEXTS,
+        concurrency=(2,),
+        requests=None,
+        duration_s=0.5,
+        warmup_requests=2,
+    )
     (row,) = asyncio.run(sweep(config, lambda _: None))
     # It ended on the deadline, not on the request cap (pytest-timeout would catch a hang).
     assert 0 < row["ok"] < MAX_REQUESTS and row["errors"] == {}
@@ -129,7 +141,7 @@ def test_duration_mode_stops(server):
 
 def test_nothing_listening_is_an_error_not_a_hang(free_port):
     config = ServeConfig(
-        target=f"127.0.0.1:{free_port}",
+        targets=(TargetSpec(address=f"127.0.0.1:{free_port}"),),
         texts=TEXTS,
         concurrency=(1,),
         requests=2,

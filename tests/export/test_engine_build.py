@@ -163,7 +163,7 @@ def test_missing_tensorrt_is_one_line_and_exit_2(artifact, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("mrl-export build-engine: error: TensorRT is not installed")
-    assert "pip install 'mrl-toolkit[gpu]'" in err
+    assert "pip install 'mrl-toolkit[tensorrt]'" in err
     assert sorted(p.name for p in artifact.iterdir()) == before  # nothing written
 
 
@@ -174,7 +174,7 @@ def test_mrl_export_build_engine_without_tensorrt_end_to_end(artifact):
     )
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
-    assert done.stderr.strip().splitlines()[-1].endswith("pip install 'mrl-toolkit[gpu]'")
+    assert done.stderr.strip().splitlines()[-1].endswith("pip install 'mrl-toolkit[tensorrt]'")
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_a_listed_engine_whose_file_is_gone_does_not_block_a_rebuild(artifact, c
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_build_engines_run_them_and_keep_them(artifact):
-    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'mrl-toolkit[gpu]')")
+    pytest.importorskip("tensorrt", reason="needs TensorRT (pip install 'mrl-toolkit[tensorrt]')")
     from mrl.runtime.backends.gpu import detect_gpu
 
     gpu, how = detect_gpu(0)
@@ -237,3 +237,39 @@ def test_build_engines_run_them_and_keep_them(artifact):
             >= 0.9999
         )
     assert Embedder.load(artifact).backend_name == "tensorrt"
+
+
+class FakeBuilderConfig:
+    """A TensorRT builder config as far as the timing cache goes: it cannot parse bytes it did not write."""
+
+    def __init__(self, accepts=True):
+        self.accepts, self.cache = accepts, "unset"
+
+    def create_timing_cache(self, data):
+        return "empty-cache" if data == b"" else ("cache" if data.startswith(b"TRTC") else None)
+
+    def set_timing_cache(self, cache, ignore_mismatch):
+        if cache is None:  # as TensorRT's bindings do for None
+            raise TypeError("set_timing_cache(): incompatible function arguments")
+        self.cache = cache
+        return self.accepts or cache == "empty-cache"
+
+
+@pytest.mark.parametrize(
+    "data, accepts, used, cache",
+    [
+        (None, True, False, "empty-cache"),  # no file yet
+        (b"TRTC good", True, True, "cache"),
+        (b"\x00 corrupt", True, False, "empty-cache"),  # unparseable: TensorRT returns None
+        (b"TRTC other gpu", False, False, "empty-cache"),  # refused: another GPU or TensorRT
+    ],
+)
+def test_a_missing_corrupt_or_foreign_timing_cache_means_an_empty_one(tmp_path, data, accepts, used, cache):
+    from mrl.export.engine import use_timing_cache
+
+    path = tmp_path / "timing.cache"
+    if data is not None:
+        path.write_bytes(data)
+    config = FakeBuilderConfig(accepts)
+    assert use_timing_cache(config, path) is used
+    assert config.cache == cache

@@ -145,3 +145,27 @@ def test_runtime_import_does_not_load_torch(tiny_artifact):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_mid_export_leaves_nothing_behind(tiny_st_dir, tmp_path, signal_name):
+    import signal
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mrl.export.cli", str(tiny_st_dir), "--dims", "8,16", "--out", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    lines = []
+    for line in proc.stderr:  # progress lines: signal once the export has written into its temporary directory
+        lines.append(line)
+        if "exporting with" in line:
+            break
+    proc.send_signal(getattr(signal, signal_name))
+    lines += proc.stderr.readlines()
+    code = proc.wait(timeout=120)
+    assert code == 128 + getattr(signal, signal_name), "".join(lines)
+    assert "interrupted" in lines[-1] and "Traceback" not in "".join(lines)
+    assert list(tmp_path.iterdir()) == [], "a partial artifact was left behind"

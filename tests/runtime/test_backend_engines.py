@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,19 +186,22 @@ def test_engine_entries_round_trip_through_manifest_json(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "change",
+    ("change", "message"),
     [
-        lambda e: e.update(shape_ranges=[]),
-        lambda e: e.update(
-            shape_ranges=[{"batch": {"min": 4, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 1, "max": 1}}]
+        (lambda e: e.update(shape_ranges=[]), "lists no shape ranges"),
+        (
+            lambda e: e.update(
+                shape_ranges=[{"batch": {"min": 4, "opt": 2, "max": 8}, "seq": {"min": 1, "opt": 1, "max": 1}}]
+            ),
+            r"engines\[0\]\.shape_ranges\[0\]\.batch is invalid: a span needs 1 <= min <= opt <= max",
         ),
-        lambda e: e.pop("cache_key"),
+        (lambda e: e.pop("cache_key"), r"engines\[0\] lacks the field 'cache_key'"),
     ],
 )
-def test_malformed_engine_entries_are_artifact_errors(change):
+def test_malformed_engine_entries_are_artifact_errors(change, message):
     data = json.loads(_manifest((_engine(H100, TRT),)).to_json())
     change(data["engines"][0])
-    with pytest.raises(ArtifactError, match="malformed"):
+    with pytest.raises(ArtifactError, match=message):
         manifest_from_dict(data)
 
 
@@ -234,31 +239,70 @@ def test_a_sequence_longer_than_every_range_is_refused_with_the_fix():
         plan_chunks(2, 600, TWO)
 
 
-def test_pad_feed_pads_like_the_tokenizer_on_either_side():
+def test_pad_feed_appends_masked_tokens_on_the_right():
     feed = {
-        "input_ids": np.array([[101, 7, 102]], dtype=np.int64),
-        "attention_mask": np.ones((1, 3), dtype=np.int64),
+        "input_ids": np.array([[2, 101, 7, 102]], dtype=np.int64),
+        "attention_mask": np.array([[0, 1, 1, 1]], dtype=np.int64),  # as a left-padding tokenizer gives it
     }
-    right = pad_feed(feed, 5, pad_token_id=0, padding_side="right")
-    assert right["input_ids"].tolist() == [[101, 7, 102, 0, 0]]
-    assert right["attention_mask"].tolist() == [[1, 1, 1, 0, 0]]
-    left = pad_feed(feed, 5, pad_token_id=2, padding_side="left")
-    assert left["input_ids"].tolist() == [[2, 2, 101, 7, 102]]
-    assert left["attention_mask"].tolist() == [[0, 0, 1, 1, 1]]
-    assert pad_feed(feed, 3, 0, "right")["input_ids"] is feed["input_ids"]
+    padded = pad_feed(feed, 6, pad_token_id=2)
+    assert padded["input_ids"].tolist() == [[2, 101, 7, 102, 2, 2]]
+    assert padded["attention_mask"].tolist() == [[0, 1, 1, 1, 0, 0]]
+    assert pad_feed(feed, 4, 0)["input_ids"] is feed["input_ids"]
+
+
+def _padding_leaves_embeddings_unchanged(artifact: Path, texts: list[str]) -> None:
+    """Pad each batch up by 17 masked tokens, as the tensorrt backend does below a range's min; compare on ORT."""
+    from mrl.runtime import Embedder
+
+    embedder = Embedder.load(artifact, "onnxruntime-cpu")
+    try:
+        for batch in ([texts[0]], texts):  # one text (no tokenizer padding at all), then a padded batch
+            feed = embedder.tokenizer.pad(embedder.tokenizer.encode(batch))
+            backend = embedder.backend_for(embedder.profiles[0])
+            padded = pad_feed(feed, feed["input_ids"].shape[1] + 17, embedder.tokenizer.settings.pad_token_id)
+            np.testing.assert_allclose(backend.run(padded), backend.run(feed), atol=1e-5)
+    finally:
+        embedder.close()
+
+
+TEXTS = ["a short one", "and a somewhat longer sentence with more words"]
 
 
 def test_padding_up_leaves_embeddings_unchanged(tiny_artifact):
-    """What the tensorrt backend relies on when it pads to a range's min, checked with ONNX Runtime."""
-    from mrl.runtime import Embedder
+    """A right-padding BERT (absolute positions, mean pooling)."""
+    _padding_leaves_embeddings_unchanged(tiny_artifact, TEXTS)
 
-    embedder = Embedder.load(tiny_artifact, "onnxruntime-cpu")
-    encoded = embedder.tokenizer.encode(["a short one", "and a somewhat longer sentence with more words"])
-    feed = embedder.tokenizer.pad(encoded)
-    backend = embedder.backend_for(embedder.profile_for(32))
-    padded = pad_feed(feed, feed["input_ids"].shape[1] + 17, embedder.tokenizer.settings.pad_token_id, "right")
-    np.testing.assert_allclose(backend.run(padded), backend.run(feed), atol=1e-5)
-    embedder.close()
+
+@pytest.fixture(scope="module")
+def left_padded_artifacts(tiny_artifact, tmp_path_factory):
+    """A left-padding Llama with last-token pooling (rotary positions), and the tiny BERT told to pad left.
+
+    The BERT (absolute positions) cannot be exported with a left-padding tokenizer: sentence-transformers
+    then embeds each text differently depending on its batch, and parity fails. Its manifest is edited
+    instead, so the runtime tokenizer pads on the left and the graph sees what such a model would.
+    """
+    from tinymodels import export, save_sentence_transformer
+
+    root = tmp_path_factory.mktemp("left")
+    llama = export(
+        save_sentence_transformer(root / "llama", arch="llama", pooling="lasttoken"), root / "llama-art", (8,)
+    )
+    bert = Path(shutil.copytree(tiny_artifact, root / "bert-art"))
+    data = json.loads((bert / "manifest.json").read_text())
+    data["tokenizer"]["padding_side"] = "left"
+    (bert / "manifest.json").write_text(json.dumps(data))
+    return llama, bert
+
+
+def test_padding_up_leaves_embeddings_unchanged_with_left_padding_tokenizers(left_padded_artifacts):
+    """Left padding by the tokenizer; the range padding still goes on the right, after every real token.
+
+    Padding on the left instead would move the real tokens, and the BERT's absolute positions would
+    change its embeddings (by up to 0.28 on this model, measured when this test was written).
+    """
+    for artifact in left_padded_artifacts:
+        assert load_manifest(artifact).tokenizer.padding_side == "left"
+        _padding_leaves_embeddings_unchanged(artifact, TEXTS)
 
 
 def test_numpy_dtypes_of_tensorrt_types():

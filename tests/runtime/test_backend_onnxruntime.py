@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -116,7 +118,10 @@ def test_auto_leaves_out_tensorrt_without_tensorrt_and_gpus_without_a_gpu(tiny_a
 def test_explicit_cuda_without_the_cuda_provider_is_an_error_naming_the_extra(tiny_artifact):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has the CUDA provider")
-    with pytest.raises(BackendUnavailableError, match=r"no CUDAExecutionProvider.*pip install 'mrl-toolkit\[gpu\]'"):
+    with pytest.raises(
+        BackendUnavailableError,
+        match=r"no CUDAExecutionProvider.*For GPUs: pip uninstall -y mrl-toolkit onnxruntime && pip install \S+gpu$",
+    ):
         Embedder.load(tiny_artifact, "onnxruntime-cuda").embed(["x"])
 
 
@@ -145,6 +150,116 @@ def test_onnxruntime_cuda_really_runs_on_the_gpu_and_matches_the_cpu(tiny_artifa
     assert "CUDAExecutionProvider" in gpu.providers  # the backend refuses a silent CPU fallback
     cosine = np.sum(vectors * cpu.embed(texts), axis=1)
     assert cosine.min() >= 0.9999
+
+
+# --- what the session really runs: ONNX Runtime's silent retry without our options ----------------
+
+
+class FakeSession:
+    """Stands in for an InferenceSession after ONNX Runtime's retry: CUDA first, its options the defaults."""
+
+    DEFAULTS: ClassVar = {"device_id": "0", "use_tf32": "1", "arena_extend_strategy": "kNextPowerOfTwo"}
+    made: ClassVar[list[dict]] = []
+
+    def __init__(self, path, options, providers=None, **kwargs):
+        self.asked, self.kwargs, self.fallback = providers, kwargs, True
+        FakeSession.made.append(self.__dict__)
+
+    def get_providers(self):
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+    def get_provider_options(self):
+        return {"CUDAExecutionProvider": dict(self.DEFAULTS), "CPUExecutionProvider": {}}
+
+    def disable_fallback(self):
+        self.fallback = False
+
+    def get_inputs(self):
+        return []
+
+
+class AsAskedSession(FakeSession):
+    """A session that applied the options it was given."""
+
+    def get_provider_options(self):
+        cuda = dict(self.asked[0][1])
+        return {"CUDAExecutionProvider": {k: str(int(v) if isinstance(v, bool) else v) for k, v in cuda.items()}}
+
+
+@pytest.fixture
+def gpu_onnxruntime(monkeypatch):
+    monkeypatch.setattr(ortb.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ortb, "preload_gpu_libraries", lambda tensorrt: ())
+    FakeSession.made.clear()
+
+
+CUDA_ASKED = [("CUDAExecutionProvider", ortb.cuda_provider_options("fp32", 0, {})), "CPUExecutionProvider"]
+
+
+def test_a_named_gpu_backend_refuses_a_session_that_dropped_its_options(gpu_onnxruntime, monkeypatch, tmp_path):
+    monkeypatch.setattr(ortb.ort, "InferenceSession", FakeSession)
+    with pytest.raises(BackendUnavailableError, match=r"use_tf32 is '1', asked 0.*arena_extend_strategy"):
+        ortb.OnnxRuntimeBackend(tmp_path / "g.onnx", CUDA_ASKED, strict=True)
+    # Named backends also stop ONNX Runtime's own retry, so its real error surfaces.
+    assert FakeSession.made[-1]["kwargs"] == {"enable_fallback": 0}
+
+
+def test_auto_warns_and_runs_where_the_options_were_dropped(gpu_onnxruntime, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(ortb.ort, "InferenceSession", FakeSession)
+    backend = ortb.OnnxRuntimeBackend(tmp_path / "g.onnx", CUDA_ASKED, strict=False)
+    assert "use_tf32 is '1', asked 0" in caplog.text
+    assert backend.device == "cuda"
+    assert FakeSession.made[-1]["kwargs"] == {} and FakeSession.made[-1]["fallback"] is False  # no retry at run time
+
+
+def test_a_session_that_took_the_options_passes_quietly(gpu_onnxruntime, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(ortb.ort, "InferenceSession", AsAskedSession)
+    asked = [("CUDAExecutionProvider", ortb.cuda_provider_options("fp32", 0, {"gpu_mem_limit": 1 << 30}))]
+    ortb.OnnxRuntimeBackend(tmp_path / "g.onnx", asked, strict=True)
+    assert "did not start" not in caplog.text
+
+
+def test_fallback_problems_compare_as_onnxruntime_reports_options():
+    asked = [("TensorrtExecutionProvider", {"trt_fp16_enable": False, "trt_engine_cache_enable": True}), "CPU"]
+    applied = {"TensorrtExecutionProvider": {"trt_fp16_enable": "0", "trt_engine_cache_enable": "1"}}
+    assert ortb.fallback_problems(asked, ["TensorrtExecutionProvider", "CPU"], applied) == []
+    problems = ortb.fallback_problems(asked, ["CUDAExecutionProvider", "CPU"], {})
+    assert problems == ["asked for TensorrtExecutionProvider first, runs on CUDAExecutionProvider"]
+    # Keys a provider does not report are not judged.
+    assert ortb.fallback_problems([("CUDAExecutionProvider", {"new_key": 1})], ["CUDAExecutionProvider"], {}) == []
+
+
+def test_both_onnxruntime_wheels_are_named_in_the_error(monkeypatch):
+    versions = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
+    monkeypatch.setattr(ortb.importlib.metadata, "version", lambda dist: versions[dist])
+    assert "both onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are installed" in ortb._wheels_note()
+
+
+def test_gpu_libraries_are_loaded_before_a_gpu_session(monkeypatch, tmp_path):
+    monkeypatch.setattr(
+        ortb.ort, "get_available_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(ortb.ort, "InferenceSession", FakeSession)
+    loaded = []
+    monkeypatch.setattr(ortb, "preload_gpu_libraries", lambda tensorrt: loaded.append(tensorrt))
+    with pytest.raises(BackendUnavailableError):  # the fake runs CUDA first: refused, after the preload
+        ortb.OnnxRuntimeBackend(tmp_path / "g.onnx", ["TensorrtExecutionProvider"], strict=True)
+    assert loaded == [True]
+
+
+def test_preloading_reports_what_it_could_not_load(monkeypatch, caplog):
+    ortb.preload_gpu_libraries.cache_clear()
+    monkeypatch.setattr(
+        ortb.ort, "preload_dlls", lambda: print("Failed to load libcudart.so.13: not found"), raising=False
+    )
+    monkeypatch.setitem(__import__("sys").modules, "tensorrt", None)
+    try:
+        notes = ortb.preload_gpu_libraries(True)
+    finally:
+        ortb.preload_gpu_libraries.cache_clear()
+    assert notes[0] == "Failed to load libcudart.so.13: not found"
+    assert "tensorrt does not import" in notes[1] and "libnvinfer" in notes[1]
+    assert "Failed to load libcudart.so.13" in caplog.text
 
 
 def test_choose_graph_takes_the_cpu_graph_on_the_cpu_provider_only(manifest):

@@ -74,7 +74,9 @@ def test_auto_skips_tensorrt_for_missing_foreign_or_stale_engines(manifest):
 
 
 def test_auto_falls_to_cuda_then_cpu_and_says_why(manifest):
-    no_trt = probe(tensorrt_version=None, tensorrt_note="TensorRT is not installed (pip install 'mrl-toolkit[gpu]')")
+    no_trt = probe(
+        tensorrt_version=None, tensorrt_note="TensorRT is not installed (pip install 'mrl-toolkit[tensorrt]')"
+    )
     name, reason = choose_backend(no_trt, with_engines(manifest), "fp32")
     assert name == "onnxruntime-cuda" and reason.startswith("TensorRT is not installed")
     name, reason = choose_backend(dataclasses.replace(no_trt, ort_providers=CPU_ONLY), manifest, "fp32")
@@ -114,7 +116,8 @@ def test_registry_names_and_extras():
     assert {"onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-tensorrt", "tensorrt", "torch"} <= set(
         names
     )
-    assert backends.pip_extra("tensorrt") == "mrl-toolkit[gpu]"
+    assert backends.pip_extra("tensorrt") == "mrl-toolkit[tensorrt]"
+    assert backends.pip_extra("onnxruntime-cuda") == "mrl-toolkit-gpu"  # a distribution of its own, not an extra
     assert backends.pip_extra("torch") == "mrl-toolkit[export]"
 
 
@@ -128,7 +131,7 @@ def test_tensorrt_missing_is_one_typed_error_naming_the_extra(tiny_artifact, man
     with pytest.raises(BackendUnavailableError) as info:
         create_backend("tensorrt", tiny_artifact, manifest, manifest.profiles[0])
     message = str(info.value)
-    assert "pip install 'mrl-toolkit[gpu]'" in message and "\n" not in message
+    assert "pip install 'mrl-toolkit[tensorrt]'" in message and "\n" not in message
 
 
 def test_tensorrt_without_cuda_python_names_the_extra(tiny_artifact, manifest, monkeypatch):
@@ -137,7 +140,7 @@ def test_tensorrt_without_cuda_python_names_the_extra(tiny_artifact, manifest, m
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setitem(sys.modules, "cuda", None)
     with pytest.raises(
-        BackendUnavailableError, match=r"cuda-python\) are not installed: pip install 'mrl-toolkit\[gpu\]'"
+        BackendUnavailableError, match=r"cuda-python\) are not installed: pip install 'mrl-toolkit\[tensorrt\]'"
     ):
         create_backend("tensorrt", tiny_artifact, manifest, manifest.profiles[0])
 

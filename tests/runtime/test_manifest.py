@@ -19,7 +19,7 @@ def artifact(tiny_artifact, tmp_path):
 
 def test_manifest_records_what_the_issue_asks(tiny_artifact):
     m = load_manifest(tiny_artifact)
-    assert m.schema_version == 2 and m.full_dims == 32 and m.pooling == "mean"
+    assert m.schema_version == 1 and m.full_dims == 32 and m.pooling == "mean"
     assert m.source["kind"] == "sentence-transformers" and len(m.source["sha256"]) == 64
     assert m.tokenizer.max_length == 48 and m.tokenizer.inputs == ("input_ids", "attention_mask", "token_type_ids")
     assert m.prompts == {"query": "query: ", "document": "passage: "}
@@ -74,11 +74,53 @@ def test_missing_directory_and_manifest(tmp_path):
         load_manifest(tmp_path)
 
 
-def test_schema_1_manifests_still_load(artifact):
+def test_a_swapped_tokenizer_is_refused(artifact):
+    (artifact / "tokenizer.json").write_text((artifact / "tokenizer.json").read_text().replace('"[UNK]"', '"[UNK2]"'))
+    with pytest.raises(IntegrityError, match=r"tokenizer\.json does not match its sha256"):
+        Embedder.load(artifact)
+
+
+def edit(artifact, change) -> None:
+    path = artifact / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d["profiles"][0].update(dims="abc"), r"profiles\[0\]\.dims must be a whole number, not 'abc'"),
+        (lambda d: d["profiles"][1].update(dims=16.5), r"profiles\[1\]\.dims must be a whole number"),
+        (lambda d: d["tokenizer"].update(max_length=None), r"tokenizer\.max_length must be a whole number, not None"),
+        (lambda d: d.update(prompts={"query": 3}), r"prompts\.query must be a string"),
+        (lambda d: d.update(trained_dims="64"), r"trained_dims must be a list of whole numbers, not '64'"),
+        (lambda d: d["profiles"][0].pop("file"), r"profiles\[0\] lacks the field 'file'"),
+        (
+            lambda d: d["profiles"][0].update(layers=3),
+            r"profiles\[0\] has fields this toolkit does not know \(layers\)",
+        ),
+        (lambda d: d["profiles"][0].update(file="../../etc/passwd"), "outside the artifact"),
+        (lambda d: d["profiles"][0].update(precision="fp8"), "unknown precision 'fp8'"),
+        (lambda d: d["profiles"][0].update(dims=64), "outside 1..32"),
+    ],
+)
+def test_manifest_fields_are_checked_at_load_naming_the_field(artifact, change, message):
+    edit(artifact, change)
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(artifact, verify=False)
+
+
+def test_an_artifact_from_before_tokenizer_hashing_still_loads_with_a_warning(artifact, caplog):
+    edit(artifact, lambda d: d["tokenizer"].pop("sha256"))
+    assert load_manifest(artifact).tokenizer.sha256 is None
+    assert "not verified" in caplog.text
+
+
+def test_manifests_without_cpu_graphs_still_load(artifact):
     """Written before ONNX Runtime CPU graphs and the int8 record existed: they load with those empty."""
     path = artifact / "manifest.json"
     data = json.loads(path.read_text())
-    data["schema_version"] = 1
     for key in ("ort_cpu", "quantization"):
         data.pop(key, None)
     for profile in data["profiles"]:

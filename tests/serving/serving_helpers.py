@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
+import shutil
+import subprocess
+import sys
 import threading
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig
 from mrl.serving.metrics import ServerMetrics
@@ -21,6 +27,7 @@ TEXT = (
     "embedding models map sentences to vectors so that similar meanings land close together in space"
 )
 WORDS = TEXT.split(" ")
+SERVE = [sys.executable, "-m", "mrl.serving.cli"]
 
 
 def sentences(n: int, seed: int = 0, low: int = 1, high: int = 30) -> list[str]:
@@ -42,9 +49,9 @@ class GatedModel(ServedModel):
 
     @classmethod
     def open(cls, artifact: Path, config: BatcherConfig | None = None, name: str | None = None) -> GatedModel:
-        """Load an artifact under this class."""
+        """Load an artifact under this class; by default one batch runs at a time, so the gate holds them all."""
         spec = ModelSpec(artifact_dir=artifact, name=name)
-        return cls.load(spec, config or BatcherConfig())
+        return cls.load(spec, config or BatcherConfig(workers=1))
 
     def ids(self, text: str) -> tuple[int, ...]:
         """The token ids this model gives `text` (no prompt)."""
@@ -104,3 +111,50 @@ def sample(server: EmbedServer, name: str, labels: dict[str, str]) -> float:
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity."""
     return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+class Served:
+    """An `mrl-serve` subprocess; its stderr is collected by a thread."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([*SERVE, *args], stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.port = self.metrics_port = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if m := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                self.port = int(m.group(1))
+            if m := re.search(r"metrics on http://127\.0\.0\.1:(\d+)", line):
+                self.metrics_port = int(m.group(1))
+            if " serving " in line:
+                self.ready.set()
+        self.ready.set()
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30).read().decode()
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
+
+def self_signed(directory: Path) -> tuple[bytes, bytes]:
+    """A certificate for 127.0.0.1 and localhost, and its key (PEM), made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert.read_bytes(), key.read_bytes()

@@ -12,7 +12,7 @@ from serving_helpers import wait_until
 
 from mrl.serving.batcher import Batcher, BatchStats, Job, admits, select_batch
 from mrl.serving.config import BatcherConfig
-from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError
+from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
 
 
 def test_select_batch_groups_similar_lengths_around_the_anchor():
@@ -91,8 +91,8 @@ class Recorder:
 
 def make(fn, **config) -> tuple[Batcher, ThreadPoolExecutor, list[BatchStats]]:
     stats: list[BatchStats] = []
-    executor = ThreadPoolExecutor(max_workers=1)
-    cfg = BatcherConfig(**{"max_queue_delay_ms": 1.0, **config})
+    cfg = BatcherConfig(**{"max_queue_delay_ms": 1.0, "workers": 1, **config})
+    executor = ThreadPoolExecutor(max_workers=cfg.workers)
     return Batcher(fn, cfg, executor, on_batch=stats.append), executor, stats
 
 
@@ -208,7 +208,7 @@ def test_a_full_queue_refuses_at_once_and_close_runs_what_was_queued():
         with pytest.raises(QueueFullError, match="queue is full"):
             batcher.submit(jobs(5, 6, 7))  # 12 more do not fit
         one = batcher.submit(jobs(8, tokens=8))  # one text that fits is still taken
-        with pytest.raises(QueueFullError, match="split it"):
+        with pytest.raises(RequestTooLargeError, match="split it"):
             batcher.submit(jobs(9, tokens=21))
         fn.gate.set()
         closing = asyncio.ensure_future(batcher.close())
@@ -226,14 +226,90 @@ def test_stopping_the_loop_fails_queued_jobs_instead_of_leaving_them_waiting():
     fn = Recorder()
 
     async def scenario():
-        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64)
+        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64, workers=2)
         batcher.start()
-        futures = batcher.submit(jobs(1, 2))  # waits for a fuller batch: a minute
+        fn.gate.clear()
+        running = batcher.submit(jobs(0))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        futures = batcher.submit(jobs(1, 2))  # a batch runs: these wait a minute for a fuller batch
         await asyncio.sleep(0.05)
         batcher._task.cancel()
-        outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        outcomes = await asyncio.gather(*running, *futures, return_exceptions=True)
+        fn.gate.set()
         executor.shutdown()
         return outcomes
 
     assert all(isinstance(o, NotReadyError) for o in run(scenario()))
-    assert fn.batches == []
+    assert fn.batches == [[0]]
+
+
+def test_an_idle_batcher_runs_a_lone_job_at_once_and_a_busy_one_waits_for_company():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn, max_queue_delay_ms=60_000, max_batch_size=4, workers=2)
+        batcher.start()
+        fn.gate.clear()
+        lone = batcher.submit(jobs(1))  # nothing runs: no waiting for company, despite a minute's delay
+        await wait_until(lambda: len(fn.batches) == 1, "the lone job to start at once")
+        waiting = batcher.submit(jobs(2, 3))  # a batch runs and a worker is free: wait for a fuller batch
+        await asyncio.sleep(0.1)
+        assert len(fn.batches) == 1 and batcher.queued_jobs == 2
+        filling = batcher.submit(jobs(4, 5))  # now the batch is full (4): it goes
+        await wait_until(lambda: len(fn.batches) == 2, "the full batch to start")
+        last = batcher.submit(jobs(6))
+        fn.gate.set()  # once the machine is idle again the last job goes without waiting
+        values = [(await f).value for f in [*lone, *waiting, *filling, *last]]
+        await batcher.close()
+        executor.shutdown()
+        return values, stats
+
+    values, stats = run(scenario())
+    assert values == [2, 4, 6, 8, 10, 12]
+    assert sorted(s.size for s in stats) == [1, 1, 4]  # the first two batches may finish in either order
+
+
+def test_a_job_whose_deadline_passes_while_it_runs_is_expired_and_counted_abandoned():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        fn.gate.clear()
+        late = batcher.submit(jobs(1), deadline=loop.time() + 0.05)
+        on_time = batcher.submit(jobs(2), deadline=loop.time() + 60)
+        await wait_until(lambda: fn.batches, "the batch to start")
+        await asyncio.sleep(0.1)  # the first deadline passes while the batch runs
+        fn.gate.set()
+        outcomes = await asyncio.gather(*late, *on_time, return_exceptions=True)
+        await batcher.close()
+        executor.shutdown()
+        return outcomes, stats
+
+    (late, on_time), stats = run(scenario())
+    assert isinstance(late, RequestExpiredError) and on_time.value == 4
+    assert [(s.size, s.abandoned) for s in stats] == [(2, 1)]
+
+
+def test_hurry_runs_a_batch_waiting_for_company_at_once():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, _ = make(fn, max_queue_delay_ms=60_000, max_batch_size=64, workers=2)
+        batcher.start()
+        fn.gate.clear()
+        running = batcher.submit(jobs(1))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        waiting = batcher.submit(jobs(2))  # a batch runs: this one would wait a minute for company
+        await asyncio.sleep(0.05)
+        assert batcher.queued_jobs == 1
+        batcher.hurry()
+        await wait_until(lambda: len(fn.batches) == 2, "the hurried batch to start")
+        fn.gate.set()
+        values = [(await f).value for f in [*running, *waiting]]
+        await batcher.close()
+        executor.shutdown()
+        return values
+
+    assert run(scenario()) == [2, 4]

@@ -17,8 +17,15 @@ from mrl.runtime.errors import (
     UnknownPromptError,
 )
 from mrl.serving.auth import token_matches
-from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig
-from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, UnsupportedError, status_for
+from mrl.serving.config import BatcherConfig, ModelSpec, RequestLimits, ServerConfig
+from mrl.serving.errors import (
+    NotReadyError,
+    QueueFullError,
+    RequestExpiredError,
+    RequestTooLargeError,
+    UnsupportedError,
+)
+from mrl.serving.grpc_service import status_for
 
 
 @pytest.mark.parametrize(
@@ -45,13 +52,27 @@ def test_batcher_config_refuses_bad_values(kwargs, message):
         ({"metrics_port": -1}, "metrics_port must be an integer"),
         ({"host": ""}, "host must be an address"),
         ({"auth_token": "two words"}, "no whitespace"),
-        ({"max_inputs_per_request": 0}, "max_inputs_per_request"),
         ({"shutdown_grace_s": -1}, "shutdown_grace_s must be 0 or more"),
+        ({"http_port": 70000}, "http_port must be an integer"),
+        ({"http_port": 50051}, "give HTTP and gRPC different ports"),
+        ({"http_metrics": True}, "set http_port too"),
     ],
 )
 def test_server_config_refuses_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ServerConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_inputs_per_request": 0}, "max_inputs_per_request must be a positive number.*try 512"),
+        ({"max_message_bytes": -5}, "max_message_bytes must be a positive number"),
+    ],
+)
+def test_request_limits_refuse_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RequestLimits(**kwargs)
 
 
 def test_configs_are_frozen_and_keyword_only():
@@ -74,6 +95,7 @@ def test_configs_are_frozen_and_keyword_only():
         (UnsupportedError("u"), grpc.StatusCode.INVALID_ARGUMENT),
         (NotFoundError("n"), grpc.StatusCode.NOT_FOUND),
         (QueueFullError("q"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (RequestTooLargeError("t"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (RequestExpiredError("r"), grpc.StatusCode.DEADLINE_EXCEEDED),
         (NotReadyError("w"), grpc.StatusCode.UNAVAILABLE),
         (IntegrityError("i"), grpc.StatusCode.FAILED_PRECONDITION),

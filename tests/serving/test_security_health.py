@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import urllib.request
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_helpers import GatedModel, running, sample
+from serving_helpers import GatedModel, running, sample, self_signed
 
 from mrl.serving.client import AsyncEmbedClient
 from mrl.serving.config import TlsConfig
@@ -52,7 +49,7 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_never_reaches_the_model
                 ok = await c.embed(["allowed"], timeout=30)
             # Health stays open for probes that carry no credentials.
             health = await check(target, "")
-            requests = sample(server, "mrl_requests_total", {"model": model.name, "method": "Embed", "code": "OK"})
+            requests = sample(server, "mrl_requests_total", {"model": model.name, "transport": "grpc", "outcome": "ok"})
             denied = sample(server, "mrl_auth_denied_total", {"method": "/mrl.v1.Embedder/Embed"})
             return codes, ok, health, (requests, denied)
 
@@ -62,19 +59,6 @@ def test_a_missing_or_wrong_token_is_unauthenticated_and_never_reaches_the_model
     assert ok.shape == (1, 32) and health == SERVING
     assert requests == (1, 3)  # one call reached the service; three were refused before it
     assert model.ran("allowed") and not any(model.ran("never " + n) for n in codes)
-
-
-def self_signed(directory: Path) -> tuple[bytes, bytes]:
-    """A certificate for 127.0.0.1 and localhost, and its key (PEM), made with openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: cannot make a test certificate")
-    key, cert = directory / "key.pem", directory / "cert.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert.read_bytes(), key.read_bytes()
 
 
 def test_tls_serves_clients_that_trust_the_certificate_and_refuses_plaintext(tiny_artifact, tmp_path):
@@ -159,8 +143,8 @@ def test_metrics_endpoint_reports_requests_tokens_and_batches(tiny_artifact):
     text = run(scenario())
     name = model.name
     for line in (
-        f'mrl_requests_total{{code="OK",method="Embed",model="{name}"}} 1.0',
-        f'mrl_requests_total{{code="INVALID_ARGUMENT",method="Embed",model="{name}"}} 1.0',
+        f'mrl_requests_total{{model="{name}",outcome="ok",transport="grpc"}} 1.0',
+        f'mrl_requests_total{{model="{name}",outcome="invalid_argument",transport="grpc"}} 1.0',
         f'mrl_input_tokens_total{{model="{name}"}} 5.0',
         f'mrl_batch_size_count{{model="{name}"}} 1.0',
         f'mrl_queue_depth{{model="{name}"}} 0.0',

@@ -14,7 +14,7 @@ from mrl.proto import embedder_pb2 as pb
 from mrl.proto import embedder_pb2_grpc as pb_grpc
 from mrl.runtime import Embedder
 from mrl.serving.client import AsyncEmbedClient, EmbedClient, build_request
-from mrl.serving.config import BatcherConfig
+from mrl.serving.config import BatcherConfig, RequestLimits
 
 
 def run(coro):
@@ -72,7 +72,7 @@ def test_every_bad_input_gets_a_status_that_says_what_to_fix(tiny_artifact):
     model = GatedModel.open(tiny_artifact)
 
     async def scenario():
-        async with running([model], max_inputs_per_request=4) as server:
+        async with running([model], limits=RequestLimits(max_inputs_per_request=4)) as server:
             # The sync client in a thread: a second, independent channel type, and the loop stays free.
             return await asyncio.to_thread(bad_inputs, server.port)
 
@@ -94,8 +94,7 @@ def bad_inputs(port: int) -> None:
         expect_error(lambda: c.embed(["a"], prompt_name="nope"), invalid, "unknown prompt", "query")
         stub = pb_grpc.EmbedderStub(c._channel)
         expect_error(lambda: stub.Embed(pb.EmbedRequest(inputs=["a"], encoding=99)), invalid, "unknown encoding 99")
-        request = pb.EmbedRequest(inputs=["a"], encoding=pb.ENCODING_UBINARY)
-        expect_error(lambda: stub.Embed(request), invalid, "ENCODING_UBINARY", "ENCODING_FLOAT32")
+        expect_error(lambda: c.embed(["a"], dims=12, encoding="int8"), invalid, "calibrated per profile", "8, 16, 32")
         expect_error(lambda: c.get_model("nope"), not_found, "no model named")
         # A long input with truncate=true is cut, not refused; and the server is still fine after all that.
         assert c.embed(["word " * 200], truncate=True, dims=8).shape == (1, 8)
@@ -129,7 +128,7 @@ def test_results_usage_prompts_and_model_info(tiny_artifact):
 
 
 def test_one_bad_request_never_fails_others_batched_with_it(tiny_artifact):
-    model = GatedModel.open(tiny_artifact, BatcherConfig(max_padding=1.0))  # any lengths share a batch
+    model = GatedModel.open(tiny_artifact, BatcherConfig(max_padding=1.0, workers=1))  # any lengths share a batch
     model.poison = model.ids("poison pill")
     texts = sentences(6, seed=5)
 
@@ -171,11 +170,37 @@ def test_an_expired_request_is_dropped_before_compute(tiny_artifact):
             model.gate.set()
             await first
             assert (await c.embed(["after"])).shape == (1, 32)
-            return sample(server, "mrl_requests_total", {"model": model.name, "method": "Embed", "code": "OK"})
+            outcomes = ("ok", "deadline_exceeded", "cancelled")
+            labels = {"model": model.name, "transport": "grpc"}
+            return [sample(server, "mrl_requests_total", {**labels, "outcome": o}) for o in outcomes]
 
-    assert run(scenario()) == 2
+    assert run(scenario()) == [2, 1, 0]
     assert not model.ran("too late")
     assert model.ran("after")
+
+
+def test_a_caller_gone_while_its_batch_runs_is_counted_as_expired_and_its_text_as_abandoned(tiny_artifact):
+    model = GatedModel.open(tiny_artifact)
+
+    async def scenario():
+        async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:
+            model.gate.clear()
+            call = asyncio.ensure_future(c.embed(["gone before done"], timeout=2))
+            await wait_until(lambda: model.batches, "the batch to start")  # an idle server runs it at once
+            arrived_by = asyncio.get_running_loop().time()
+            with pytest.raises(grpc.RpcError) as info:
+                await call
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The server's deadline runs from when the call arrived (after the client's began, before its
+            # batch started): wait until it has surely passed too, so the batch ends after both.
+            await asyncio.sleep(max(0.0, arrived_by + 2.1 - asyncio.get_running_loop().time()))
+            model.gate.set()
+            labels = {"model": model.name}
+            await wait_until(lambda: sample(server, "mrl_abandoned_texts_total", labels) == 1, "the abandoned text")
+            expired = {"model": model.name, "transport": "grpc", "outcome": "deadline_exceeded"}
+            return sample(server, "mrl_requests_total", expired), sample(server, "mrl_texts_total", labels)
+
+    assert run(scenario()) == (1, 0)
 
 
 def test_a_cancelled_request_is_dropped_before_compute(tiny_artifact):
@@ -193,14 +218,16 @@ def test_a_cancelled_request_is_dropped_before_compute(tiny_artifact):
             await wait_until(lambda: model.batcher.queued_jobs == 0, "the cancelled request to leave the queue")
             model.gate.set()
             await first
-            return sample(server, "mrl_requests_total", {"model": model.name, "method": "Embed", "code": "CANCELLED"})
+            return sample(
+                server, "mrl_requests_total", {"model": model.name, "transport": "grpc", "outcome": "cancelled"}
+            )
 
     assert run(scenario()) == 1
     assert not model.ran("never mind")
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once_but_takes_a_single_text_that_fits(tiny_artifact):
-    config = BatcherConfig(max_queue_tokens=40, max_batch_tokens=40, max_batch_size=8)
+    config = BatcherConfig(max_queue_tokens=40, max_batch_tokens=40, max_batch_size=8, workers=1)
     model = GatedModel.open(tiny_artifact, config)
     ten_tokens = "one two three four five six seven eight"  # 8 words + [CLS] + [SEP]
     assert len(model.ids(ten_tokens)) == 10
@@ -274,7 +301,7 @@ def test_requests_above_the_message_size_limit_are_refused(tiny_artifact):
 
     async def scenario():
         async with (
-            running([model], max_message_bytes=1024) as server,
+            running([model], limits=RequestLimits(max_message_bytes=1024)) as server,
             AsyncEmbedClient(f"127.0.0.1:{server.port}") as c,
         ):
             with pytest.raises(grpc.RpcError) as info:

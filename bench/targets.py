@@ -1,0 +1,221 @@
+"""What `mrl-bench serve` sends requests to: a `Target` per kind of server, chosen by `KIND=ADDRESS`.
+
+A target connects once, embeds one request at a time (many in flight on one event loop), and
+closes. Adding a kind (an OpenAI-compatible HTTP server, say) is one class with those three
+methods and one line in `TARGET_KINDS`; the load generator, statistics and reports stay as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from mrl.runtime.errors import InvalidInputError
+
+TARGET_KINDS = ("mrl", "triton")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Reply:
+    """What one answered request reports: texts embedded, dims, and the server's own accounting where it gives any."""
+
+    texts: int
+    dims: int
+    tokens: int | None = None
+    queue_ms: float | None = None
+    inference_ms: float | None = None
+
+
+class TargetError(Exception):
+    """A request the server refused or could not answer; `code` is the protocol's status name."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+
+
+class Target(Protocol):
+    """One server under load."""
+
+    label: str
+
+    async def connect(self) -> None:
+        """Open the channel and learn what the server serves."""
+        ...
+
+    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+        """Embed one request's texts (dims None: the server's default); raise TargetError on failure."""
+        ...
+
+    async def close(self) -> None:
+        """Release the channel."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetSpec:
+    """Which server to load and how to reach it; plain data, so a worker process can rebuild the target."""
+
+    kind: str = "mrl"
+    address: str
+    model: str | None = None  # triton: the repository's model name prefix (NAME in NAME_dDIMS)
+    token: str | None = None  # mrl: bearer token
+    root_certificates: bytes | None = None  # mrl: TLS roots (PEM)
+
+    def __post_init__(self) -> None:
+        if self.kind not in TARGET_KINDS:
+            raise InvalidInputError(f"unknown target kind {self.kind!r}; choose from {', '.join(TARGET_KINDS)}")
+        check_target(self.address)
+        if self.kind == "triton" and not self.model:
+            raise InvalidInputError("a triton target needs the model name prefix: --triton-model NAME (NAME_dDIMS)")
+
+    @property
+    def label(self) -> str:
+        """How the target is named in tables and JSON."""
+        return f"{self.kind}={self.address}"
+
+
+def check_target(address: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 in brackets), refusing anything else: schemes, paths, lists, bad ports."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or "/" in address or "," in address or " " in address:
+        raise InvalidInputError(f"target must be HOST:PORT, such as 127.0.0.1:50051, not {address!r}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise InvalidInputError(f"an IPv6 target needs brackets: [::1]:50051, not {address!r}")
+    elif ":" in host:
+        raise InvalidInputError(f"an IPv6 target needs brackets: [::1]:50051, not {address!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInputError(f"target port must be within 1..65535, not {port!r}")
+    return host, int(port)
+
+
+def split_target(text: str) -> tuple[str, str]:
+    """`KIND=ADDRESS` (or a bare ADDRESS, which is an mrl-serve target) as (kind, address)."""
+    kind, sep, address = text.partition("=")
+    return (kind, address) if sep else ("mrl", text)
+
+
+def target_specs(
+    texts: Sequence[str], *, triton_model: str | None, token: str | None, root_certificates: bytes | None
+) -> tuple[TargetSpec, ...]:
+    """Specs from `--target [KIND=]ADDRESS` values; the token and TLS roots go to mrl targets, the model to triton's."""
+    specs = []
+    for text in texts:
+        kind, address = split_target(text)
+        if kind == "mrl":
+            specs.append(TargetSpec(kind=kind, address=address, token=token, root_certificates=root_certificates))
+        else:
+            specs.append(TargetSpec(kind=kind, address=address, model=triton_model))
+    return tuple(specs)
+
+
+def client_pythons(texts: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """`--client-python [KIND=]PYTHON` values as (kind, python) pairs; a bare PYTHON is for triton targets."""
+    pairs = []
+    for text in texts:
+        kind, sep, python = text.partition("=")
+        pairs.append((kind, python) if sep else ("triton", text))
+    return tuple(pairs)
+
+
+class MrlTarget:
+    """`mrl-serve` over gRPC (`mrl.v1.Embedder/Embed`), through the project's async client."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        self.label = spec.label
+        self._client = None
+
+    async def connect(self) -> None:
+        """Open the channel (it connects on the first call)."""
+        from mrl.serving.client import AsyncEmbedClient
+
+        self._client = AsyncEmbedClient(
+            self.spec.address, token=self.spec.token, root_certificates=self.spec.root_certificates
+        )
+
+    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+        """One Embed call."""
+        import grpc
+
+        try:
+            response = await self._client.embed_response(texts, dims=dims, timeout=timeout)
+        except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
+            code = e.code().name if callable(getattr(e, "code", None)) else "UNKNOWN"
+            raise TargetError(code) from None
+        return Reply(
+            texts=len(response.embeddings),
+            dims=response.dimensions,
+            tokens=response.usage.input_tokens,
+            queue_ms=response.timing.queue_ms,
+            inference_ms=response.timing.inference_ms,
+        )
+
+    async def close(self) -> None:
+        """Close the channel."""
+        if self._client is not None:
+            await self._client.close()
+
+
+def default_triton_dims(model_names: Sequence[str], prefix: str) -> list[int]:
+    """The dims a repository written by `mrl-export triton` serves, from its model names (PREFIX_dDIMS)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_d(\d+)$")
+    return sorted(int(m.group(1)) for name in model_names if (m := pattern.match(name)))
+
+
+class TritonTarget:
+    """Triton Inference Server over KServe v2 gRPC (`ModelInfer` on the ensemble PREFIX_dDIMS), through tritonclient."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
+        self.label = spec.label
+        self._client = None
+        self._default_dims = 0
+
+    async def connect(self) -> None:
+        """Open the channel and find the ensembles; requests without dims go to the largest, as in mrl-serve."""
+        try:
+            import tritonclient.grpc.aio as triton
+        except ImportError as e:
+            raise InvalidInputError(
+                f"the triton target needs tritonclient[grpc] ({e}): pass --client-python with the Python of an "
+                "environment that has it (scripts/setup_triton.sh makes .venv-triton)"
+            ) from None
+        self._client = triton.InferenceServerClient(self.spec.address)
+        index = await self._client.get_model_repository_index(as_json=True)
+        names = [m["name"] for m in index.get("models", []) if m.get("state", "READY") == "READY"]
+        dims = default_triton_dims(names, self.spec.model)
+        if not dims:
+            raise InvalidInputError(f"{self.spec.address} serves no ready {self.spec.model}_dDIMS model: {names}")
+        self._default_dims = dims[-1]
+
+    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+        """One ModelInfer call: TEXT (BYTES [n, 1]) in, EMBEDDING (FP32 [n, dims]) out."""
+        import numpy as np
+        import tritonclient.grpc as triton
+        from tritonclient.utils import InferenceServerException
+
+        want = dims or self._default_dims
+        data = np.array([[t.encode("utf-8")] for t in texts], dtype=np.object_)
+        text = triton.InferInput("TEXT", list(data.shape), "BYTES")
+        text.set_data_from_numpy(data)
+        try:
+            result = await self._client.infer(f"{self.spec.model}_d{want}", [text], client_timeout=timeout)
+        except InferenceServerException as e:
+            status = str(e.status() or "UNKNOWN")
+            raise TargetError(status.removeprefix("StatusCode."), e.message() or "") from None
+        rows = result.as_numpy("EMBEDDING")
+        return Reply(texts=int(rows.shape[0]), dims=int(rows.shape[1]))
+
+    async def close(self) -> None:
+        """Close the channel."""
+        if self._client is not None:
+            await self._client.close()
+
+
+def open_target(spec: TargetSpec) -> Target:
+    """The Target for a spec (not yet connected)."""
+    return MrlTarget(spec) if spec.kind == "mrl" else TritonTarget(spec)

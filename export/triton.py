@@ -1,0 +1,292 @@
+"""Write an artifact as a Triton Inference Server model repository: tokenizer, one encoder and one ensemble per dims."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from mrl.export.artifact import _prepare_output, _publish
+from mrl.export.errors import ExportError
+from mrl.export.triton_config import (
+    ENCODERS,
+    Batching,
+    EncoderSpec,
+    encoder_config,
+    ensemble_config,
+    tokenize_config,
+)
+from mrl.export.triton_readme import repository_readme
+from mrl.runtime.manifest import Engine, Manifest, Profile, load_manifest
+
+Progress = Callable[[str], None]
+VERSION = "1"  # Triton serves the newest numbered version directory of each model
+# The Python encoder's defaults, written out so they can be seen and edited: mrl-serve's batching policy.
+PYTHON_ENCODER_PARAMETERS = (("backend", "auto"), ("max_rows", "32"), ("max_padding", "0.1"))
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonOptions:
+    """What repository to write: which profiles, which encoder, how Triton batches and places them."""
+
+    name: str | None = None  # default: the manifest's name with anything but [A-Za-z0-9_.-] made "_"
+    dims: tuple[int, ...] = ()  # default: every dims the precision has
+    precision: str | None = None  # default: the manifest's first
+    encoder: str = "onnxruntime"
+    batching: Batching = field(default_factory=Batching)
+    prompt_name: str | None = None  # the prompt a request that names none gets (default: the manifest's)
+    truncate: bool = False  # what a request that does not say gets: over-long texts refused
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ExportError(f"unknown encoder {self.encoder!r}; choose from {', '.join(ENCODERS)}")
+        if self.name is not None and not _NAME.match(self.name):
+            raise ExportError(f"model name {self.name!r} must be letters, digits, '_', '.' or '-', such as minilm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """The repository to write, decided (and every refusal raised) before anything is written."""
+
+    manifest: Manifest
+    name: str
+    precision: str
+    profiles: tuple[Profile, ...]
+    engines: dict[str, tuple[Engine, ...]]  # profile name -> engines (TensorRT only)
+    tokenize_parameters: dict[str, str]
+    options: TritonOptions
+
+    @property
+    def tokenize_name(self) -> str:
+        """The tokenizer model's name."""
+        return f"{self.name}_tokenize"
+
+    def encode_name(self, dims: int) -> str:
+        """The encoder model's name for one dims."""
+        return f"{self.name}_encode_d{dims}"
+
+    def ensemble_name(self, dims: int) -> str:
+        """The ensemble's name for one dims: what clients call."""
+        return f"{self.name}_d{dims}"
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every model the repository holds."""
+        per_dims = [n for p in self.profiles for n in (self.encode_name(p.dims), self.ensemble_name(p.dims))]
+        return [self.tokenize_name, *per_dims]
+
+
+def default_name(manifest_name: str) -> str:
+    """A Triton-safe model name from the manifest's name."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", manifest_name).lstrip("_.-")
+    return name or "model"
+
+
+def _profiles(manifest: Manifest, precision: str, dims: Sequence[int]) -> tuple[Profile, ...]:
+    """The artifact's profile for each dims asked for; a missing one is refused, naming what exists."""
+    have = {p.dims: p for p in manifest.profiles if p.precision == precision}
+    if not have:
+        raise ExportError(f"the artifact has no {precision} profiles; it has: {', '.join(manifest.precisions)}")
+    wanted = sorted(set(dims)) if dims else sorted(have)
+    missing = [d for d in wanted if d not in have]
+    if missing:
+        names = ", ".join(p.name for p in manifest.profiles)
+        raise ExportError(
+            f"the artifact has no {precision} profile for dims {','.join(map(str, missing))} (it has {names}): "
+            f"export one with mrl-export --dims, or choose from the dims it has"
+        )
+    return tuple(have[d] for d in wanted)
+
+
+def _engines(manifest: Manifest, profiles: Sequence[Profile]) -> dict[str, tuple[Engine, ...]]:
+    """The newest engine per compute capability for each profile; a profile without any is refused."""
+    chosen: dict[str, tuple[Engine, ...]] = {}
+    for p in profiles:
+        newest: dict[str, Engine] = {}
+        for e in sorted((e for e in manifest.engines if e.profile == p.name), key=lambda e: e.built_at):
+            newest[e.compute_capability] = e
+        if not newest:
+            raise ExportError(
+                f"--encoder tensorrt needs TensorRT engines, and the artifact has none for {p.name}: run "
+                "`mrl-export build-engine ARTIFACT` on the serving GPU (same TensorRT as the Triton image) first, "
+                "or use --encoder onnxruntime"
+            )
+        chosen[p.name] = tuple(newest[cc] for cc in sorted(newest))
+    dtypes = {e.input_dtype for engines in chosen.values() for e in engines}
+    if len(dtypes) > 1:
+        raise ExportError(f"the engines take different token types ({', '.join(sorted(dtypes))}): rebuild them alike")
+    return chosen
+
+
+def _engine_limits(engines: Sequence[Engine]) -> tuple[int, int]:
+    """The largest batch and sequence length every engine accepts."""
+    batch = min(max(r.batch.max for r in e.shape_ranges) for e in engines)
+    seq = min(max(r.seq.max for r in e.shape_ranges) for e in engines)
+    return batch, seq
+
+
+def plan_repository(manifest: Manifest, options: TritonOptions) -> Plan:
+    """Decide every model and setting of the repository, refusing what cannot be served."""
+    precision = options.precision or manifest.precisions[0]
+    if precision not in manifest.precisions:
+        raise ExportError(f"the artifact has no {precision} profiles; it has: {', '.join(manifest.precisions)}")
+    profiles = _profiles(manifest, precision, options.dims)
+    prompt = options.prompt_name if options.prompt_name is not None else (manifest.default_prompt or "")
+    if prompt and prompt not in manifest.prompts:
+        known = ", ".join(sorted(manifest.prompts)) or "none"
+        raise ExportError(f"unknown prompt name {prompt!r}; this model's prompts: {known}")
+    max_length, ids_dtype, engines = manifest.tokenizer.max_length, "int64", {}
+    if options.encoder == "tensorrt":
+        engines = _engines(manifest, profiles)
+        every = [e for group in engines.values() for e in group]
+        batch, seq = _engine_limits(every)
+        if options.batching.max_batch_size > batch:
+            raise ExportError(
+                f"--max-batch-size {options.batching.max_batch_size} is above what the engines take ({batch}): "
+                f"use --max-batch-size {batch}, or rebuild the engines with a larger --batch"
+            )
+        max_length, ids_dtype = min(max_length, seq), every[0].input_dtype
+    parameters = {
+        "max_length": str(max_length),
+        "pad_token_id": str(manifest.tokenizer.pad_token_id),
+        "padding_side": manifest.tokenizer.padding_side,
+        "outputs": ",".join(manifest.tokenizer.inputs),
+        "ids_dtype": ids_dtype,
+        "prompts": json.dumps(manifest.prompts, sort_keys=True),
+        "default_prompt_name": prompt,
+        "truncate": "true" if options.truncate else "false",
+    }
+    return Plan(
+        manifest=manifest,
+        name=options.name or default_name(manifest.name),
+        precision=precision,
+        profiles=profiles,
+        engines=engines,
+        tokenize_parameters=parameters,
+        options=options,
+    )
+
+
+def _place(src: Path, dst: Path) -> None:
+    """Hard-link a file where the filesystem allows (weights can be large), else copy it."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _model_dir(root: Path, name: str, config: str) -> Path:
+    """Create `name/config.pbtxt` and the version directory; return the version directory."""
+    version = root / name / VERSION
+    version.mkdir(parents=True)
+    (root / name / "config.pbtxt").write_text(config)
+    return version
+
+
+def _write_encoder(plan: Plan, artifact: Path, root: Path, profile: Profile) -> None:
+    """One profile's encoder model in the chosen form."""
+    encoder, batching, inputs = plan.options.encoder, plan.options.batching, plan.manifest.tokenizer.inputs
+    plan_files: tuple[tuple[str, str], ...] = ()
+    preferred = None
+    if encoder == "tensorrt":
+        engines = plan.engines[profile.name]
+        plan_files = tuple((e.compute_capability, _plan_file(e)) for e in engines)
+        opts = {r.batch.opt for e in engines for r in e.shape_ranges if r.batch.opt < batching.max_batch_size}
+        preferred = (*sorted(opts), batching.max_batch_size)
+    spec = EncoderSpec(
+        encoder=encoder,
+        dims=profile.dims,
+        inputs=inputs,
+        ids_dtype=plan.tokenize_parameters["ids_dtype"],
+        plan_files=plan_files,
+        preferred=preferred,
+        parameters=PYTHON_ENCODER_PARAMETERS if encoder == "python" else (),
+    )
+    name = plan.encode_name(profile.dims)
+    version = _model_dir(root, name, encoder_config(name, spec, batching))
+    weights = [w for w in plan.manifest.weights if w.file == profile.weights]
+    if encoder == "onnxruntime":
+        _place(artifact / profile.file, version / "model.onnx")
+        for w in weights:  # the graph names its external weights file relative to itself
+            _place(artifact / w.file, version / w.file)
+    elif encoder == "tensorrt":
+        for engine, (_, filename) in zip(plan.engines[profile.name], plan_files, strict=True):
+            _place(artifact / engine.file, version / filename)
+    else:
+        (version / "model.py").write_text(_model_source("encode_model.py"))
+        sub = version / "artifact"
+        sub.mkdir()
+        cpu = [profile.ort_cpu.file, profile.ort_cpu.weights] if profile.ort_cpu else []  # the fused CPU graph
+        for name in dict.fromkeys([plan.manifest.tokenizer.file, profile.file, *(w.file for w in weights), *cpu]):
+            if name:
+                _place(artifact / name, sub / name)  # the tokenizer too: the manifest verifies it
+        _one_profile(plan.manifest, profile).save(sub)
+
+
+def _one_profile(manifest: Manifest, profile: Profile) -> Manifest:
+    """The manifest of an artifact holding only `profile` (its graph, weights, tokenizer and calibration)."""
+    calibration = manifest.calibration
+    if calibration is not None:
+        ranges = {k: v for k, v in calibration.ranges.items() if k == profile.name}
+        calibration = dataclasses.replace(calibration, ranges=ranges)
+    files = {profile.weights, profile.ort_cpu.weights if profile.ort_cpu else None}
+    weights = tuple(w for w in manifest.weights if w.file in files)
+    ort_cpu = tuple(c for c in manifest.ort_cpu if c.precision == profile.precision)
+    return dataclasses.replace(
+        manifest, profiles=(profile,), weights=weights, engines=(), calibration=calibration, ort_cpu=ort_cpu
+    )
+
+
+def _plan_file(engine: Engine) -> str:
+    """The engine's file name in the version directory, by compute capability (model-sm90.plan)."""
+    return f"model-sm{engine.compute_capability.replace('.', '')}.plan"
+
+
+def _model_source(filename: str) -> str:
+    return resources.files("mrl.export").joinpath("triton_models", filename).read_text(encoding="utf-8")
+
+
+def write_repository(artifact: Path, out: Path, options: TritonOptions, progress: Progress = lambda _: None) -> Plan:
+    """Write the Triton model repository for `artifact` to `out`, atomically; return what was written."""
+    artifact = Path(artifact)
+    progress(f"checking {artifact}")
+    plan = plan_repository(load_manifest(artifact), options)
+    out = Path(out).absolute()
+    tmp = _prepare_output(out, options.force)
+    try:
+        _write(plan, artifact, tmp, progress)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return plan
+
+
+def _write(plan: Plan, artifact: Path, root: Path, progress: Progress) -> None:
+    batching, inputs = plan.options.batching, plan.manifest.tokenizer.inputs
+    progress(f"writing {plan.tokenize_name}")
+    config = tokenize_config(plan.tokenize_name, batching, plan.tokenize_parameters, inputs)
+    version = _model_dir(root, plan.tokenize_name, config)
+    (version / "model.py").write_text(_model_source("tokenize_model.py"))
+    _place(artifact / plan.manifest.tokenizer.file, version / "tokenizer.json")
+    for profile in plan.profiles:
+        progress(f"writing {plan.encode_name(profile.dims)} and {plan.ensemble_name(profile.dims)}")
+        _write_encoder(plan, artifact, root, profile)
+        ensemble = ensemble_config(
+            plan.ensemble_name(profile.dims),
+            plan.tokenize_name,
+            plan.encode_name(profile.dims),
+            profile.dims,
+            inputs,
+            batching.max_batch_size,
+        )
+        _model_dir(root, plan.ensemble_name(profile.dims), ensemble)
+    (root / "README.md").write_text(repository_readme(plan))

@@ -1,0 +1,124 @@
+"""Memory soak of `mrl-serve`: does RSS come back to its steady level after huge requests?
+
+Starts `mrl-serve` on an artifact, brings it to its steady level with ordinary and max-length batches,
+then sends texts of 1, 4 and 15 MiB (and eight 1 MiB texts in one request), goes back to ordinary load,
+and compares RSS. Exit code 0 when the RSS after the huge requests is within --slack-mb of the steady
+level, 1 when not.
+
+    python scripts/soak_memory.py artifacts/minilm
+    python scripts/soak_memory.py artifacts/minilm --rounds 5 --slack-mb 16 -- --batch-workers 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from mrl.serving.client import AsyncEmbedClient
+
+TEXT = "the quick brown fox jumps over a lazy dog while wizards judge every boxing match"
+WORDS = TEXT.split()
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def sentences(n: int, seed: int, low: int, high: int) -> list[str]:
+    """`n` reproducible texts of `low`..`high` words."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) for _ in range(n)]
+
+
+def start_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
+    """`mrl-serve` on a free port; returns the process and its port once every model is warm."""
+    command = [sys.executable, "-m", "mrl.serving.cli", artifact, "--port", "0", *extra]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    found: dict[str, int] = {}
+    ready = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            if m := re.search(r"listening on [^:]+:(\d+)", line):
+                found["port"] = int(m.group(1))
+            if " serving " in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(300) or proc.poll() is not None or "port" not in found:
+        proc.kill()
+        raise SystemExit("mrl-serve did not start")
+    return proc, found["port"]
+
+
+async def ordinary_load(client: AsyncEmbedClient, seed: int) -> None:
+    """300 one-text requests, 32 at a time."""
+    texts = sentences(300, seed, 5, 30)
+    for start in range(0, len(texts), 32):
+        await asyncio.gather(*(client.embed([t], timeout=120) for t in texts[start : start + 32]))
+
+
+async def max_length_load(client: AsyncEmbedClient) -> None:
+    """Twenty requests of eight texts as long as the model reads (cut with truncate): the largest batches."""
+    texts = [" ".join(sentences(60, seed=i, low=5, high=30)) for i in range(8)]
+    for _ in range(20):
+        await client.embed(texts, truncate=True, timeout=120)
+
+
+async def soak(port: int, pid: int, rounds: int) -> list[tuple[str, float]]:
+    """Steady load, then huge requests, then steady load again; RSS after each phase."""
+    seen: list[tuple[str, float]] = []
+    async with AsyncEmbedClient(f"127.0.0.1:{port}") as client:
+        await ordinary_load(client, 1)
+        await max_length_load(client)
+        await ordinary_load(client, 2)
+        seen.append(("steady: ordinary and max-length batches", rss_mb(pid)))
+        for r in range(rounds):
+            for mib in (1, 4, 15):
+                await client.embed(["ten chars " * ((mib << 20) // 10)], truncate=True, timeout=600)
+                seen.append((f"round {r + 1}: after one {mib} MiB text", rss_mb(pid)))
+            await client.embed(["ten chars " * ((1 << 20) // 10)] * 8, truncate=True, timeout=600)
+            seen.append((f"round {r + 1}: after eight 1 MiB texts in one request", rss_mb(pid)))
+        await ordinary_load(client, 3)
+        time.sleep(1)
+        seen.append(("after ordinary load again", rss_mb(pid)))
+    return seen
+
+
+def main() -> int:
+    """Run the soak and print RSS per phase; exit 1 if memory did not come back."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("artifact", help="an artifact directory (mrl-export)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of huge requests (default 2)")
+    p.add_argument("--slack-mb", type=float, default=32.0, help="allowed RSS above steady (default 32)")
+    p.add_argument("serve_args", nargs="*", help="more mrl-serve flags, after --")
+    args = p.parse_args()
+    proc, port = start_server(args.artifact, args.serve_args)
+    try:
+        seen = asyncio.run(soak(port, proc.pid, args.rounds))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    steady, final = seen[0][1], seen[-1][1]
+    for phase, mb in seen:
+        print(f"{phase:<48} {mb:8.1f} MB  ({mb - steady:+.1f})")
+    ok = final <= steady + args.slack_mb
+    print(f"{'PASS' if ok else 'FAIL'}: {final - steady:+.1f} MB after the huge requests (slack {args.slack_mb} MB)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The transport-neutral serving core: models by name, request limits, lifecycle, readiness, request metrics.
+
+Front ends (gRPC in `grpc_service.py`, OpenAI-compatible HTTP in `http_service.py`) parse their wire
+format into an `EmbedQuery`, await `EmbedCore.embed`, and translate the result, or the error's
+`ErrorKind`, back into their own format. Requests from every front end share each model's batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from mrl.runtime.errors import InvalidInputError, NotFoundError, shorten
+from mrl.serving.config import RequestLimits
+from mrl.serving.errors import ErrorKind, classify
+from mrl.serving.metrics import ServerMetrics
+from mrl.serving.model import EmbedResult, ModelInfo, ServedModel
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_MODEL = "(unknown)"  # metrics label for names we do not serve: callers must not grow label sets
+DEADLINE_SLACK_S = 0.1
+"""A call cancelled this close to its deadline counts as expired: the caller's clock started before ours (it
+sent the call earlier than we received it), so its deadline fires, and it cancels, a little before ours."""
+
+
+class ServingState(enum.Enum):
+    """Where the server is in its life; only SERVING takes requests."""
+
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedQuery:
+    """One embed request as every front end hands it to the core (wire names already translated)."""
+
+    texts: Sequence[str]
+    model: str = ""
+    """Empty: the only model, when one is served."""
+    dims: int | None = None
+    """None: the model's default (its largest profile)."""
+    prompt_name: str | None = None
+    """None: the model's default prompt, if any."""
+    truncate: bool = False
+    deadline: float | None = None
+    """When the caller stops waiting, in the event loop's `time()` seconds; None: never."""
+    encoding: str = "float32"
+    """One of `mrl.runtime.encodings.ENCODINGS`; checked before tokenising."""
+
+
+ReadinessListener = Callable[[str, bool], Awaitable[None]]
+"""Called with ("", serving) for the whole server and (model name, serving) for each model."""
+
+
+def check_names(models: Sequence[ServedModel]) -> dict[str, ServedModel]:
+    """Models by name, refusing two models under one name."""
+    by_name: dict[str, ServedModel] = {}
+    for model in models:
+        if model.name in by_name:
+            raise ValueError(
+                f"two artifacts are both named {model.name!r}: give one another name with NAME=ARTIFACT_DIR"
+            )
+        by_name[model.name] = model
+    return by_name
+
+
+class EmbedCore:
+    """Serves a fixed set of models to any number of front ends."""
+
+    def __init__(self, models: Sequence[ServedModel], limits: RequestLimits, metrics: ServerMetrics) -> None:
+        if not models:
+            raise ValueError("serve at least one model")
+        self.models = check_names(models)
+        self.limits = limits
+        self.metrics = metrics
+        self.state = ServingState.STARTING
+        self._listeners: list[ReadinessListener] = []
+        self._in_flight = 0
+        self._started = 0  # requests ever started: tells a quiet moment from a busy one
+
+    @property
+    def serving(self) -> bool:
+        """Whether requests are taken now."""
+        return self.state is ServingState.SERVING
+
+    def add_listener(self, listener: ReadinessListener) -> None:
+        """Be told whenever the server or a model starts or stops serving (add before `start`)."""
+        self._listeners.append(listener)
+
+    async def _announce(self, name: str, serving: bool) -> None:
+        for listener in self._listeners:
+            await listener(name, serving)
+
+    def start(self) -> None:
+        """Start every model's batcher (from the event loop); requests are refused until `warmup` ends."""
+        for model in self.models.values():
+            self.metrics.ready.labels(model.name).set(0)
+            model.batcher.on_batch = self.metrics.batch_observer(model.name)
+            self.metrics.track_queue(
+                model.name, lambda m=model: m.batcher.queued_jobs, lambda m=model: m.batcher.queued_tokens
+            )
+            model.start()
+
+    async def warmup(self) -> None:
+        """Warm each model in turn, announcing each once warm, and the whole server once all are."""
+        for model in self.models.values():
+            await model.warmup()
+            self.metrics.ready.labels(model.name).set(1)
+            await self._announce(model.name, True)
+        self.state = ServingState.SERVING
+        await self._announce("", True)
+        log.info("serving %s", ", ".join(self.models))
+
+    async def drain(self) -> None:
+        """Report not-ready everywhere and run queued work at once; requests that still come are served.
+
+        Load balancers take a while to notice; a request that reaches a draining server is still answered,
+        so no caller sees an error for being late (`wait_idle` tells when the traffic has stopped).
+        """
+        if self.state in (ServingState.DRAINING, ServingState.STOPPED):
+            return
+        self.state = ServingState.DRAINING
+        for model in self.models.values():
+            model.hurry()
+            self.metrics.ready.labels(model.name).set(0)
+        await self._announce("", False)
+        for name in self.models:
+            await self._announce(name, False)
+
+    async def wait_idle(self, quiet: float, timeout: float) -> bool:
+        """Wait until no request has been in flight for `quiet` seconds; False if `timeout` came first."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while loop.time() < give_up:
+            started = self._started
+            if self._in_flight == 0:
+                await asyncio.sleep(min(quiet, max(0.0, give_up - loop.time())))
+                if self._in_flight == 0 and self._started == started:
+                    return True
+            else:
+                await asyncio.sleep(0.01)
+        return self._in_flight == 0
+
+    async def close(self) -> None:
+        """Finish queued work and release every model."""
+        await self.drain()
+        await asyncio.gather(*(m.close() for m in self.models.values()))
+        self.state = ServingState.STOPPED
+
+    def resolve(self, name: str) -> ServedModel:
+        """The model called `name`; an empty name means the only one, when one is served."""
+        if not name:
+            if len(self.models) == 1:
+                return next(iter(self.models.values()))
+            raise InvalidInputError(f"this server serves several models ({', '.join(self.models)}): set model")
+        model = self.models.get(name)
+        if model is None:
+            raise NotFoundError(f"no model named {shorten(name)}; this server serves: {', '.join(self.models)}")
+        return model
+
+    def model_infos(self) -> list[ModelInfo]:
+        """What every served model offers, in the order given."""
+        return [m.info() for m in self.models.values()]
+
+    def check_limits(self, query: EmbedQuery) -> None:
+        """Refuse requests over the server's per-request limits."""
+        limit = self.limits.max_inputs_per_request
+        if len(query.texts) > limit:
+            raise InvalidInputError(
+                f"{len(query.texts)} inputs in one request; this server takes at most {limit}: split the request"
+            )
+
+    async def embed(self, query: EmbedQuery, transport: str) -> tuple[ServedModel, EmbedResult]:
+        """Run one request through its model's batcher; counts it in the metrics under `transport`."""
+        start = time.perf_counter()
+        label, kind = UNKNOWN_MODEL, ErrorKind.OK
+        try:
+            model = self.resolve(query.model)
+            label = model.name
+            self.check_limits(query)
+            self.metrics.in_flight.labels(label).inc()
+            self._in_flight += 1
+            self._started += 1
+            try:
+                result = await model.embed(
+                    query.texts,
+                    dims=query.dims,
+                    prompt_name=query.prompt_name,
+                    truncate=query.truncate,
+                    deadline=query.deadline,
+                    encoding=query.encoding,
+                )
+            finally:
+                self._in_flight -= 1
+                self.metrics.in_flight.labels(label).dec()
+        except asyncio.CancelledError:
+            # Front ends cancel the call when the caller goes away or its deadline passes.
+            now = asyncio.get_running_loop().time()
+            expired = query.deadline is not None and now >= query.deadline - DEADLINE_SLACK_S
+            kind = ErrorKind.DEADLINE_EXCEEDED if expired else ErrorKind.CANCELLED
+            raise
+        except Exception as e:
+            kind = classify(e)
+            if kind is ErrorKind.INTERNAL:
+                log.exception("embed on model %s failed", label)
+            raise
+        finally:
+            self.metrics.requests.labels(label, transport, kind.value).inc()
+            if kind is ErrorKind.OK:
+                self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+        return model, result

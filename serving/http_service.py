@@ -1,0 +1,180 @@
+"""The OpenAI-compatible HTTP front end: aiohttp on the server's own event loop (the one grpc.aio runs on),
+so HTTP and gRPC requests share each model's batches.
+
+Thin on purpose: read the body, let `openai_protocol` parse it into an `EmbedQuery`, call the core, write
+the result or the error back. Routes: POST /v1/embeddings, GET /v1/models[/NAME], GET /health and, when
+asked, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from mrl.runtime.errors import shorten
+from mrl.serving.auth import token_matches
+from mrl.serving.config import ServerConfig
+from mrl.serving.core import EmbedCore, EmbedQuery
+from mrl.serving.errors import ErrorKind, RequestExpiredError, RequestTooLargeError
+from mrl.serving.model import EmbedResult, ServedModel
+from mrl.serving.openai_protocol import (
+    ProtocolError,
+    embeddings_response,
+    error_reply,
+    error_response,
+    model_entry,
+    models_response,
+    parse_embeddings_request,
+)
+
+log = logging.getLogger(__name__)
+
+TRANSPORT = "http"
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+"""Probes and scrapers need no token, as on gRPC's health service."""
+TIMEOUT_HEADER = "X-Request-Timeout"
+"""Seconds the caller will wait; past them the request is dropped and answered 504 (gRPC has its deadline)."""
+ROUTES = "POST /v1/embeddings, GET /v1/models, GET /v1/models/NAME, GET /health"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_reply(status: int, headers: dict[str, str], body: bytes) -> web.Response:
+    """A JSON response."""
+    return web.Response(status=status, headers=headers, body=body, content_type="application/json")
+
+
+def request_timeout(value: str | None) -> float | None:
+    """The X-Request-Timeout header in seconds (None: none given)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < float("inf"):
+        raise ProtocolError(f"{TIMEOUT_HEADER} must be a positive number of seconds like 5, not {shorten(value)}")
+    return seconds
+
+
+class HttpFrontEnd:
+    """An aiohttp server over the core: OpenAI embeddings and models, health, optional metrics, auth, TLS."""
+
+    def __init__(self, core: EmbedCore, config: ServerConfig) -> None:
+        self._core = core
+        self._config = config
+        self.port: int | None = None
+        self._runner: web.AppRunner | None = None
+        self._created = int(time.time())
+
+    def app(self) -> web.Application:
+        """The aiohttp application: routes, auth and JSON errors for everything."""
+        app = web.Application(client_max_size=self._config.limits.max_message_bytes, middlewares=[self._guard])
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{name}", self.model)
+        app.router.add_get("/health", self.health)
+        if self._config.http_metrics:
+            app.router.add_get("/metrics", self.metrics)
+        return app
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Bearer-token check, and OpenAI-shaped JSON for routing errors (404, 405) too."""
+        if not self._authorized(request):
+            route = request.match_info.route.resource
+            self._core.metrics.auth_denied.labels(route.canonical if route else "(unknown)").inc()
+            message = "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"
+            return json_reply(*error_reply(ErrorKind.UNAUTHENTICATED, message))
+        try:
+            return await handler(request)
+        except web.HTTPMethodNotAllowed as e:
+            _, headers, body = error_reply(
+                ErrorKind.INVALID_ARGUMENT, f"{request.method} is not allowed on {shorten(request.path)}: use {ROUTES}"
+            )
+            return json_reply(405, {**headers, "Allow": ",".join(sorted(e.allowed_methods))}, body)
+        except web.HTTPNotFound:
+            return json_reply(*error_reply(ErrorKind.NOT_FOUND, f"no route {shorten(request.path)}: use {ROUTES}"))
+
+    def _authorized(self, request: web.Request) -> bool:
+        token = self._config.auth_token
+        if token is None or request.path in OPEN_PATHS:
+            return True
+        return token_matches((("authorization", request.headers.get("Authorization", "")),), token)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """POST /v1/embeddings."""
+        try:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                limit = self._config.limits.max_message_bytes
+                raise RequestTooLargeError(
+                    f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
+                ) from None
+            timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
+            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+            parsed = parse_embeddings_request(body, deadline=deadline)
+            model, result = await self._embed(parsed.query, timeout)
+        except Exception as e:
+            return json_reply(*error_response(e))
+        return json_reply(200, {}, embeddings_response(result, model.name, as_base64=parsed.base64))
+
+    async def _embed(self, query: EmbedQuery, timeout: float | None) -> tuple[ServedModel, EmbedResult]:
+        """The core's answer, bounded by the caller's timeout."""
+        try:
+            return await asyncio.wait_for(self._core.embed(query, TRANSPORT), timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise RequestExpiredError(f"the request's {TIMEOUT_HEADER} passed before it was answered") from None
+
+    async def models(self, request: web.Request) -> web.Response:
+        """GET /v1/models."""
+        return json_reply(200, {}, models_response(self._core.model_infos(), self._created))
+
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/NAME."""
+        try:
+            info = self._core.resolve(request.match_info["name"]).info()
+        except Exception as e:
+            return json_reply(*error_response(e))
+        return json_reply(200, {}, orjson.dumps(model_entry(info, self._created)))
+
+    async def health(self, request: web.Request) -> web.Response:
+        """GET /health: 200 only while serving; 503 while warming up or draining."""
+        ready = {name: m.ready for name, m in self._core.models.items()}
+        body = orjson.dumps({"status": self._core.state.value, "models": ready})
+        return json_reply(200 if self._core.serving else 503, {}, body)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """GET /metrics: Prometheus text format."""
+        body = generate_latest(self._core.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def start(self) -> int:
+        """Listen on the configured host and HTTP port; returns the bound port."""
+        host, port = self._config.host, self._config.http_port
+        # shutdown_timeout: what calls still running when the drain's grace ran out get before being cancelled.
+        runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
+        await runner.setup()
+        context = None if self._config.tls is None else self._config.tls.ssl_context()
+        site = web.TCPSite(runner, host, port, ssl_context=context, reuse_port=False)
+        try:
+            await site.start()
+        except OSError as e:
+            await runner.cleanup()
+            raise OSError(f"cannot listen on {host}:{port} for HTTP ({e.strerror}): is the port in use?") from None
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        log.info("OpenAI-compatible HTTP on %s://%s:%d", "https" if context else "http", host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop)."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,113 @@
+"""What the benchmarks ask of the runtime: the thread count whatever `auto` picks, the device each row ran on,
+and the baseline's own device memory."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import mrl.runtime.embedder as embedder_module
+from mrl.bench import serve, tradeoff
+from mrl.bench.engine import engine_table
+from mrl.bench.runners import EmbedderRunner, SentenceTransformerRunner
+from mrl.runtime.embedder import Embedder
+
+
+def _session_threads(embedder: Embedder) -> set[int]:
+    return {embedder.backend_for(p)._session.get_session_options().intra_op_num_threads for p in embedder.profiles}
+
+
+def test_engine_runner_passes_threads_when_auto_picks_onnxruntime(tiny_artifact):
+    runner = EmbedderRunner(tiny_artifact, "auto", "fp32", threads=1)
+    try:
+        assert runner.backend == "onnxruntime-cpu"  # what auto picks on a machine without a GPU
+        assert _session_threads(runner.embedder) == {1}
+        assert runner.device == "cpu"
+    finally:
+        runner.close()
+
+
+def test_tradeoff_passes_threads_when_auto_picks_onnxruntime(tiny_artifact):
+    config = tradeoff.TradeoffConfig(artifact=tiny_artifact, corpus=tuple(f"text {i}" for i in range(20)), threads=1)
+    embedder = tradeoff._load(config, "fp32")
+    try:
+        embedder.warmup()
+        assert _session_threads(embedder) == {1}
+    finally:
+        embedder.close()
+
+
+def test_serve_offline_rate_passes_threads_to_auto(tiny_artifact, monkeypatch):
+    seen = []
+    original = Embedder.load.__func__
+
+    def load(cls, *args, **kwargs):
+        embedder = original(cls, *args, **kwargs)
+        seen.append((args[1], kwargs, embedder))
+        return embedder
+
+    monkeypatch.setattr(Embedder, "load", classmethod(load))
+    row = serve.offline_throughput(tiny_artifact, ["one text", "two texts"], precision=None, threads=1, min_seconds=0)
+    assert row["texts_per_s"] > 0
+    ((backend, kwargs, _),) = seen
+    assert backend == "auto" and kwargs["intra_op_threads"] == 1
+
+
+class GpuLikeBackend:
+    """A backend that says it runs on CUDA, as the tensorrt and torch-on-CUDA backends do."""
+
+    name, device = "tensorrt", "cuda"
+
+    def __init__(self, profile):
+        self.dims = profile.dims
+        self.providers = ["TensorRT 10.16.1 on CUDA device 0"]
+
+    def run(self, feed):
+        rows = np.ones((len(feed["input_ids"]), self.dims), dtype=np.float32)
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    def warmup(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_rows_say_cuda_where_the_backend_runs_on_cuda_even_when_auto_chose_it(tiny_artifact, monkeypatch):
+    monkeypatch.setattr(
+        embedder_module, "create_backend", lambda name, d, m, profile, **options: GpuLikeBackend(profile)
+    )
+    runner = EmbedderRunner(tiny_artifact, "auto", "fp32", threads=1)
+    assert runner.device == "cuda"
+    row = {
+        "backend": runner.backend, "precision": "fp32", "device": runner.device, "dims": 8, "batch_size": 1,
+        "seq_len": 16, "tokens_per_text": 16.0, "latency": {"p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0},
+        "texts_per_s": 1.0, "tokens_per_s": 16.0, "flops_per_s": None, "fraction_of_peak": None, "peak_rss_mib": 1.0,
+    }  # fmt: skip
+    assert "| onnxruntime-cpu (cuda) |" in engine_table([row]).replace("  ", " ")
+
+
+class FakeCudaTorch:
+    """torch.cuda's memory counters, driven by the test."""
+
+    def __init__(self):
+        self.allocated = self.peak = 0
+        self.cuda = SimpleNamespace(
+            memory_allocated=lambda: self.allocated,
+            max_memory_allocated=lambda: self.peak,
+            reset_peak_memory_stats=lambda: setattr(self, "peak", self.allocated),
+        )
+
+
+@pytest.mark.parametrize("others_mib", [0, 300])
+def test_the_baselines_device_peak_leaves_out_the_other_models_on_the_gpu(others_mib):
+    torch = FakeCudaTorch()
+    runner = SentenceTransformerRunner.__new__(SentenceTransformerRunner)
+    runner._torch, runner.device = torch, "cuda"
+    runner._own_bytes, runner._others_bytes = 100 * 2**20, 0  # its weights, as measured at load
+    torch.allocated = (100 + others_mib) * 2**20  # the fp32 and the fp16 baseline are both loaded
+    runner.reset_device_peak()
+    torch.peak = torch.allocated + 150 * 2**20  # activations while it runs
+    assert runner.device_peak_mib() == pytest.approx(250)

@@ -1,0 +1,187 @@
+"""The OpenAI protocol's pure functions: request parsing, output encodings, responses, the error table."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from mrl.serving.errors import ErrorKind, NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
+from mrl.serving.model import EmbedResult, ModelInfo, ProfileInfo
+from mrl.serving.openai_protocol import (
+    HTTP_STATUS,
+    ProtocolError,
+    embeddings_response,
+    error_response,
+    models_response,
+    output_encoding,
+    parse_embeddings_request,
+)
+
+
+def parse(**fields):
+    return parse_embeddings_request(json.dumps(fields).encode(), deadline=12.5)
+
+
+def test_a_full_request_becomes_the_cores_query():
+    parsed = parse(
+        input=["a", "b"],
+        model="m",
+        dimensions=64,
+        encoding_format="int8",
+        user="u-1",
+        prompt_name="query",
+        truncate=True,
+    )
+    q = parsed.query
+    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.deadline) == (
+        ["a", "b"],
+        "m",
+        64,
+        "query",
+        True,
+        12.5,
+    )
+    assert q.encoding == "int8" and not parsed.base64
+
+
+def test_defaults_and_nulls_mean_the_servers_defaults():
+    q = parse(input="one text").query
+    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.encoding) == (
+        ["one text"],
+        "",
+        None,
+        None,
+        False,
+        "float32",
+    )
+    nulls = parse(input="x", model=None, dimensions=None, encoding_format=None, prompt_name=None, truncate=None).query
+    assert (nulls.model, nulls.dims, nulls.encoding) == ("", None, "float32")
+
+
+@pytest.mark.parametrize(
+    ("encoding_format", "output_dtype", "expected"),
+    [
+        (None, None, ("float32", False)),
+        ("float", None, ("float32", False)),
+        ("float", "float32", ("float32", False)),
+        ("base64", None, ("float32", True)),  # OpenAI's meaning: float32 bytes
+        ("base64", "float", ("float32", True)),
+        ("base64", "int8", ("int8", True)),
+        ("base64", "ubinary", ("ubinary", True)),
+        ("int8", None, ("int8", False)),
+        ("binary", "binary", ("binary", False)),
+        ("float16", None, ("float16", False)),
+        (None, "uint8", ("uint8", False)),
+    ],
+)
+def test_output_encoding(encoding_format, output_dtype, expected):
+    assert output_encoding(encoding_format, output_dtype) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "words"),
+    [
+        (b"{not json", None, "not valid JSON"),
+        (b"\xff\xfe", None, "not valid JSON"),
+        (b"[1, 2]", None, "must be a JSON object"),
+        (b"{}", "input", "input is missing"),
+        (b'{"input": 12}', "input", "string or a list of strings, not a number"),
+        (b'{"input": []}', "input", "at least one text"),
+        (b'{"input": [1, 2, 3]}', "input", "token-id arrays are not supported"),
+        (b'{"input": [[1, 2], [3]]}', "input", "token-id arrays are not supported"),
+        (b'{"input": ["a", null]}', "input", "input[1] must be a string, not null"),
+        (b'{"input": "a", "dimensions": "128"}', "dimensions", "whole number like 256"),
+        (b'{"input": "a", "dimensions": 12.5}', "dimensions", "whole number"),
+        (b'{"input": "a", "dimensions": true}', "dimensions", "whole number"),
+        (b'{"input": "a", "dimensions": 0}', "dimensions", "at least 1"),
+        (b'{"input": "a", "model": 7}', "model", "model must be a string, not a number"),
+        (b'{"input": "a", "truncate": "yes"}', "truncate", "true or false"),
+        (b'{"input": "a", "user": {"id": 1}}', "user", "user must be a string, not an object"),
+        (b'{"input": "a", "prompt_name": ["q"]}', "prompt_name", "a string, not a list"),
+        (b'{"input": "a", "encoding_format": "bf16"}', "encoding_format", "choose from float, base64, float16"),
+        (b'{"input": "a", "encoding_format": 3}', "encoding_format", "a string"),
+        (b'{"input": "a", "output_dtype": "int4"}', "output_dtype", "choose from float, float32"),
+        (b'{"input": "a", "encoding_format": "float", "output_dtype": "int8"}', "output_dtype", "float32 numbers"),
+        (b'{"input": "a", "encoding_format": "int8", "output_dtype": "uint8"}', "output_dtype", "disagree"),
+        (b'{"input": "a", "dimension": 64}', "dimension", "unknown field 'dimension'; this endpoint takes input"),
+    ],
+)
+def test_bad_bodies_say_what_to_fix(body, param, words):
+    with pytest.raises(ProtocolError) as info:
+        parse_embeddings_request(body)
+    assert info.value.param == param and words in str(info.value)
+    status, _, reply = error_response(info.value)
+    error = json.loads(reply)["error"]
+    assert status == 400 and error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_echoed_values_are_cut_short():
+    with pytest.raises(ProtocolError) as info:
+        parse_embeddings_request(json.dumps({"input": "a", "x" * 5000: 1}).encode())
+    assert len(str(info.value)) < 400 and len(info.value.param) == 100
+
+
+def result(vectors, encoding, dims):
+    return EmbedResult(
+        vectors=vectors, dims=dims, encoding=encoding, input_tokens=7, queue_seconds=0.0, inference_seconds=0.0
+    )
+
+
+def test_float_and_base64_responses_in_openais_shape():
+    vectors = np.array([[0.1, -0.5, 0.25], [1.0, 0.0, -1.0]], dtype=np.float32)
+    plain = json.loads(embeddings_response(result(vectors, "float32", 3), "m", as_base64=False))
+    assert plain["object"] == "list" and plain["model"] == "m"
+    assert plain["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+    assert [(d["object"], d["index"]) for d in plain["data"]] == [("embedding", 0), ("embedding", 1)]
+    np.testing.assert_array_equal(np.array([d["embedding"] for d in plain["data"]], dtype=np.float32), vectors)
+    b64 = json.loads(embeddings_response(result(vectors, "float32", 3), "m", as_base64=True))
+    rows = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64["data"]]
+    np.testing.assert_array_equal(np.stack(rows), vectors)
+    assert (b64["dimensions"], b64["output_dtype"]) == (3, "float32")
+
+
+def test_integer_encodings_are_json_integers_or_their_bytes():
+    codes = np.array([[-128, 0, 127], [5, -6, 7]], dtype=np.int8)
+    plain = json.loads(embeddings_response(result(codes, "int8", 3), "m", as_base64=False))
+    assert [d["embedding"] for d in plain["data"]] == codes.tolist() and plain["output_dtype"] == "int8"
+    b64 = json.loads(embeddings_response(result(codes, "int8", 3), "m", as_base64=True))
+    assert base64.b64decode(b64["data"][0]["embedding"]) == codes[0].tobytes()
+
+
+def test_models_list_in_openais_shape_with_extra_fields():
+    info = ModelInfo(
+        name="minilm", full_dims=384, default_dims=256, trained_dims=(256, 128), max_input_tokens=256,
+        profiles=(ProfileInfo(name="d256-fp32", dims=256, precision="fp32"),), prompts={"query": "q: "},
+        default_prompt=None, precision="fp32", ready=True, encodings=("float32", "int8"),
+    )  # fmt: skip
+    (entry,) = json.loads(models_response([info], 1700000000))["data"]
+    assert (entry["id"], entry["object"], entry["created"], entry["owned_by"]) == (
+        "minilm", "model", 1700000000, "mrl-toolkit",
+    )  # fmt: skip
+    assert entry["trained_dimensions"] == [256, 128] and entry["prompts"] == {"query": "q: "}
+    assert entry["profiles"] == [{"name": "d256-fp32", "dimensions": 256, "precision": "fp32"}]
+    assert entry["encodings"] == ["float32", "int8"] and entry["default_dimensions"] == 256
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "retry_after"),
+    [
+        (QueueFullError("q"), 429, "1"),
+        (NotReadyError("w"), 503, "1"),
+        (RequestTooLargeError("t"), 413, None),
+        (RequestExpiredError("d"), 504, None),
+        (RuntimeError("secret detail"), 500, None),
+    ],
+)
+def test_error_table(error, status, retry_after):
+    got, headers, body = error_response(error)
+    assert got == status and headers.get("Retry-After") == retry_after
+    assert "secret" not in body.decode()
+    assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
+
+def test_every_error_kind_has_an_http_status():
+    assert set(HTTP_STATUS) == set(ErrorKind) - {ErrorKind.OK}
