@@ -27,6 +27,7 @@ examples:
       --client-python .venv-triton/bin/python --concurrency 1,64   # mrl-serve and Triton, same run
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
   mrl-bench engine artifacts/minilm-2d --layers 3,6 --dims 256 --batch-sizes 1,32   # layer-cut profiles' speed
+  mrl-bench memory artifacts/minilm --precision fp32,int8   # RSS as 1, 2, 3, ... dims profiles are served
   mrl-bench corpus chatterbot --out data/chatterbot   # real offline texts: corpus, pairs, request texts
   mrl-bench --compare before.json after.json
 
@@ -52,6 +53,15 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _variant(text: str) -> Any:
+    from mrl.bench.runners import parse_variant
+
+    try:
+        return parse_variant(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _positive_float(text: str) -> float:
@@ -86,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine(sub)
     _add_serve(sub)
     _add_tradeoff(sub)
+    _add_memory(sub)
     _add_corpus(sub)
     return parser
 
@@ -99,7 +110,23 @@ def _add_engine(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    e.add_argument(
+        "--also",
+        action="append",
+        type=Path,
+        metavar="ARTIFACT",
+        help="another export of the same model to time in the same run (rows tagged with its folder name)",
+    )
     e.add_argument("--backends", type=_names, default=("onnxruntime",), help="runtime backends (default onnxruntime)")
+    e.add_argument(
+        "--variant",
+        action="append",
+        type=_variant,
+        metavar="NAME:KEY=VALUE,...",
+        help="run each backend x precision once per variant, with these backend options (onnxruntime: graph=auto|"
+        "optimized|portable, disabled_optimizers=A+B or empty; torch: dtype=fp32|fp16|bf16); repeatable, "
+        "e.g. --variant fused:graph=optimized",
+    )
     e.add_argument("--precision", type=_names, help="precisions to run (default: all the artifact has)")
     e.add_argument("--dims", type=_ints, help="dims to run (default: all served)")
     e.add_argument("--layers", type=_ints, help="depths to run, 3,6 (default: all served; the model's total is full)")
@@ -201,6 +228,27 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
     _common(t, "mrl-bench-tradeoff.json")
 
 
+def _add_memory(sub: argparse._SubParsersAction) -> None:
+    """The `mrl-bench memory` flags."""
+    m = sub.add_parser(
+        "memory",
+        help="resident memory per added dims profile, per way of holding the weights",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("artifact", type=Path, metavar="ARTIFACT")
+    m.add_argument("--precision", type=_names, help="precisions (default: all the artifact has)")
+    m.add_argument(
+        "--strategies",
+        type=_names,
+        default=("embedder", "sessions", "shared"),
+        help="embedder (the runtime), sessions (one per profile), shared (one per profile, shared initializers)",
+    )
+    m.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    m.add_argument("--repeats", type=int, default=10, help="timed batches per profile (default 10)")
+    _common(m, "mrl-bench-memory.json")
+
+
 def _add_corpus(sub: argparse._SubParsersAction) -> None:
     """The `mrl-bench corpus` flags."""
     c = sub.add_parser("corpus", help="write real offline benchmark texts (chatterbot-corpus)")
@@ -229,7 +277,9 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
 
     config = EngineConfig(
         artifact=args.artifact,
+        also=tuple(args.also or ()),
         backends=args.backends,
+        variants=tuple(args.variant or ()),
         precisions=args.precision,
         dims=args.dims,
         layers=args.layers,
@@ -246,7 +296,12 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
         ceiling=not args.no_ceiling,
     )
     rows, extra = run_engine(config, progress)
-    settings = {**vars(args), "texts": None if args.texts is None else str(args.texts)}
+    settings = {
+        **vars(args),
+        "texts": None if args.texts is None else str(args.texts),
+        "variant": [{"name": v.name, "options": v.options} for v in args.variant or ()],
+        "also": [str(a) for a in args.also or ()],
+    }
     peaks = "; ".join(
         f"{p['device']} {p['dtype']} {p['flops_per_s'] / 1e9:,.0f} GFLOP/s ({p['via']})" for p in extra.get("peaks", [])
     )
@@ -329,6 +384,22 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
     ) + "\n".join(lines)
 
 
+def _run_memory(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
+    from mrl.bench.footprint import MemoryConfig, memory_table, run_memory
+
+    config = MemoryConfig(
+        artifact=args.artifact,
+        precisions=args.precision,
+        strategies=args.strategies,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        threads=args.threads,
+    )
+    rows, extra = run_memory(config, progress)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, memory_table(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mrl-bench`."""
     argv = sys.argv[1:] if argv is None else argv
@@ -337,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         return _compare(*args.compare)
     if args.command is None:
-        parser.error("name a command (engine, serve, tradeoff, corpus) or use --compare A.json B.json")
+        parser.error("name a command (engine, serve, tradeoff, memory, corpus) or use --compare A.json B.json")
     _quiet_libraries(args.verbose if hasattr(args, "verbose") else False)
     start = time.monotonic()
 
@@ -345,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, "quiet", False):
             print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    runners = {"engine": _run_engine, "serve": _run_serve, "tradeoff": _run_tradeoff}
+    runners = {"engine": _run_engine, "serve": _run_serve, "tradeoff": _run_tradeoff, "memory": _run_memory}
     try:
         if args.command == "corpus":
             return _corpus(args)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +19,7 @@ from mrl.bench.runners import (
     EmbedderRunner,
     Runner,
     SentenceTransformerRunner,
+    Variant,
     cuda_available,
     plan_baseline,
     torch_present,
@@ -36,7 +38,9 @@ class EngineConfig:
     """What `mrl-bench engine` measures and how often."""
 
     artifact: Path
+    also: tuple[Path, ...] = ()  # other artifacts of the same model, timed beside it (e.g. an earlier export)
     backends: tuple[str, ...] = ("onnxruntime",)
+    variants: tuple[Variant, ...] = ()  # each backend x precision once per variant (none: once, as configured)
     precisions: tuple[str, ...] | None = None  # None: every precision the artifact has
     dims: tuple[int, ...] | None = None  # None: every dims it serves
     layers: tuple[int, ...] | None = None  # None: every depth it serves (the model's total is full depth)
@@ -160,12 +164,18 @@ def load_runners(config: EngineConfig, manifest: Manifest, progress: Progress) -
     progress(f"baseline: {plan.reason}")
     runners: list[Runner] = []
     load_mib: dict[str, float | None] = {}
-    makers: list[Callable[[], Runner]] = [
-        (lambda b=b, p=p, n=n: EmbedderRunner(config.artifact, b, p, config.threads, n))
-        for n in depths
-        for b in config.backends
-        for p in precisions
-    ]
+    makers: list[Callable[[], Runner]] = []
+    for artifact in (config.artifact, *config.also):
+        tag = "" if artifact == config.artifact else artifact.name
+        other = load_manifest(artifact, verify=False)
+        for n, b, p, v in itertools.product(depths, config.backends, precisions, config.variants or (None,)):
+            why_not = variant_skipped(v, other, p)
+            if why_not:
+                progress(f"skipping {tag or artifact.name} {p} [{v.name if v else ''}]: {why_not}")
+                continue
+            makers.append(
+                lambda a=artifact, b=b, p=p, n=n, v=v, t=tag: EmbedderRunner(a, b, p, config.threads, n, v, t)
+            )
     makers += [
         (lambda p=p: SentenceTransformerRunner(manifest.source["path"], plan.device, p, config.threads))
         for p in plan.precisions
@@ -178,6 +188,15 @@ def load_runners(config: EngineConfig, manifest: Manifest, progress: Progress) -
         progress(f"loaded {runner.label} on {', '.join(runner.providers)}")
         runners.append(runner)
     return runners, {"baseline": dataclasses.asdict(plan), "load_rss_mib": load_mib}
+
+
+def variant_skipped(variant: Variant | None, manifest: Manifest, precision: str) -> str | None:
+    """Why a variant cannot run on an artifact's precision (it asks for graphs the artifact lacks), else None."""
+    if variant is None or variant.options.get("graph") != "optimized":
+        return None
+    if any(p.ort_cpu is None for p in manifest.profiles if p.precision == precision):
+        return "the artifact has no ONNX Runtime CPU graphs for it"
+    return None
 
 
 def measure_peaks(baseline_device: str | None, threads: int, progress: Progress) -> dict[tuple[str, str], flops.Peak]:
@@ -230,6 +249,7 @@ def build_row(
     achieved = None if flops_per_token is None else flops_per_token * tokens_per_s
     return {
         "backend": runner.backend,
+        "variant": runner.variant,
         "precision": runner.precision,
         "device": runner.device,
         "providers": runner.providers,
@@ -363,7 +383,9 @@ def engine_table(rows: Sequence[dict[str, Any]]) -> str:
         lat, sp, cos = r["latency"], r.get("speedup") or {}, r.get("cosine_vs_reference") or {}
         body.append(
             [
-                r["backend"] + ("" if r["device"] == "cpu" else f" ({r['device']})"),
+                r["backend"]
+                + (f" [{r['variant']}]" if r.get("variant") else "")
+                + ("" if r["device"] == "cpu" else f" ({r['device']})"),
                 r["precision"],
                 r.get("layers") or "all",
                 r["dims"],

@@ -31,7 +31,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "engine": Kind(
-        key=("backend", "precision", "dims", "batch_size", "seq_len"),
+        key=("backend", "variant", "precision", "dims", "batch_size", "seq_len"),
         required=(
             "backend",
             "precision",
@@ -66,6 +66,11 @@ KINDS: dict[str, Kind] = {
             "encode_ms_per_text",
         ),
         compare=("recall_at_10", "mrr_at_10", "encode_ms_per_text"),
+    ),
+    "memory": Kind(
+        key=("strategy", "precision", "profiles"),
+        required=("strategy", "precision", "profiles", "dims", "rss_mib", "added_mib", "weights_mib", "s"),
+        compare=("rss_mib", "added_mib"),
     ),
 }
 LATENCY_KEYS = ("n", "mean_ms", "p50_ms", "p90_ms", "p99_ms")
@@ -195,17 +200,19 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     if a["kind"] != b["kind"]:
         raise ReportError(f"cannot compare a {a['kind']} report with a {b['kind']} report")
     kind = KINDS[a["kind"]]
-    rows_b = {tuple(r.get(k) for k in kind.key): r for r in b["results"]}
-    headers = [*kind.key]
+    # Key columns no row of either report sets (e.g. `variant` in reports written before it existed) are left out.
+    key = [k for k in kind.key if any(k in r for r in [*a["results"], *b["results"]])]
+    rows_b = {tuple(r.get(k) for k in key): r for r in b["results"]}
+    headers = [*key]
     for m in kind.compare:
         headers += [f"{m} A", f"{m} B", "B/A"]
     rows = []
     seen = set()
     for ra in a["results"]:
-        key = tuple(ra.get(k) for k in kind.key)
-        seen.add(key)
-        rb = rows_b.get(key, {})
-        cells: list[Any] = list(key)
+        row_key = tuple(ra.get(k) for k in key)
+        seen.add(row_key)
+        rb = rows_b.get(row_key, {})
+        cells: list[Any] = list(row_key)
         for m in kind.compare:
             va, vb = metric(ra, m), metric(rb, m)
             both = isinstance(va, (int, float)) and isinstance(vb, (int, float)) and va

@@ -48,6 +48,37 @@ class Runner(Protocol):
         ...
 
 
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """A named set of backend options, so several configurations of one backend run side by side."""
+
+    name: str
+    options: dict[str, Any]
+
+
+# Backend options a variant may set, and how to read each from text ("a+b" is a list; empty: none):
+# onnxruntime's graph and session fusions, the torch backend's dtype.
+VARIANT_OPTIONS = {
+    "graph": str,
+    "disabled_optimizers": lambda v: tuple(x for x in v.split("+") if x),
+    "dtype": str,
+}
+
+
+def parse_variant(text: str) -> Variant:
+    """`NAME:key=value,key=value` (e.g. `old:graph=portable,disabled_optimizers=`) as a Variant."""
+    name, _, spec = text.partition(":")
+    if not name.strip():
+        raise ValueError(f"a variant needs a name before ':', got {text!r}")
+    options: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in VARIANT_OPTIONS:
+            raise ValueError(f"variant option {item!r}: use key=value with key one of {', '.join(VARIANT_OPTIONS)}")
+        options[key] = VARIANT_OPTIONS[key](value)
+    return Variant(name=name.strip(), options=options)
+
+
 def device_label(devices: set[str]) -> str:
     """One device for a runner whose profiles report `devices`: "cuda" if any runs on a GPU."""
     return "cuda" if "cuda" in devices else "cpu"
@@ -56,20 +87,32 @@ def device_label(devices: set[str]) -> str:
 class EmbedderRunner:
     """A runtime backend (onnxruntime, tensorrt, ...) of one precision and depth through `Embedder`."""
 
-    def __init__(self, artifact: Path, backend: str, precision: str, threads: int, layers: int | None = None) -> None:
+    def __init__(
+        self,
+        artifact: Path,
+        backend: str,
+        precision: str,
+        threads: int,
+        layers: int | None = None,
+        variant: Variant | None = None,
+        tag: str = "",
+    ) -> None:
         # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
-        self.embedder = Embedder.load(artifact, backend, precision=precision, intra_op_threads=threads)
-        for profile in self.embedder.profiles:  # its own depth only: other depths are other runners
-            if profile.layers == layers:
-                self.embedder.embed(["warm-up"], profile.dims, layers=layers)
+        options: dict[str, Any] = {"intra_op_threads": threads, **(variant.options if variant else {})}
+        # `tag` tells apart runners of other artifacts timed in the same run (e.g. an earlier export).
+        self.variant = " ".join(filter(None, [tag, variant.name if variant else ""]))
+        self.embedder = Embedder.load(artifact, backend, precision=precision, **options)
+        # Its own depth only (other depths are other runners), and the one graph every dims runs on there.
+        graph = self.embedder.profile_for(self.embedder.resolve_dims(None, layers), layers)
+        self.embedder.run_encoded(self.embedder.tokenizer.encode(["warm-up"]), [graph.dims], profile=graph)
         self.backend = self.embedder.backend_name
         self.precision = precision
         self.layers = layers
         self.providers = self.embedder.providers
         # The backends say where they run; provider strings do not (torch's say "torch ... cuda").
-        mine = [p for p in self.embedder.profiles if p.layers == layers]
-        self.device = device_label({self.embedder.backend_for(p).device for p in mine})
-        self.label = f"{self.backend} {precision}" + ("" if layers is None else f" l{layers}")
+        self.device = device_label({self.embedder.backend_for(graph).device})
+        depth = "" if layers is None else f" l{layers}"
+        self.label = f"{self.backend} {precision}{depth}" + (f" [{self.variant}]" if self.variant else "")
 
     def timed(self, texts: Sequence[str], dims: int) -> tuple[float, np.ndarray]:
         """Embed as one batch; the result is host memory, so the clock stops after the device is done."""
@@ -139,6 +182,7 @@ class SentenceTransformerRunner:
 
     backend = BASELINE
     layers = None  # the source model, every layer
+    variant = ""
 
     def __init__(self, path: str, device: str, precision: str, threads: int) -> None:
         import torch

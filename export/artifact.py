@@ -16,17 +16,16 @@ import numpy as np
 import onnx
 
 import mrl
-from mrl.export import graph, parity, precision
+from mrl.export import graph, ortopt, parity, precision
 from mrl.export.calibrate import CalibrationTexts, calibrate
-from mrl.export.errors import ExportError, ParityError
+from mrl.export.errors import ExportError
 from mrl.export.layers import LAYER_LOSSES, reference_embeddings
+from mrl.export.profiles import Builder
 from mrl.export.source import SourceModel
 from mrl.runtime.errors import DimsError, LayersError
 from mrl.runtime.manifest import (
     PRECISIONS,
     Manifest,
-    Parity,
-    Profile,
     TokenizerSettings,
     WeightsFile,
     sha256_file,
@@ -35,6 +34,13 @@ from mrl.runtime.tokenize import TextTokenizer
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
+# Precisions ONNX Runtime runs on a CPU; fp16 is for GPUs.
+CPU_PRECISIONS = ("fp32", "int8")
+# Where the fused graph was measured to pay on ONNX Runtime's CPU provider (BENCHMARKS.md): at
+# batch 1 and in padded batch-32 batches, and within noise (-4 % to +3.5 % over four runs for
+# int8) at length-sorted batch 32.
+AUTO_ORT_CPU = ("fp32", "int8")
+ORT_CPU_MODES = ("auto", "optimized", "portable")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +55,9 @@ class ExportOptions:
     force: bool = False
     calibration: CalibrationTexts | None = None
     """Texts whose value ranges int8/uint8 outputs use (None: the validation texts)."""
+    ort_cpu: str = "auto"
+    """ONNX Runtime CPU graphs beside the portable ones: "auto" for the precisions where they were
+    measured to pay (AUTO_ORT_CPU), "optimized" for every CPU precision, "portable" for none."""
 
     def __post_init__(self) -> None:
         if not self.dims:
@@ -68,6 +77,13 @@ class ExportOptions:
             raise LayersError("give at least one layers value, e.g. --layers 3,6")
         if self.exporter not in graph.EXPORTERS:
             raise ExportError(f"unknown exporter {self.exporter!r}; choose from {', '.join(graph.EXPORTERS)}")
+        if self.ort_cpu not in ORT_CPU_MODES:
+            raise ExportError(f"unknown --ort-cpu {self.ort_cpu!r}; choose from {', '.join(ORT_CPU_MODES)}")
+
+    def ort_cpu_precisions(self) -> tuple[str, ...]:
+        """The precisions that get an ONNX Runtime CPU graph beside the portable one."""
+        wanted = {"auto": AUTO_ORT_CPU, "optimized": CPU_PRECISIONS, "portable": ()}[self.ort_cpu]
+        return tuple(p for p in self.precisions if p in wanted)
 
 
 def check_dims(source: SourceModel, dims: tuple[int, ...]) -> None:
@@ -116,11 +132,6 @@ def plan_depths(source: SourceModel, layers: tuple[int, ...] | None) -> list[int
             ",".join(map(str, source.trained_layers)),
         )
     return ([None] if total in layers else []) + cut
-
-
-def profile_name(dims: int, prec: str, layers: int | None) -> str:
-    """`d64-fp32` at full depth (as before layers existed), `l3-d64-fp32` for a profile that keeps 3 layers."""
-    return f"d{dims}-{prec}" if layers is None else f"l{layers}-d{dims}-{prec}"
 
 
 def _prepare_output(out: Path, force: bool) -> Path:
@@ -238,8 +249,16 @@ def _write_artifact(
         progress=progress,
     )
     precisions = list(dict.fromkeys(options.precisions))
-    shared = {prec: graph.SharedWeights(tmp / f"weights-{prec}.bin") for prec in precisions}
-    profiles, exporters = [], []
+    dims = sorted(set(options.dims), reverse=True)
+    shared: dict[str, graph.SharedWeights] = {}  # one weights file per precision and graph kind, all depths
+
+    def externalise(model: onnx.ModelProto, prec: str, suffix: str) -> onnx.ModelProto:
+        name = f"weights-{prec}{suffix}.bin"
+        if name not in shared:
+            shared[name] = graph.SharedWeights(tmp / name)
+        return shared[name].externalise(model)
+
+    profiles, exporters, choices, quantization = [], [], {}, None
     for depth in depths:
         reference = None
         if options.validate:
@@ -247,13 +266,23 @@ def _write_artifact(
             reference = _reference(source, job.texts, depth)
         fp32, exporter = _pooled_fp32(job, options.exporter, reference, depth)
         exporters.append(exporter)
+        fp32 = precision.name_nodes(fp32)
+        build = Builder(tmp, job.workdir, job.tokenizer, job.texts, reference, source, progress, layers=depth)
+        optimized: ortopt.Optimized | None = None
         for prec in precisions:
             progress(f"converting {_depth_text(depth)} to {prec}")
-            base = shared[prec].externalise(precision.convert(fp32, prec, job.workdir))
-            profiles += [
-                _write_profile(job, base, reference, dims=d, prec=prec, layers=depth)
-                for d in sorted(set(options.dims), reverse=True)
-            ]
+            portable, quant = build.portable(fp32, prec)
+            quantization = quantization or quant  # the deepest graph's: depths come deepest first
+            bases = {"": externalise(portable, prec, "")}
+            if prec in options.ort_cpu_precisions():
+                optimized = optimized or build.optimize(fp32, strict=options.ort_cpu == "optimized")
+                cpu_graph, choice = build.ort_cpu(optimized, prec)
+                # One choice per precision: "optimized" only where every depth's fused graph held parity.
+                if prec not in choices or choice.graph == "portable":
+                    choices[prec] = choice
+                if cpu_graph is not None:
+                    bases[".ort-cpu"] = externalise(cpu_graph, prec, ".ort-cpu")
+            profiles += [build.profile(bases, d, prec) for d in dims]
     shutil.rmtree(job.workdir)
     order = {prec: i for i, prec in enumerate(precisions)}
     profiles.sort(key=lambda p: (order[p.precision], -(p.layers or 1_000_000), -p.dims))
@@ -268,12 +297,14 @@ def _write_artifact(
         full_dims=source.full_dims,
         pooling=source.pooling,
         profiles=tuple(profiles),
-        weights=tuple(_weights_entry(tmp, shared[prec].path.name, prec) for prec in precisions),
+        weights=tuple(_weights_entry(tmp, name, prec) for name, prec in _weights_files(shared, precisions)),
         trained_dims=source.trained_dims,
         prompts=source.prompts,
         default_prompt=source.default_prompt,
         total_layers=source.total_layers,
         trained_layers=source.trained_layers,
+        ort_cpu=tuple(choices.values()),
+        quantization=quantization,
         toolkit_version=mrl.__version__,
     )
     progress("calibrating int8/uint8 output ranges")
@@ -283,30 +314,9 @@ def _write_artifact(
     return manifest
 
 
-def _write_profile(
-    job: _Job, base: onnx.ModelProto, reference: np.ndarray | None, *, dims: int, prec: str, layers: int | None
-) -> Profile:
-    """Append the head for one profile, save its graph, and check its parity."""
-    name = profile_name(dims, prec, layers)
-    path = job.workdir.parent / f"{name}.onnx"
-    graph.save_graph(graph.append_mrl_head(base, dims), path)
-    result = None
-    if reference is not None:
-        job.progress(f"checking parity of {name}")
-        embedded = parity.embed_graph(path, job.tokenizer, job.texts)
-        result = parity.compare(embedded, reference, dims, prec, _ref_name(job.source, layers))
-        if not result.passed:
-            raise ParityError(_parity_message(name, prec, result))
-    return Profile(
-        name=name,
-        dims=dims,
-        precision=prec,
-        file=path.name,
-        sha256=sha256_file(path),
-        weights=f"weights-{prec}.bin",
-        parity=result,
-        layers=layers,
-    )
+def _weights_files(shared: dict[str, graph.SharedWeights], precisions: list[str]) -> list[tuple[str, str]]:
+    """(file name, precision) of each weights file written, portable before ONNX Runtime CPU per precision."""
+    return [(name, prec) for prec in precisions for name in sorted(shared) if name.startswith(f"weights-{prec}.")]
 
 
 def _weights_entry(directory: Path, name: str, prec: str) -> WeightsFile:
@@ -322,23 +332,3 @@ def _reference(source: SourceModel, texts: list[str], layers: int | None) -> np.
     if layers is not None:
         return reference_embeddings(source.st_model, texts, layers)
     return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
-
-
-def _ref_name(source: SourceModel, layers: int | None) -> str:
-    if source.kind == "onnx":
-        return "onnx-source-graph"
-    if layers is None:
-        return "pytorch-sentence-transformers"
-    return f"pytorch-sentence-transformers at hidden_states[{layers}], as AdaptiveLayerLoss evaluates it"
-
-
-def _parity_message(name: str, prec: str, result: Parity) -> str:
-    hint = {
-        "fp16": " fp16 overflows in some models (activations above 65504); use fp32 or int8 for this model.",
-        "int8": " int8 loses too much for this model; use fp32 or fp16.",
-        "fp32": " the exported graph does not reproduce the model; try --exporter dynamo.",
-    }[prec]
-    return (
-        f"profile {name} failed parity: min cosine {result.min_cosine:.6f}, mean {result.mean_cosine:.6f} "
-        f"(needs {result.threshold}).{hint} --no-validate skips this check."
-    )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mrl.cli import OneLineParser, interrupted_exit_code, sigterm_interrupts
 from mrl.runtime.errors import MrlError
-from mrl.runtime.manifest import PRECISIONS, Manifest
+from mrl.runtime.manifest import PRECISIONS, Manifest, Parity
 
 EXAMPLES = """\
 examples:
@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="texts (one a line) whose value ranges int8/uint8 outputs use (default: the validation texts)",
     )
+    parser.add_argument(
+        "--ort-cpu",
+        choices=["auto", "optimized", "portable"],
+        default="auto",
+        help="ONNX Runtime CPU graphs (fused contrib ops) beside the portable ones: auto for the precisions "
+        "where they pay, optimized for fp32 and int8, portable for none (default auto)",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the parity check against the source model")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and tracebacks")
@@ -133,14 +140,27 @@ def summary_table(manifest: Manifest, directory: Path) -> str:
     sizes = {w.file: w.bytes for w in manifest.weights}
     for p in manifest.profiles:
         graph_kb = (directory / p.file).stat().st_size / 1024
-        par = p.parity
-        stats = f"{par.min_cosine:.6f} | {par.mean_cosine:.6f} | {par.max_abs_diff:.2e}" if par else "not checked | | "
         depth = manifest.depth(p) or "all"
-        weights_mb = sizes.get(p.weights, 0) / 1e6
-        lines.append(f"| {p.name} | {depth} | {p.dims} | {p.precision} | {graph_kb:.0f} | {weights_mb:.1f} | {stats} |")
+        lines.append(_row(p.name, depth, p.dims, p.precision, graph_kb, sizes.get(p.weights, 0), p.parity))
+        if p.ort_cpu is not None:
+            kb = (directory / p.ort_cpu.file).stat().st_size / 1024
+            cpu = p.ort_cpu
+            weights = sizes.get(cpu.weights, 0)
+            lines.append(_row(f"{p.name} (ort-cpu)", depth, p.dims, p.precision, kb, weights, cpu.parity))
     total = sum(f.stat().st_size for f in directory.iterdir() if f.is_file()) / 1e6
     lines.append(f"\n{len(manifest.profiles)} profiles, {total:.1f} MB on disk")
+    for choice in manifest.ort_cpu:
+        lines.append(f"ONNX Runtime CPU, {choice.precision}: {choice.graph} graph ({choice.reason})")
+    if manifest.quantization is not None and manifest.quantization.kept_fp32:
+        lines.append(f"int8: {manifest.quantization.reason}")
     return "\n".join(lines)
+
+
+def _row(
+    name: str, depth: int | str, dims: int, precision: str, graph_kb: float, weights_bytes: int, par: Parity | None
+) -> str:
+    stats = f"{par.min_cosine:.6f} | {par.mean_cosine:.6f} | {par.max_abs_diff:.2e}" if par else "not checked | | "
+    return f"| {name} | {depth} | {dims} | {precision} | {graph_kb:.0f} | {weights_bytes / 1e6:.1f} | {stats} |"
 
 
 def _configure_output(verbose: bool) -> None:
@@ -209,6 +229,7 @@ def _dispatch(argv: list[str]) -> int:
             validate=not args.no_validate,
             force=args.force,
             calibration=None if args.calibration_texts is None else CalibrationTexts.from_file(args.calibration_texts),
+            ort_cpu=args.ort_cpu,
         )
         progress(f"loading {args.model}")
         if not args.verbose:

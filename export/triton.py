@@ -224,8 +224,10 @@ def _write_encoder(plan: Plan, artifact: Path, root: Path, profile: Profile) -> 
         (version / "model.py").write_text(_model_source("encode_model.py"))
         sub = version / "artifact"
         sub.mkdir()
-        for name in [plan.manifest.tokenizer.file, profile.file, *(w.file for w in weights)]:
-            _place(artifact / name, sub / name)  # the tokenizer too: the manifest verifies it
+        cpu = [profile.ort_cpu.file, profile.ort_cpu.weights] if profile.ort_cpu else []  # the fused CPU graph
+        for name in dict.fromkeys([plan.manifest.tokenizer.file, profile.file, *(w.file for w in weights), *cpu]):
+            if name:
+                _place(artifact / name, sub / name)  # the tokenizer too: the manifest verifies it
         _one_profile(plan.manifest, profile).save(sub)
 
 
@@ -235,8 +237,12 @@ def _one_profile(manifest: Manifest, profile: Profile) -> Manifest:
     if calibration is not None:
         ranges = {k: v for k, v in calibration.ranges.items() if k == profile.name}
         calibration = dataclasses.replace(calibration, ranges=ranges)
-    weights = tuple(w for w in manifest.weights if w.file == profile.weights)
-    return dataclasses.replace(manifest, profiles=(profile,), weights=weights, engines=(), calibration=calibration)
+    files = {profile.weights, profile.ort_cpu.weights if profile.ort_cpu else None}
+    weights = tuple(w for w in manifest.weights if w.file in files)
+    ort_cpu = tuple(c for c in manifest.ort_cpu if c.precision == profile.precision)
+    return dataclasses.replace(
+        manifest, profiles=(profile,), weights=weights, engines=(), calibration=calibration, ort_cpu=ort_cpu
+    )
 
 
 def _plan_file(engine: Engine) -> str:

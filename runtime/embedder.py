@@ -195,8 +195,15 @@ class Embedder:
         return self._ranges[profile.name]
 
     def profile_for(self, dims: int, layers: int | None = None) -> Profile:
-        """The profile that computes `dims` at that depth: exactly that width, else the smallest wider one."""
-        return choose_profile(self.profiles, dims, self.resolve_layers(layers))
+        """The profile whose graph computes `dims` at that depth: the widest there, for every dims it covers.
+
+        Running one graph per precision and depth keeps one copy of the weights in memory; narrower dims
+        are sliced from it and re-normalised, which matches their own graphs (BENCHMARKS.md: weights
+        shared across sessions still cost more RAM per added profile, or speed).
+        """
+        depth = self.resolve_layers(layers)
+        choose_profile(self.profiles, dims, depth)  # refuses dims no profile covers at this depth
+        return max((p for p in self.profiles if p.layers == depth), key=lambda p: p.dims)
 
     def backend_for(self, profile: Profile) -> Backend:
         """The backend for a profile, created on first use."""
@@ -284,9 +291,10 @@ class Embedder:
         return encodings.encode(result, encoding, ranges)
 
     def warmup(self) -> None:
-        """Load and run every profile once."""
-        for profile in self.profiles:
-            self.run_encoded(self.tokenizer.encode(["warm-up"]), [profile.dims], self.manifest.depth(profile))
+        """Load and run the graph every dims runs on, once per depth."""
+        for depth in dict.fromkeys(p.layers for p in self.profiles):
+            widest = max((p for p in self.profiles if p.layers == depth), key=lambda p: p.dims)
+            self.run_encoded(self.tokenizer.encode(["warm-up"]), [widest.dims], profile=widest)
 
     def close(self) -> None:
         """Release every backend."""

@@ -36,6 +36,19 @@ class Parity:
 
 
 @dataclass(frozen=True, kw_only=True)
+class OrtCpuGraph:
+    """A profile's graph rewritten for ONNX Runtime's CPU provider: fused contrib ops, not portable.
+
+    The portable graph (`Profile.file`) stays what TensorRT, other runtimes and GPUs run.
+    """
+
+    file: str
+    sha256: str
+    weights: str | None = None
+    parity: Parity | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Profile:
     """One deployment target: a graph with truncation to `dims` and L2 normalisation baked in.
 
@@ -50,6 +63,34 @@ class Profile:
     weights: str | None = None
     parity: Parity | None = None
     layers: int | None = None
+    ort_cpu: OrtCpuGraph | None = None
+    """The ONNX Runtime CPU graph of this profile; None: the portable graph runs there too."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OrtCpuChoice:
+    """Which graph one precision runs on ONNX Runtime's CPU provider, and why.
+
+    `graph` is "optimized" (every profile of the precision has `ort_cpu`) or "portable" (some or all have
+    none: `reason` says why; the runtime runs each profile's own `ort_cpu` where it has one);
+    `fusions` counts the fused operators the optimizer wrote (op type -> count).
+    """
+
+    precision: str
+    graph: str
+    reason: str
+    fusions: dict[str, int] = field(default_factory=dict)
+    onnxruntime: str = ""
+    kept_fp32: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization:
+    """How the int8 graphs were quantised, and which matrix products were kept in fp32 and why."""
+
+    method: str
+    kept_fp32: tuple[str, ...] = ()
+    reason: str = ""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -180,6 +221,8 @@ class Manifest:
     calibration: Calibration | None = None
     total_layers: int | None = None  # the encoder's layers (None: not recorded, as in older artifacts)
     trained_layers: tuple[int, ...] | None = None  # depths the model was trained to be cut at
+    ort_cpu: tuple[OrtCpuChoice, ...] = ()
+    quantization: Quantization | None = None
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -296,6 +339,8 @@ def check_consistent(manifest: Manifest) -> None:
     """Refuse values that type-check but cannot be right: files outside the artifact, unknown precisions."""
     files = [manifest.tokenizer.file, *(p.file for p in manifest.profiles), *(w.file for w in manifest.weights)]
     files += [p.weights for p in manifest.profiles if p.weights] + [e.file for e in manifest.engines]
+    cpu_graphs = [p.ort_cpu for p in manifest.profiles if p.ort_cpu is not None]
+    files += [g.file for g in cpu_graphs] + [g.weights for g in cpu_graphs if g.weights]
     for name in files:
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or not name:
@@ -365,6 +410,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
             manifest.tokenizer.file,
         )
     listed += [(p.file, p.sha256) for p in manifest.profiles]
+    listed += [(p.ort_cpu.file, p.ort_cpu.sha256) for p in manifest.profiles if p.ort_cpu is not None]
     listed += [(w.file, w.sha256) for w in manifest.weights]
     listed += [(e.file, e.sha256) for e in manifest.engines]
     for name, expected in listed:

@@ -78,6 +78,51 @@ def save_llama(directory: Path, hidden: int = 32, seed: int = 0, layers: int = 2
     return directory
 
 
+def save_gemma_like(directory: Path, seed: int = 0) -> Path:
+    """A 4-layer bidirectional Gemma3 encoder with the family's massive activations, as a transformers directory.
+
+    As in the 300M Gemma3 embedding model: two MLP channels of layer 0 fire far above the rest (the
+    down projection's input spans ~1000x), its post-MLP norm writes ~1e5 into two residual channels,
+    and later norms scale those channels down again, so the model works in fp32 while int8 with one
+    activation scale per tensor wipes out the rest of that down projection's input.
+    """
+    import torch
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    torch.manual_seed(seed)
+    tok = _tokenizer()
+    config = Gemma3TextConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        max_position_embeddings=128,
+        sliding_window=64,
+        layer_types=["full_attention"] * 4,
+        use_bidirectional_attention=True,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = Gemma3TextModel(config).eval()
+    massive = [3, 40]  # residual channels
+    with torch.no_grad():
+        first = model.layers[0]
+        for channel in (5, 77):  # MLP channels of layer 0 that fire ~30x harder in gate and up
+            first.mlp.gate_proj.weight[channel] *= 30
+            first.mlp.up_proj.weight[channel] *= 30
+        first.post_feedforward_layernorm.weight[massive] = 5e4
+        for layer in model.layers[1:]:
+            layer.input_layernorm.weight[massive] = -0.9999  # Gemma norms scale by (1 + weight)
+            layer.pre_feedforward_layernorm.weight[massive] = -0.9999
+        model.norm.weight[massive] = -0.9999
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
 def save_sentence_transformer(
     directory: Path,
     *,
@@ -101,6 +146,8 @@ def save_sentence_transformer(
     hf_dir = directory.parent / f"{directory.name}-hf"
     if arch == "llama":
         save_llama(hf_dir, layers=layers, init_std=init_std)
+    elif arch == "gemma-like":
+        save_gemma_like(hf_dir)
     else:
         save_bert(hf_dir, layers=layers, init_std=init_std, padding_side=padding_side or "right")
     transformer = Transformer(str(hf_dir), max_seq_length=max_seq_length)
@@ -164,6 +211,7 @@ def export(
     precisions: tuple[str, ...] = ("fp32",),
     exporter: str = "auto",
     layers: tuple[int, ...] | None = None,
+    ort_cpu: str = "auto",
     **kw,
 ):
     """Export through the public API (the same code path as `mrl-export`); `kw` goes to load_source."""
@@ -171,5 +219,6 @@ def export(
     from mrl.export.source import load_source
 
     source = load_source(str(model), **kw)
-    export_artifact(source, out, ExportOptions(dims=dims, precisions=precisions, exporter=exporter, layers=layers))
+    options = ExportOptions(dims=dims, precisions=precisions, exporter=exporter, layers=layers, ort_cpu=ort_cpu)
+    export_artifact(source, out, options)
     return out

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 TRT_EP, CUDA_EP, CPU_EP = "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"
 GPU_PROVIDERS = (TRT_EP, CUDA_EP)
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+GRAPHS = ("auto", "optimized", "portable")
 Provider = str | tuple[str, dict[str, Any]]
 
 
@@ -68,10 +69,16 @@ class OrtOptions:
     spinning: bool = True
     """Whether idle intra-op threads spin waiting for work: faster for one caller at a time, slower when
     several batches share the cores (spinning threads take the CPU the others need)."""
+    graph: str = "auto"
+    """On the CPU provider: the profile's ONNX Runtime CPU graph where it has one (auto), always, or never."""
+    disabled_optimizers: Sequence[str] | None = None
+    """Session fusions to skip; None: `cpu_disabled_optimizers`."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise InvalidInputError(f"unknown onnxruntime device {self.device!r}; choose from {', '.join(DEVICES)}")
+        if self.graph not in GRAPHS:
+            raise InvalidInputError(f"unknown onnxruntime graph {self.graph!r}; choose from {', '.join(GRAPHS)}")
 
     @classmethod
     def parse(cls, options: dict[str, Any]) -> OrtOptions:
@@ -182,6 +189,33 @@ def plan_providers(directory: Path, manifest: Manifest, profile: Profile, option
     return [*providers, CPU_EP]
 
 
+def choose_graph(profile: Profile, providers: Sequence[Provider], want: str) -> tuple[str, str]:
+    """The graph file to run and why: the ONNX Runtime CPU graph on the CPU provider alone, else the portable one."""
+    if want == "portable":
+        return profile.file, "the portable graph, as asked"
+    if profile.ort_cpu is None:
+        if want == "optimized":
+            raise ArtifactError(
+                f"profile {profile.name} has no ONNX Runtime CPU graph (mrl-export --ort-cpu optimized writes "
+                "one); use graph='auto' or 'portable'"
+            )
+        return profile.file, "the portable graph: the artifact has no ONNX Runtime CPU graph for it"
+    if [_provider_name(p) for p in providers] != [CPU_EP]:
+        if want == "optimized":
+            raise InvalidInputError(f"the ONNX Runtime CPU graph of {profile.name} runs on the CPU provider only")
+        return profile.file, "the portable graph: the ONNX Runtime CPU graph is for the CPU provider only"
+    return profile.ort_cpu.file, "the fused ONNX Runtime CPU graph, on the CPU provider"
+
+
+def cpu_disabled_optimizers(providers: Sequence[Provider]) -> list[str]:
+    """Session-level fusions to leave out on the CPU provider: SkipLayerNormalization is slower there.
+
+    Measured with onnxruntime 1.32 (BENCHMARKS.md): its CPU SkipLayerNormalization took 650 us on a
+    [32, 21, 384] input where Add + LayerNormalization took 180-300 us.
+    """
+    return ["SkipLayerNormFusion"] if [_provider_name(p) for p in providers] == [CPU_EP] else []
+
+
 class OnnxRuntimeBackend:
     """One InferenceSession over one profile graph."""
 
@@ -194,6 +228,7 @@ class OnnxRuntimeBackend:
         intra_op_threads: int = 0,
         strict: bool = False,
         spinning: bool = True,
+        disabled_optimizers: Sequence[str] | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -209,8 +244,11 @@ class OnnxRuntimeBackend:
         wanted = [_provider_name(p) for p in requested]
         if any(p in GPU_PROVIDERS for p in wanted):
             preload_gpu_libraries(TRT_EP in wanted)
-        self._session = open_session(graph, options, requested, strict)
+        if disabled_optimizers is None:
+            disabled_optimizers = cpu_disabled_optimizers(requested)
+        self._session = open_session(graph, options, requested, strict, disabled_optimizers)
         self.providers = self._session.get_providers()
+        self.graph = Path(graph)
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         problems = fallback_problems(requested, self.providers, self._session.get_provider_options())
         if problems:
@@ -239,15 +277,18 @@ class OnnxRuntimeBackend:
         self._session = None
 
 
-def open_session(graph: Path, options: Any, providers: list[Provider], strict: bool) -> Any:
+def open_session(
+    graph: Path, options: Any, providers: list[Provider], strict: bool, disabled_optimizers: Sequence[str] = ()
+) -> Any:
     """An InferenceSession whose providers never change behind our back once it exists.
 
     `strict`: no retry on other providers at creation either (ONNX Runtime's `enable_fallback`),
     so the provider's own error is what the caller sees.
     """
     retry = {"enable_fallback": 0} if strict else {}
+    skip = {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
     try:
-        session = ort.InferenceSession(str(graph), options, providers=providers, **retry)
+        session = ort.InferenceSession(str(graph), options, providers=providers, **retry, **skip)
     except Exception as e:  # onnxruntime raises its own untyped errors for unreadable graphs and failed providers
         names = [_provider_name(p) for p in providers]
         if strict and any(p in GPU_PROVIDERS for p in names):
@@ -344,8 +385,15 @@ def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any
     parsed = OrtOptions.parse(options)
     providers = plan_providers(Path(directory), manifest, profile, parsed)
     strict = parsed.device in ("cuda", "tensorrt") and not parsed.providers
+    file, why = choose_graph(profile, providers, parsed.graph)
+    log.info("onnxruntime: %s runs %s: %s", profile.name, file, why)
     return OnnxRuntimeBackend(
-        directory / profile.file, providers, parsed.intra_op_threads, strict, spinning=parsed.spinning
+        directory / file,
+        providers,
+        parsed.intra_op_threads,
+        strict,
+        spinning=parsed.spinning,
+        disabled_optimizers=parsed.disabled_optimizers,
     )
 
 

@@ -29,6 +29,9 @@ def test_every_precision_passes_its_threshold(mixed_artifact):
         assert p.parity.passed, p
     fp16 = [p.parity.min_cosine for p in m.profiles if p.precision == "fp16"]
     assert min(fp16) >= 0.999
+    # --ort-cpu auto: fused CPU graphs where they were measured to pay (fp32, int8), never for fp16 (a GPU precision)
+    assert [(c.precision, c.graph) for c in m.ort_cpu] == [("fp32", "optimized"), ("int8", "optimized")]
+    assert {p.precision for p in m.profiles if p.ort_cpu is not None} == {"fp32", "int8"}
 
 
 def test_int8_graph_is_quantised_per_channel(mixed_artifact):

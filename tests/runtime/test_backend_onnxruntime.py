@@ -11,7 +11,7 @@ import pytest
 import mrl.runtime.backends.onnxruntime as ortb
 from mrl.runtime import Embedder
 from mrl.runtime.backends.gpu import GpuInfo
-from mrl.runtime.errors import BackendUnavailableError, InvalidInputError
+from mrl.runtime.errors import ArtifactError, BackendUnavailableError, InvalidInputError
 from mrl.runtime.manifest import ShapeRange, Span, load_manifest
 
 H100 = GpuInfo(name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
@@ -260,3 +260,31 @@ def test_preloading_reports_what_it_could_not_load(monkeypatch, caplog):
     assert notes[0] == "Failed to load libcudart.so.13: not found"
     assert "tensorrt does not import" in notes[1] and "libnvinfer" in notes[1]
     assert "Failed to load libcudart.so.13" in caplog.text
+
+
+def test_choose_graph_takes_the_cpu_graph_on_the_cpu_provider_only(manifest):
+    import dataclasses
+
+    from mrl.runtime.manifest import OrtCpuGraph
+
+    plain = dataclasses.replace(manifest.profiles[0], ort_cpu=None)
+    fused = dataclasses.replace(plain, ort_cpu=OrtCpuGraph(file=f"{plain.name}.ort-cpu.onnx", sha256="0" * 64))
+    cpu, cuda = ["CPUExecutionProvider"], [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+    assert ortb.choose_graph(fused, cpu, "auto")[0] == fused.ort_cpu.file
+    assert ortb.choose_graph(fused, cuda, "auto") == (
+        plain.file,
+        "the portable graph: the ONNX Runtime CPU graph is for the CPU provider only",
+    )
+    assert ortb.choose_graph(fused, cpu, "portable")[0] == plain.file
+    assert "has no ONNX Runtime CPU graph" in ortb.choose_graph(plain, cpu, "auto")[1]
+    with pytest.raises(ArtifactError, match="--ort-cpu optimized"):
+        ortb.choose_graph(plain, cpu, "optimized")
+    with pytest.raises(InvalidInputError, match="CPU provider only"):
+        ortb.choose_graph(fused, cuda, "optimized")
+    with pytest.raises(InvalidInputError, match="unknown onnxruntime graph 'fused'"):
+        ortb.OrtOptions.parse({"graph": "fused"})
+
+
+def test_skip_layer_norm_fusion_is_left_out_on_the_cpu_only():
+    assert ortb.cpu_disabled_optimizers(["CPUExecutionProvider"]) == ["SkipLayerNormFusion"]
+    assert ortb.cpu_disabled_optimizers([("CUDAExecutionProvider", {}), "CPUExecutionProvider"]) == []

@@ -111,3 +111,20 @@ def test_truncate_normalize_renormalises():
 def test_reports_the_providers_it_really_runs_on(embedder):
     embedder.embed(["x"], dims=8)
     assert "CPUExecutionProvider" in embedder.providers
+
+
+def test_every_dims_runs_the_widest_graph_and_matches_its_own(tiny_artifact):
+    """One graph per precision in memory: narrower dims are sliced from the widest and re-normalised."""
+    from mrl.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    embedder = Embedder.load(tiny_artifact, "onnxruntime-cpu")
+    feed = embedder.tokenizer.pad(embedder.tokenizer.encode(TEXTS, truncate=True))
+    for dims in (8, 16):
+        own = OnnxRuntimeBackend(tiny_artifact / f"d{dims}-fp32.onnx", ["CPUExecutionProvider"]).run(feed)
+        sliced = np.stack(embedder.run_encoded(embedder.tokenizer.encode(TEXTS, truncate=True), [dims] * len(TEXTS)))
+        np.testing.assert_allclose(sliced, own, atol=1e-6)
+    assert embedder.profile_for(8).dims == 32
+    assert list(embedder._backends) == ["d32-fp32"]  # one session, whatever dims were asked for
+    with pytest.raises(DimsError, match="above the largest profile"):
+        embedder.profile_for(33)
+    embedder.close()

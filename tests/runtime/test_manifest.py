@@ -115,3 +115,28 @@ def test_an_artifact_from_before_tokenizer_hashing_still_loads_with_a_warning(ar
     edit(artifact, lambda d: d["tokenizer"].pop("sha256"))
     assert load_manifest(artifact).tokenizer.sha256 is None
     assert "not verified" in caplog.text
+
+
+def test_manifests_without_cpu_graphs_still_load(artifact):
+    """Written before ONNX Runtime CPU graphs and the int8 record existed: they load with those empty."""
+    path = artifact / "manifest.json"
+    data = json.loads(path.read_text())
+    for key in ("ort_cpu", "quantization"):
+        data.pop(key, None)
+    for profile in data["profiles"]:
+        profile.pop("ort_cpu", None)
+    path.write_text(json.dumps(data))
+    m = load_manifest(artifact)
+    assert m.schema_version == 1 and m.ort_cpu == () and m.quantization is None
+    assert all(p.ort_cpu is None for p in m.profiles)
+    assert Embedder.load(artifact).embed(["hello"]).shape == (1, 32)
+
+
+def test_tampered_cpu_graph_is_refused(tiny_st_dir, tmp_path):
+    from tinymodels import export
+
+    out = export(tiny_st_dir, tmp_path / "a", (16,), ("fp32",), ort_cpu="optimized")
+    graph = out / "d16-fp32.ort-cpu.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    with pytest.raises(IntegrityError, match=r"d16-fp32\.ort-cpu\.onnx does not match its sha256"):
+        load_manifest(out)

@@ -1,0 +1,121 @@
+"""int8 that holds parity on Gemma-like models: per-node error, the culprits kept in fp32, advice that was checked."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from tinymodels import export, save_sentence_transformer
+
+from mrl.export import parity, precision, sensitivity
+from mrl.export.errors import ParityError
+from mrl.export.profiles import int8_refusal
+from mrl.runtime import Embedder, load_manifest
+from mrl.runtime.manifest import Parity
+from mrl.runtime.tokenize import TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def gemma_like(tmp_path_factory):
+    return save_sentence_transformer(tmp_path_factory.mktemp("gemma") / "model", arch="gemma-like")
+
+
+@pytest.fixture(scope="module")
+def gemma_artifact(gemma_like, tmp_path_factory):
+    return export(gemma_like, tmp_path_factory.mktemp("gemma-art") / "a", (32, 64), ("fp32", "int8"))
+
+
+def _parity(mean: float, low: float, passed: bool) -> Parity:
+    return Parity(
+        reference="r", n_texts=21, max_abs_diff=0.1, min_cosine=low, mean_cosine=mean, threshold="t", passed=passed
+    )
+
+
+def test_quantising_every_product_fails_on_the_gemma_like_model(gemma_artifact, tmp_path):
+    """The premise: plain int8 (what export wrote before) loses the model."""
+    fp32_graph = onnx.load(str(gemma_artifact / "d64-fp32.onnx"))
+    plain = precision.to_int8(fp32_graph, tmp_path)
+    onnx.save_model(plain, str(tmp_path / "plain.onnx"), save_as_external_data=True)
+    m = load_manifest(gemma_artifact)
+    tokenizer = TextTokenizer.load(gemma_artifact, m.tokenizer)
+    texts = parity.validation_texts()
+    reference = parity.embed_graph(gemma_artifact / "d64-fp32.onnx", tokenizer, texts)
+    result = parity.compare(parity.embed_graph(tmp_path / "plain.onnx", tokenizer, texts), reference, 64, "int8", "x")
+    assert not result.passed and result.mean_cosine < 0.95, result
+
+
+def test_per_node_error_finds_the_down_projection_fed_by_massive_activations(gemma_artifact, tmp_path):
+    m = load_manifest(gemma_artifact)
+    tokenizer = TextTokenizer.load(gemma_artifact, m.tokenizer)
+    fp32_graph = onnx.load(str(gemma_artifact / "d64-fp32.onnx"))
+    feeds = parity.batches(tokenizer, parity.validation_texts())
+    ranked = sensitivity.node_errors(fp32_graph, feeds, tmp_path, group=5)  # several groups, one answer
+    assert len(ranked) == 4 * 7  # q, k, v, o, gate, up, down in each of 4 layers
+    worst, runner_up = ranked[0], ranked[1]
+    assert worst.score > 0.9 and runner_up.score < 0.5, ranked[:3]  # its typical channel is wiped out
+    assert worst.input_max > 100 * runner_up.input_max
+    consumers = {n.name: n for n in fp32_graph.graph.node}
+    assert consumers[worst.node].op_type == "MatMul"
+
+
+def test_export_keeps_the_culprit_in_fp32_and_passes(gemma_artifact):
+    m = load_manifest(gemma_artifact)
+    q = m.quantization
+    assert q is not None and len(q.kept_fp32) == 1, q
+    assert "kept in fp32" in q.reason and "fails" in q.reason
+    for p in (p for p in m.profiles if p.precision == "int8"):
+        assert p.parity.mean_cosine >= 0.99 and p.parity.min_cosine >= 0.97, p.parity
+    graph = onnx.load(str(gemma_artifact / "d64-int8.onnx"), load_external_data=False)
+    kept = next(n for n in graph.graph.node if n.name == q.kept_fp32[0])
+    assert kept.op_type == "MatMul"  # still a float MatMul, not MatMulInteger
+    texts = ["a sentence", "and another, somewhat longer sentence"]
+    fp32 = Embedder.load(gemma_artifact, precision="fp32").embed(texts)
+    int8 = Embedder.load(gemma_artifact, precision="int8").embed(texts)
+    assert np.sum(fp32 * int8, axis=1).min() > 0.97
+
+
+def test_exclusion_steps_double_up_to_half_of_the_nodes():
+    ranked = [
+        sensitivity.NodeError(node=f"n{i}", op_type="MatMul", score=1.0 - i / 20, input_max=1.0) for i in range(20)
+    ]
+    steps = sensitivity.exclusion_steps(ranked)
+    assert [len(s) for s in steps] == [1, 2, 4, 8, 10]
+    assert steps[1] == ["n0", "n1"]
+
+
+def test_quantise_dequantise_is_per_tensor_uint8():
+    x = np.array([[0.0, 1.0, 2.0, 255.0]], dtype=np.float32)
+    np.testing.assert_allclose(sensitivity.quantise_dequantise(x), x)  # a step of exactly 1
+    tiny = np.array([[1e-3, 2e-3, 1000.0]], dtype=np.float32)
+    assert sensitivity.quantise_dequantise(tiny)[0, :2].tolist() == [0.0, 0.0]  # wiped out by the outlier
+
+
+def test_refusal_advises_only_what_was_checked():
+    summary = "int8 mean cosine 0.9, min 0.5"
+    ok = int8_refusal(summary, _parity(0.99999, 0.99998, True))
+    assert "use fp16 (checked: min cosine 0.999980) or fp32" in ok
+    nan = int8_refusal(summary, _parity(-1.0, -1.0, False))
+    assert "use fp32 (fp16 fails on this model too, checked: NaN: its activations overflow fp16)" in nan
+    assert "fp16" not in int8_refusal(summary, None).split("use fp32")[0]
+
+
+def test_int8_that_cannot_be_rescued_is_refused_with_advice_that_works(tmp_path):
+    """Outliers in every LayerNorm output: every attention and MLP input loses its typical channel."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    model_dir = save_sentence_transformer(tmp_path / "model", dense=32)
+    st = SentenceTransformer(str(model_dir), device="cpu")
+    with torch.no_grad():
+        for module in st[0].auto_model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight[[3, 17]] = 6e4
+        st[2].linear.weight[:, [3, 17]] = 0  # the model's output does not read those channels
+    st.save(str(model_dir))
+    with pytest.raises(ParityError, match=r"int8 cannot hold parity for this model.*keeping up to 6 of 12") as e:
+        export(model_dir, tmp_path / "out", (16,), ("fp32", "int8"))
+    assert not (tmp_path / "out").exists()
+    advised = str(e.value).split(". use ")[1].split(" (checked")[0]
+    assert advised == "fp16"  # checked on this model during the refusal: and it does export
+    m = load_manifest(export(model_dir, tmp_path / "advised", (16,), ("fp32", advised)))
+    assert all(p.parity.passed for p in m.profiles)
