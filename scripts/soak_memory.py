@@ -104,8 +104,9 @@ def main() -> int:
     p.add_argument("artifact", help="an artifact directory (mrl-export)")
     p.add_argument("--rounds", type=int, default=2, help="rounds of huge requests (default 2)")
     p.add_argument("--slack-mb", type=float, default=32.0, help="allowed RSS above steady (default 32)")
-    p.add_argument("serve_args", nargs="*", help="more mrl-serve flags, after --")
-    args = p.parse_args()
+    ours, _, serve_args = " ".join(sys.argv[1:]).partition(" -- ")  # what follows -- goes to mrl-serve
+    args = p.parse_args(ours.split())
+    args.serve_args = serve_args.split()
     proc, port = start_server(args.artifact, args.serve_args)
     try:
         seen = asyncio.run(soak(port, proc.pid, args.rounds))

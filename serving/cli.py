@@ -153,6 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=defaults.workers,
         help="batches run at once per model, each in its own thread (default %(default)s)",
     )
+    batch.add_argument(
+        "--worker-niceness",
+        type=int,
+        default=defaults.worker_niceness,
+        help="nice value of inference threads, so the event loop gets the CPU first (default %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
 
@@ -254,6 +260,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             max_queue_delay_ms=args.max_queue_delay_ms,
             max_queue_tokens=args.max_queue_tokens,
             workers=args.batch_workers,
+            worker_niceness=args.worker_niceness,
         ),
     )
 

@@ -31,12 +31,19 @@ class BatcherConfig:
     """Tokens that may wait in the queue; beyond it requests get RESOURCE_EXHAUSTED at once."""
     workers: int = 2
     """Batches that may run at once, each in its own thread."""
+    worker_niceness: int = 10
+    """Nice value of the inference threads (Linux): the event loop, which parses requests, answers health
+    and refuses at once what it must, then gets the CPU first however busy the model is (0: as the loop)."""
 
     def __post_init__(self) -> None:
         _positive("max_batch_tokens", self.max_batch_tokens, "try 16384")
         _positive("max_batch_size", self.max_batch_size, "try 32")
         _positive("max_queue_tokens", self.max_queue_tokens, "try 262144")
         _positive("workers", self.workers, "try 1, or 2 with intra_op_threads=1 on a small CPU")
+        if isinstance(self.worker_niceness, bool) or not isinstance(self.worker_niceness, int):
+            raise ValueError(f"worker_niceness must be a whole number in 0..19, not {self.worker_niceness!r}")
+        if not 0 <= self.worker_niceness <= 19:
+            raise ValueError(f"worker_niceness must be in 0..19 (Unix nice values), not {self.worker_niceness}")
         if isinstance(self.max_queue_delay_ms, bool) or not isinstance(self.max_queue_delay_ms, (int, float)):
             raise ValueError(f"max_queue_delay_ms must be a number, not {self.max_queue_delay_ms!r}: try 5")
         if self.max_queue_delay_ms < 0:

@@ -22,6 +22,7 @@ from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
 from mrl.serving.config import BatcherConfig, ModelSpec
 from mrl.serving.errors import NotReadyError
+from mrl.serving.process import lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,13 @@ class ServedModel:
         self._closed = False
         self._lone = lone
         # Inference threads of this model only: a slow model never holds up another's batches.
-        self._executor = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix=f"mrl-{name}")
+        # Niced: ONNX Runtime's own threads, created from these during warm-up, inherit the nice value.
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.workers,
+            thread_name_prefix=f"mrl-{name}",
+            initializer=lower_thread_priority,
+            initargs=(config.worker_niceness,),
+        )
         self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
             self.run_batch,
             config,

@@ -1,10 +1,12 @@
-"""Process-wide settings for a serving process (what `mrl-serve` sets before it loads anything)."""
+"""Process and thread settings of a serving process: how memory goes back to the OS, who gets the CPU first."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -27,3 +29,18 @@ def return_freed_memory_to_the_os(threshold: int = LARGE_ALLOCATION_BYTES) -> bo
         log.debug("no mallopt in %s: freed memory is returned as the C library sees fit", name)
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Give the calling thread (and the threads it starts later) a higher nice value: it yields the CPU.
+
+    Inference threads run at `niceness` so the event loop, which parses requests, answers health and
+    refuses what it must, gets a core as soon as it has work, however busy the model is. On Linux a
+    thread's nice value is its own; elsewhere this does nothing.
+    """
+    if niceness <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except OSError as e:  # a sandbox may forbid it: the server still works, with less responsive refusals
+        log.debug("could not lower the priority of %s: %s", threading.current_thread().name, e)

@@ -1,4 +1,4 @@
-"""Memory comes back after huge requests: the soak script against a real mrl-serve."""
+"""Process and thread settings of a server: memory comes back after huge requests, inference yields the CPU."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mrl.serving.config import ModelSpec
 from mrl.serving.process import return_freed_memory_to_the_os
 
 SOAK = Path(__file__).parents[2] / "scripts" / "soak_memory.py"
@@ -30,3 +31,18 @@ def test_rss_returns_to_its_steady_level_after_huge_requests(tiny_artifact):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_large_allocations_are_set_to_go_back_to_the_os_on_glibc():
     assert return_freed_memory_to_the_os()
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="per-thread nice values are Linux's")
+def test_inference_threads_yield_the_cpu_to_the_event_loop(tiny_artifact):
+    import os
+    import threading
+
+    from mrl.serving.config import BatcherConfig
+    from mrl.serving.model import ServedModel
+
+    model = ServedModel.load(ModelSpec(artifact_dir=tiny_artifact), BatcherConfig(worker_niceness=7))
+    seen = model._executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
+    assert seen == os.getpriority(os.PRIO_PROCESS, 0) + 7 or seen == 19  # nice values stop at 19
+    model._executor.shutdown()
+    model.embedder.close()
