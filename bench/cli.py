@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mrl.bench.targets import HTTP_ENCODING_FORMATS
 from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
 
@@ -25,6 +26,7 @@ examples:
       --offline-baseline artifacts/minilm
   mrl-bench serve --target mrl=127.0.0.1:50051 --target triton=127.0.0.1:8001 --triton-model minilm \\
       --client-python .venv-triton/bin/python --concurrency 1,64   # mrl-serve and Triton, same run
+  mrl-bench serve --target mrl=127.0.0.1:50051 --target http=127.0.0.1:8080 --concurrency 1,64   # gRPC and HTTP
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
   mrl-bench engine artifacts/minilm-2d --layers 3,6 --dims 256 --batch-sizes 1,32   # layer-cut profiles' speed
   mrl-bench memory artifacts/minilm --precision fp32,int8   # RSS as 1, 2, 3, ... dims profiles are served
@@ -167,8 +169,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--target",
         action="append",
         required=True,
-        help="[KIND=]HOST:PORT, KIND mrl (default) or triton; repeatable: levels alternate between them. "
+        help="[KIND=]HOST:PORT, KIND mrl (mrl-serve's gRPC, the default), http (an OpenAI-compatible "
+        "/v1/embeddings, such as mrl-serve --http-port) or triton; repeatable: levels alternate between them. "
         "Nothing else is contacted",
+    )
+    s.add_argument(
+        "--http-encoding-format",
+        choices=HTTP_ENCODING_FORMATS,
+        default=HTTP_ENCODING_FORMATS[0],
+        help="what http targets ask the embeddings as: base64 (the openai SDK's default) or float (JSON numbers)",
     )
     s.add_argument("--triton-model", help="triton targets: the model name prefix (requests go to NAME_dDIMS)")
     s.add_argument(
@@ -194,8 +203,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--server-pid", type=int, action="append", help="a local server's pid (repeatable): not counted as other load"
     )
     s.add_argument("--timeout", type=_positive_float, default=60.0, help="per-request deadline in seconds (default 60)")
-    s.add_argument("--token-file", type=Path, help="file holding the server's bearer token")
-    s.add_argument("--tls-ca", type=Path, help="PEM root certificates: connect with TLS")
+    s.add_argument("--token-file", type=Path, help="file holding the server's bearer token (mrl and http targets)")
+    s.add_argument("--tls-ca", type=Path, help="PEM root certificates: connect with TLS (mrl and http targets)")
     _common(s, "mrl-bench-serve.json")
 
 
@@ -318,7 +327,13 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
     token = args.token_file.read_text().strip() if args.token_file else None
     roots = args.tls_ca.read_bytes() if args.tls_ca else None
     config = ServeConfig(
-        targets=target_specs(args.target, triton_model=args.triton_model, token=token, root_certificates=roots),
+        targets=target_specs(
+            args.target,
+            triton_model=args.triton_model,
+            token=token,
+            root_certificates=roots,
+            http_encoding_format=args.http_encoding_format,
+        ),
         texts=texts,
         concurrency=args.concurrency,
         requests=None if args.duration else (args.requests or 1000),

@@ -1,20 +1,27 @@
 """What `mrl-bench serve` sends requests to: a `Target` per kind of server, chosen by `KIND=ADDRESS`.
 
 A target connects once, embeds one request at a time (many in flight on one event loop), and
-closes. Adding a kind (an OpenAI-compatible HTTP server, say) is one class with those three
-methods and one line in `TARGET_KINDS`; the load generator, statistics and reports stay as they are.
+closes. Adding a kind is one class with those three methods and one line in `TARGET_KINDS`; the
+load generator, statistics and reports stay as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import re
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mrl.runtime.errors import InvalidInputError
 
-TARGET_KINDS = ("mrl", "triton")
+if TYPE_CHECKING:
+    import numpy as np
+
+HTTP_ENCODING_FORMATS = ("base64", "float")
+"""What an http target asks the embeddings for: base64 (the openai SDK's default) or JSON floats."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,8 +68,9 @@ class TargetSpec:
     kind: str = "mrl"
     address: str
     model: str | None = None  # triton: the repository's model name prefix (NAME in NAME_dDIMS)
-    token: str | None = None  # mrl: bearer token
-    root_certificates: bytes | None = None  # mrl: TLS roots (PEM)
+    token: str | None = None  # mrl, http: bearer token
+    root_certificates: bytes | None = None  # mrl, http: TLS roots (PEM); http then speaks https
+    encoding_format: str = "base64"  # http: how the server writes the embeddings (HTTP_ENCODING_FORMATS)
 
     def __post_init__(self) -> None:
         if self.kind not in TARGET_KINDS:
@@ -70,6 +78,10 @@ class TargetSpec:
         check_target(self.address)
         if self.kind == "triton" and not self.model:
             raise InvalidInputError("a triton target needs the model name prefix: --triton-model NAME (NAME_dDIMS)")
+        if self.encoding_format not in HTTP_ENCODING_FORMATS:
+            raise InvalidInputError(
+                f"unknown http encoding format {self.encoding_format!r}; choose from {', '.join(HTTP_ENCODING_FORMATS)}"
+            )
 
     @property
     def label(self) -> str:
@@ -99,14 +111,30 @@ def split_target(text: str) -> tuple[str, str]:
 
 
 def target_specs(
-    texts: Sequence[str], *, triton_model: str | None, token: str | None, root_certificates: bytes | None
+    texts: Sequence[str],
+    *,
+    triton_model: str | None,
+    token: str | None,
+    root_certificates: bytes | None,
+    http_encoding_format: str = "base64",
 ) -> tuple[TargetSpec, ...]:
-    """Specs from `--target [KIND=]ADDRESS` values; the token and TLS roots go to mrl targets, the model to triton's."""
+    """Specs from `--target [KIND=]ADDRESS` values; the token and TLS roots go to mrl and http targets, the model
+    to triton's, the encoding format to http's."""
     specs = []
     for text in texts:
         kind, address = split_target(text)
         if kind == "mrl":
             specs.append(TargetSpec(kind=kind, address=address, token=token, root_certificates=root_certificates))
+        elif kind == "http":
+            specs.append(
+                TargetSpec(
+                    kind=kind,
+                    address=address,
+                    token=token,
+                    root_certificates=root_certificates,
+                    encoding_format=http_encoding_format,
+                )
+            )
         else:
             specs.append(TargetSpec(kind=kind, address=address, model=triton_model))
     return tuple(specs)
@@ -216,6 +244,111 @@ class TritonTarget:
             await self._client.close()
 
 
+def openai_vectors(payload: bytes, encoding_format: str) -> tuple[np.ndarray, int | None]:
+    """An OpenAI embeddings response body as (float32 [n, dims] in index order, prompt tokens or None);
+    TargetError BAD_RESPONSE when it is not one (not JSON, indices out of order, rows of different lengths)."""
+    import numpy as np
+    import orjson
+
+    try:
+        reply = orjson.loads(payload)
+        data = reply["data"]
+        if [d["index"] for d in data] != list(range(len(data))):
+            raise ValueError("data[].index is not 0, 1, 2, ...")
+        if encoding_format == "base64":
+            raw = [base64.b64decode(d["embedding"], validate=True) for d in data]
+            if len({len(r) for r in raw}) > 1 or any(len(r) % 4 for r in raw):
+                raise ValueError("base64 rows of different lengths, or not float32")
+            rows = np.frombuffer(b"".join(raw), dtype="<f4").reshape(len(raw), -1)
+        else:
+            rows = np.array([d["embedding"] for d in data], dtype=np.float32)  # ragged rows raise
+        if rows.ndim != 2:
+            raise ValueError(f"embeddings of shape {rows.shape}")
+        tokens = (reply.get("usage") or {}).get("prompt_tokens")
+    except (ValueError, KeyError, TypeError) as e:  # orjson.JSONDecodeError and binascii.Error are ValueErrors
+        raise TargetError("BAD_RESPONSE", str(e)[:200]) from None
+    return rows, tokens if isinstance(tokens, int) else None
+
+
+def error_message(payload: bytes) -> str:
+    """The message of an OpenAI error body ({"error": {"message": ...}}), or the body's start."""
+    import orjson
+
+    try:
+        return str(orjson.loads(payload)["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError):
+        return payload[:200].decode(errors="replace")
+
+
+class HttpTarget:
+    """An OpenAI-compatible embeddings API (`POST /v1/embeddings`, as `mrl-serve --http-port` serves it), through
+    aiohttp: one pool of keep-alive connections, the body the openai SDK sends, each response decoded."""
+
+    def __init__(self, spec: TargetSpec) -> None:
+        from mrl.serving.http_service import TIMEOUT_HEADER
+
+        self.spec = spec
+        self.label = spec.label
+        self._session = None
+        self._url = f"{'http' if spec.root_certificates is None else 'https'}://{spec.address}/v1/embeddings"
+        self._timeout_header = TIMEOUT_HEADER
+
+    async def connect(self) -> None:
+        """Open the connection pool (connections open on first use and stay open)."""
+        import aiohttp
+
+        context = True  # aiohttp's default verification, used only for https
+        if self.spec.root_certificates is not None:
+            context = ssl.create_default_context(cadata=self.spec.root_certificates.decode("ascii"))
+        headers = {"Content-Type": "application/json"}
+        if self.spec.token is not None:
+            headers["Authorization"] = f"Bearer {self.spec.token}"
+        # limit=0: no cap on connections, so each closed-loop client keeps its own instead of queueing for one
+        # inside the client (gRPC multiplexes every call over one HTTP/2 connection; HTTP/1.1 cannot).
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=context),
+            headers=headers,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+        """One POST /v1/embeddings; the timeout also goes to the server, as gRPC sends its deadline."""
+        import aiohttp
+        import orjson
+
+        body: dict[str, object] = {"input": texts, "encoding_format": self.spec.encoding_format}
+        if dims is not None:
+            body["dimensions"] = dims
+        if self.spec.model:
+            body["model"] = self.spec.model
+        try:
+            async with self._session.post(
+                self._url,
+                data=orjson.dumps(body),
+                headers={self._timeout_header: f"{timeout:g}"},
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                payload = await response.read()
+                status = response.status
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise TargetError("TIMEOUT", f"no answer within {timeout:g} s") from None
+        except aiohttp.ClientError as e:  # refused, reset, TLS failures
+            raise TargetError("CONNECTION_ERROR", str(e) or type(e).__name__) from None
+        if status != 200:
+            raise TargetError(f"HTTP_{status}", error_message(payload))
+        rows, tokens = openai_vectors(payload, self.spec.encoding_format)
+        return Reply(texts=int(rows.shape[0]), dims=int(rows.shape[1]), tokens=tokens)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._session is not None:
+            await self._session.close()
+
+
+TARGET_KINDS: dict[str, type[Target]] = {"mrl": MrlTarget, "triton": TritonTarget, "http": HttpTarget}
+"""Every kind of server `mrl-bench serve` can load, by the name `--target KIND=ADDRESS` uses."""
+
+
 def open_target(spec: TargetSpec) -> Target:
     """The Target for a spec (not yet connected)."""
-    return MrlTarget(spec) if spec.kind == "mrl" else TritonTarget(spec)
+    return TARGET_KINDS[spec.kind](spec)

@@ -1,53 +1,33 @@
-"""A real `mrl-serve` on 127.0.0.1 for the load-generator tests."""
+"""A real `mrl-serve` on 127.0.0.1 (gRPC and OpenAI-compatible HTTP) for the load-generator tests."""
 
-import socket
-import subprocess
-import sys
-import time
+from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench_servers import Served, free_loopback_port, serve
 
 
 @pytest.fixture(scope="session")
-def server(tiny_artifact):
-    """`mrl-serve` on the tiny artifact, on a free loopback port; stopped after the session."""
-    pytest.importorskip("mrl.serving.client")
-    from mrl.serving.client import EmbedClient
+def served(tiny_artifact) -> Iterator[Served]:
+    """`mrl-serve` on the tiny artifact, gRPC and HTTP on free loopback ports; stopped after the session."""
+    with serve(tiny_artifact) as running:
+        yield running
 
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mrl.serving.cli", str(tiny_artifact), "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    target = f"127.0.0.1:{port}"
-    try:
-        with EmbedClient(target, timeout=2) as client:
-            for _ in range(120):  # bounded: at most about a minute
-                if proc.poll() is not None:
-                    pytest.fail(f"mrl-serve exited: {proc.stderr.read()[-2000:]}")
-                try:
-                    if all(m.ready for m in client.list_models()):
-                        break
-                except Exception:
-                    pass
-                time.sleep(0.5)
-            else:
-                pytest.fail("mrl-serve did not become ready within a minute")
-        yield target
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+
+@pytest.fixture(scope="session")
+def server(served) -> str:
+    """The session server's gRPC address."""
+    return served.grpc
+
+
+@pytest.fixture(scope="session")
+def http_server(served) -> str:
+    """The session server's HTTP address (OpenAI embeddings at /v1/embeddings)."""
+    return served.http
 
 
 @pytest.fixture
 def free_port() -> int:
     """A port nothing listens on right now, on the loopback interface."""
-    return _free_port()
+    return free_loopback_port()
