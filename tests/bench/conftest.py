@@ -27,6 +27,13 @@ def http_server(served) -> str:
     return served.http
 
 
+@pytest.fixture(scope="session")
+def server_2d(tiny_2d_artifact) -> Iterator[str]:
+    """gRPC address of `mrl-serve` on the tiny 2D artifact (layers 1 and 3); stopped after the session."""
+    with serve(tiny_2d_artifact) as running:
+        yield running.grpc
+
+
 @pytest.fixture
 def free_port() -> int:
     """A port nothing listens on right now, on the loopback interface."""
