@@ -3,6 +3,7 @@ depths (each depth of a mix on its own too), as JSON fields and one Markdown tab
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,16 +45,18 @@ def add_comparisons(rows: list[dict[str, Any]]) -> None:
 
 def _compare_depths(row: dict[str, Any], singles: dict[str, dict[str, Any]]) -> None:
     """For a mix of depths: each depth's texts/s and p50 in the mix against that depth alone, and the mix's
-    texts/s against time-sharing the machine between the depths alone (equal texts of each)."""
+    texts/s against time-sharing the machine between the depths alone (in the mix's shares)."""
     by_layers = row.get("by_layers") or {}
     for depth, part in by_layers.items():
         alone = singles.get(depth)
         if alone is not None:
             part["vs_alone"] = ratio(part["texts_per_s"], alone["texts_per_s"])
             part["p50_vs_alone"] = ratio(_p50(part), _p50(alone))
-    rates = [singles[d]["texts_per_s"] for d in by_layers if d in singles]
-    if by_layers and len(rates) == len(by_layers) and all(rates):
-        row["time_shared_texts_per_s"] = len(rates) / sum(1 / r for r in rates)
+    shares = Counter(row["layers_mix"].split(","))
+    rates = {d: singles[d]["texts_per_s"] for d in shares if d in singles}
+    if len(shares) > 1 and len(rates) == len(shares) and all(rates.values()):
+        total = sum(shares.values())
+        row["time_shared_texts_per_s"] = 1 / sum(shares[d] / total / rates[d] for d in shares)
         row["vs_time_shared"] = ratio(row["texts_per_s"], row["time_shared_texts_per_s"])
 
 

@@ -163,8 +163,11 @@ class ServedModel:
         lone = None
         if spec.lone_batch_threads and backend == "onnxruntime-cpu" and config.workers > 1:
             wide = dataclasses.replace(spec, intra_op_threads=spec.lone_batch_threads, spinning=True)
+            # Its threads stop spinning when a run returns: left spinning, they took the cores from the next
+            # request's handling and from a lone batch of another depth (another session) that came next.
+            options = {**backend_options(wide, backend), "stop_spinning": True}
             lone = Embedder.load(  # already verified above
-                spec.artifact_dir, backend, precision=spec.precision, verify=False, **backend_options(wide, backend)
+                spec.artifact_dir, backend, precision=spec.precision, verify=False, **options
             )
         return cls(spec.name or embedder.manifest.name, embedder, config, lone)
 

@@ -55,6 +55,9 @@ def test_depths_are_held_against_each_other_and_each_against_itself_alone():
     # Half the texts at 200/s and half at 100/s, one after the other: 133.3/s.
     assert rows[2]["time_shared_texts_per_s"] == pytest.approx(400 / 3)
     assert rows[2]["vs_time_shared"] == pytest.approx(180 / (400 / 3))
+    skewed = row("3,6,6,6", 120.0, 70.0, by_layers={"3": {"texts_per_s": 30.0}, "6": {"texts_per_s": 90.0}})
+    add_comparisons([*rows, skewed])
+    assert skewed["time_shared_texts_per_s"] == pytest.approx(1 / (0.25 / 200 + 0.75 / 100))  # 114.3/s
     table = serve_table([{**r, "ok": 1, "errors": {}, "server_queue_ms_mean": None} for r in rows])
     assert "| layers |" in table and "0.45x texts/s, 1.50x p50 of alone" in table and "2.00 vs 6" in table
 

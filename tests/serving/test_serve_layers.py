@@ -218,6 +218,9 @@ def test_a_lone_batch_runs_its_own_depth_on_the_wide_session(tiny_2d_artifact):
             model.lone_batches.clear()  # warm-up ran each depth once
             shallow = await client.embed(texts, layers=1, dims=8)
             full = await client.embed(texts, dims=16)
+            for name in ("l1-d32-fp32", "d32-fp32"):  # one wide session per depth, spinning only while it runs
+                options = model._lone._backends[name]._session.get_session_options()
+                assert options.get_session_config_entry("session.force_spinning_stop") == "1"
             return shallow, full
 
     shallow, full = run(scenario())
