@@ -315,7 +315,7 @@ class HttpTarget:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+    async def embed(self, texts: list[str], dims: int | None, timeout: float, *, layers: int | None = None) -> Reply:
         """One POST /v1/embeddings; the timeout also goes to the server, as gRPC sends its deadline."""
         import aiohttp
         import orjson
@@ -323,6 +323,8 @@ class HttpTarget:
         body: dict[str, object] = {"input": texts, "encoding_format": self.spec.encoding_format}
         if dims is not None:
             body["dimensions"] = dims
+        if layers is not None:
+            body["layers"] = layers  # mrl-serve's extra field, as `prompt_name` is
         if self.spec.model:
             body["model"] = self.spec.model
         try:

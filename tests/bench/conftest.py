@@ -28,10 +28,16 @@ def http_server(served) -> str:
 
 
 @pytest.fixture(scope="session")
-def server_2d(tiny_2d_artifact) -> Iterator[str]:
-    """gRPC address of `mrl-serve` on the tiny 2D artifact (layers 1 and 3); stopped after the session."""
+def served_2d(tiny_2d_artifact) -> Iterator[Served]:
+    """`mrl-serve` on the tiny 2D artifact (layers 1 and 3), gRPC and HTTP; stopped after the session."""
     with serve(tiny_2d_artifact) as running:
-        yield running.grpc
+        yield running
+
+
+@pytest.fixture(scope="session")
+def server_2d(served_2d) -> str:
+    """The 2D server's gRPC address."""
+    return served_2d.grpc
 
 
 @pytest.fixture

@@ -91,6 +91,20 @@ def test_a_sweep_of_depths_alone_and_mixed_against_a_real_server(server_2d):
     assert "1,3" in serve_table(rows)
 
 
+def test_the_http_target_sends_layers_too(served_2d):
+    config = ServeConfig(
+        targets=(TargetSpec(kind="http", address=served_2d.http),),
+        texts=TEXTS,
+        concurrency=(2,),
+        requests=8,
+        warmup_requests=0,
+        layers_mixes=((1, 3), (2,)),
+    )
+    mixed, refused = asyncio.run(sweep(config, lambda _: None))
+    assert mixed["ok"] == 8 and {k: v["ok"] for k, v in mixed["by_layers"].items()} == {"1": 4, "3": 4}
+    assert refused["ok"] == 0 and refused["errors"] == {"HTTP_400": 8}  # no profile keeps 2 layers
+
+
 def test_the_serve_command_takes_layers_mixes_and_compares_reports_by_them(server_2d, tmp_path, capsys):
     from mrl.bench.cli import main
     from mrl.bench.report import load_report
