@@ -30,6 +30,7 @@ examples:
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
   mrl-bench engine artifacts/minilm-2d --layers 3,6 --dims 256 --batch-sizes 1,32   # layer-cut profiles' speed
   mrl-bench memory artifacts/minilm --precision fp32,int8   # RSS as 1, 2, 3, ... dims profiles are served
+  mrl-bench serve --target 127.0.0.1:50051 --layers-mix 3 --layers-mix 6 --layers-mix 3,6   # depths alone and mixed
   mrl-bench corpus chatterbot --out data/chatterbot   # real offline texts: corpus, pairs, request texts
   mrl-bench --compare before.json after.json
 
@@ -196,6 +197,12 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--texts", type=Path, help="request texts, one a line (default: built-in sentences)")
     s.add_argument("--texts-per-request", type=int, default=1, help="default 1")
     s.add_argument("--dims-mix", action="append", type=_ints, help="dims sent round-robin; repeatable (64,128,256)")
+    s.add_argument(
+        "--layers-mix",
+        action="append",
+        type=_ints,
+        help="layers sent round-robin, each depth reported apart too; repeatable (3, then 6, then 3,6)",
+    )
     s.add_argument("--offline-baseline", type=Path, metavar="ARTIFACT", help="also time Embedder at batch 32")
     s.add_argument("--offline-seconds", type=_positive_float, default=3.0, help="each offline pass (default 3)")
     s.add_argument("--offline-precision", help="precision of the offline baseline (default: the manifest's first)")
@@ -319,7 +326,8 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
 
 
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
-    from mrl.bench.serve import ServeConfig, offline_note, offline_throughput, serve_table, sweep_with_offline
+    from mrl.bench.serve import ServeConfig, offline_throughput, sweep_with_offline
+    from mrl.bench.serve_report import offline_note, serve_table
     from mrl.bench.targets import client_pythons, target_specs
     from mrl.bench.texts import passage_sentences, read_lines
 
@@ -341,6 +349,7 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
         warmup_requests=args.warmup_requests,
         texts_per_request=args.texts_per_request,
         dims_mixes=tuple(args.dims_mix) if args.dims_mix else (None,),
+        layers_mixes=tuple(args.layers_mix) if args.layers_mix else (None,),
         request_timeout_s=args.timeout,
         server_pids=tuple(args.server_pid or ()),
         rounds=args.rounds,

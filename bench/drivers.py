@@ -31,7 +31,9 @@ class Driver(Protocol):
     label: str
     pids: tuple[int, ...]  # client processes besides this one, whose CPU is ours, not other load
 
-    async def run_level(self, concurrency: int, mix: tuple[int, ...] | None) -> list[Any]:
+    async def run_level(
+        self, concurrency: int, mix: tuple[int, ...] | None, layers_mix: tuple[int, ...] | None = None
+    ) -> list[Any]:
         """One level's outcomes."""
         ...
 
@@ -68,11 +70,13 @@ class LocalDriver:
         """Connect."""
         await self._target.connect()
 
-    async def run_level(self, concurrency: int, mix: tuple[int, ...] | None) -> list[Any]:
+    async def run_level(
+        self, concurrency: int, mix: tuple[int, ...] | None, layers_mix: tuple[int, ...] | None = None
+    ) -> list[Any]:
         """One level, here."""
         from mrl.bench.serve import run_level
 
-        return await run_level(self._target, self._config, concurrency, mix)
+        return await run_level(self._target, self._config, concurrency, mix, layers_mix)
 
     async def close(self) -> None:
         """Disconnect."""
@@ -118,11 +122,14 @@ class WorkerDriver:
         config = {k: v for k, v in dataclasses.asdict(self._config).items() if k in _WORKER_FIELDS}
         await self._ask({"target": spec_to_json(self._spec), "config": config})
 
-    async def run_level(self, concurrency: int, mix: tuple[int, ...] | None) -> list[Any]:
+    async def run_level(
+        self, concurrency: int, mix: tuple[int, ...] | None, layers_mix: tuple[int, ...] | None = None
+    ) -> list[Any]:
         """One level, in the worker; its outcomes back."""
         from mrl.bench.serve import Outcome
 
-        answer = await self._ask({"concurrency": concurrency, "mix": None if mix is None else list(mix)})
+        ask = {"concurrency": concurrency, "mix": None if mix is None else list(mix)}
+        answer = await self._ask({**ask, "layers_mix": None if layers_mix is None else list(layers_mix)})
         return [Outcome(**o) for o in answer["outcomes"]]
 
     async def close(self) -> None:
@@ -185,7 +192,8 @@ async def _serve_worker() -> None:
         while line := await loop.run_in_executor(None, read):
             ask = json.loads(line)
             mix = None if ask["mix"] is None else tuple(ask["mix"])
-            outcomes = await run_level(target, config, ask["concurrency"], mix)
+            layers_mix = None if ask.get("layers_mix") is None else tuple(ask["layers_mix"])
+            outcomes = await run_level(target, config, ask["concurrency"], mix, layers_mix)
             print(json.dumps({"outcomes": [dataclasses.asdict(o) for o in outcomes]}), flush=True)
     finally:
         await target.close()

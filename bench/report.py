@@ -50,7 +50,7 @@ KINDS: dict[str, Kind] = {
         compare=("texts_per_s", "p50_ms", "p99_ms"),
     ),
     "serve": Kind(
-        key=("dims_mix", "concurrency"),
+        key=("dims_mix", "layers_mix", "concurrency"),
         required=("dims_mix", "concurrency", "requests", "ok", "errors", "seconds", "texts_per_s", "latency"),
         compare=("texts_per_s", "p50_ms", "p99_ms"),
     ),

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from mrl.bench import memory
-from mrl.bench.stats import ratio, summarize
+from mrl.bench.serve_report import add_comparisons
+from mrl.bench.stats import summarize
 from mrl.bench.targets import Target, TargetError, TargetSpec
 from mrl.bench.texts import cycle
 from mrl.runtime.errors import InvalidInputError
@@ -43,6 +44,7 @@ class ServeConfig:
     warmup_requests: int | None = None  # per level; None: twice the concurrency
     texts_per_request: int = 1
     dims_mixes: tuple[tuple[int, ...] | None, ...] = (None,)  # None: the server's default dims
+    layers_mixes: tuple[tuple[int, ...] | None, ...] = (None,)  # None: the server's default depth
     request_timeout_s: float = 60.0
     server_pids: tuple[int, ...] = ()  # local servers: their CPU (and their children's) is not other load
     rounds: int = 1  # each (level, target, mix) this many times, in ABBA order; results pooled
@@ -66,6 +68,8 @@ class ServeConfig:
             raise InvalidInputError("rounds must be within 1..100")
         if self.texts_per_request < 1:
             raise InvalidInputError("texts per request must be at least 1")
+        if any(m is not None for m in self.layers_mixes) and any(t.kind == "triton" for t in self.targets):
+            raise InvalidInputError("layers mixes are for mrl-serve targets: a Triton repository serves one depth")
 
 
 def mix_label(mix: tuple[int, ...] | None) -> str:
@@ -78,6 +82,12 @@ def dims_for(mix: tuple[int, ...] | None, index: int) -> int | None:
     return None if mix is None else mix[index % len(mix)]
 
 
+def layers_for(mix: tuple[int, ...] | None, index: int, dims_mix: tuple[int, ...] | None = None) -> int | None:
+    """The layers of request `index`: round-robin over the mix, one step per full turn of the dims mix, so
+    every (dims, layers) pair gets an even share."""
+    return None if mix is None else mix[index // len(dims_mix or (None,)) % len(mix)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Outcome:
     """One request's result, with when it was sent and answered (perf_counter seconds)."""
@@ -87,6 +97,7 @@ class Outcome:
     done_at: float
     code: str  # "OK" or the protocol's status name
     texts: int
+    layers: int | None = None  # as asked (None: the server's default depth)
     tokens: int | None = None  # None: the server does not report it (Triton)
     queue_ms: float | None = None
     inference_ms: float | None = None
@@ -97,21 +108,26 @@ class Outcome:
         return self.done_at - self.sent_at
 
 
-async def _one(target: Target, index: int, texts: list[str], dims: int | None, timeout: float) -> Outcome:
+async def _one(
+    target: Target, index: int, texts: list[str], shape: tuple[int | None, int | None], timeout: float
+) -> Outcome:
+    dims, layers = shape
     sent = time.perf_counter()
     try:
-        reply = await target.embed(texts, dims, timeout)
+        reply = await target.embed(texts, dims, timeout, layers=layers)
     except TargetError as e:
-        return Outcome(index=index, sent_at=sent, done_at=time.perf_counter(), code=e.code, texts=0)
+        return Outcome(index=index, sent_at=sent, done_at=time.perf_counter(), code=e.code, texts=0, layers=layers)
     done = time.perf_counter()
-    if reply.texts != len(texts) or (dims is not None and reply.dims != dims):
-        return Outcome(index=index, sent_at=sent, done_at=done, code="BAD_RESPONSE", texts=0)
+    wrong_depth = layers is not None and reply.layers is not None and reply.layers != layers
+    if reply.texts != len(texts) or (dims is not None and reply.dims != dims) or wrong_depth:
+        return Outcome(index=index, sent_at=sent, done_at=done, code="BAD_RESPONSE", texts=0, layers=layers)
     return Outcome(
         index=index,
         sent_at=sent,
         done_at=done,
         code="OK",
         texts=len(texts),
+        layers=layers,
         tokens=reply.tokens,
         queue_ms=reply.queue_ms,
         inference_ms=reply.inference_ms,
@@ -119,9 +135,14 @@ async def _one(target: Target, index: int, texts: list[str], dims: int | None, t
 
 
 async def run_level(
-    target: Target, config: ServeConfig, concurrency: int, mix: tuple[int, ...] | None
+    target: Target,
+    config: ServeConfig,
+    concurrency: int,
+    mix: tuple[int, ...] | None,
+    layers_mix: tuple[int, ...] | None = None,
 ) -> list[Outcome]:
-    """Drive one concurrency level once: warm-up requests, then the measured ones; returns every outcome."""
+    """Drive one concurrency level once: warm-up requests, then the measured ones; returns every outcome.
+    Requests cycle through the dims `mix` and the `layers_mix`."""
     warmup = warmup_count(config, concurrency)
     last = warmup + (config.requests if config.requests is not None else MAX_REQUESTS)
     limit = (config.duration_s or MAX_DURATION_S) + config.request_timeout_s + 60
@@ -139,7 +160,8 @@ async def run_level(
             if index == warmup and config.duration_s is not None:
                 deadline[0] = min(hard_stop, time.perf_counter() + config.duration_s)
             texts = cycle(config.texts, n, index * n)
-            outcomes.append(await _one(target, index, texts, dims_for(mix, index), config.request_timeout_s))
+            shape = (dims_for(mix, index), layers_for(layers_mix, index, mix))
+            outcomes.append(await _one(target, index, texts, shape, config.request_timeout_s))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return outcomes
@@ -170,19 +192,10 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
-def level_row(
-    rounds: Sequence[Sequence[Outcome]],
-    *,
-    warmup: int,
-    concurrency: int,
-    mix: tuple[int, ...] | None,
-    target: str = "",
-) -> dict[str, Any]:
-    """Throughput over each round's steady window (summed), latency percentiles of successful measured
-    requests of all rounds, errors by status code."""
-    measured = [o for outcomes in rounds for o in outcomes if o.index >= warmup]
-    ok = [o for o in measured if o.code == "OK"]
-    errors = dict(sorted(Counter(o.code for o in measured if o.code != "OK").items()))
+def _rates(rounds: Sequence[Sequence[Outcome]], warmup: int, keep: Callable[[Outcome], bool]) -> dict[str, Any]:
+    """Throughput of the outcomes `keep` takes over each round's steady window (summed; the window is the
+    whole level's), and the latency percentiles of their successful measured requests of all rounds."""
+    ok = [o for outcomes in rounds for o in outcomes if o.index >= warmup and o.code == "OK" and keep(o)]
     texts = done = 0
     tokens: int | None = 0
     seconds = 0.0
@@ -192,27 +205,49 @@ def level_row(
             continue
         seconds += window[1] - window[0]
         # Every request answered inside the window counts, warm-up ones too: they were real load.
-        inside = [o for o in outcomes if o.code == "OK" and window[0] < o.done_at <= window[1]]
+        inside = [o for o in outcomes if o.code == "OK" and window[0] < o.done_at <= window[1] and keep(o)]
         texts += sum(o.texts for o in inside)
         counted = [o.tokens for o in inside]
         tokens = None if tokens is None or None in counted else tokens + sum(counted)
         done += len(inside)
     return {
-        "target": target,
-        "dims_mix": mix_label(mix),
-        "concurrency": concurrency,
-        "rounds": len(rounds),
-        "requests": len(measured),
         "ok": len(ok),
-        "errors": errors,
         "seconds": seconds,
         "texts_per_s": texts / seconds if seconds > 0 else None,
         "requests_per_s": done / seconds if seconds > 0 else None,
         "tokens_per_s": tokens / seconds if seconds > 0 and tokens is not None else None,
         "latency": dataclasses.asdict(summarize([o.seconds for o in ok])) if ok else None,
+    }
+
+
+def level_row(
+    rounds: Sequence[Sequence[Outcome]],
+    *,
+    warmup: int,
+    concurrency: int,
+    mix: tuple[int, ...] | None,
+    target: str = "",
+    layers_mix: tuple[int, ...] | None = None,
+) -> dict[str, Any]:
+    """Throughput over each round's steady window (summed), latency percentiles of successful measured
+    requests of all rounds, errors by status code; with several layers, the same for each depth's requests."""
+    measured = [o for outcomes in rounds for o in outcomes if o.index >= warmup]
+    ok = [o for o in measured if o.code == "OK"]
+    row = {
+        "target": target,
+        "dims_mix": mix_label(mix),
+        "layers_mix": mix_label(layers_mix),
+        "concurrency": concurrency,
+        "rounds": len(rounds),
+        "requests": len(measured),
+        "errors": dict(sorted(Counter(o.code for o in measured if o.code != "OK").items())),
+        **_rates(rounds, warmup, lambda o: True),
         "server_queue_ms_mean": _mean([o.queue_ms for o in ok]),
         "server_inference_ms_mean": _mean([o.inference_ms for o in ok]),
     }
+    if layers_mix is not None and len(layers_mix) > 1:
+        row["by_layers"] = {str(n): _rates(rounds, warmup, lambda o, n=n: o.layers == n) for n in layers_mix}
+    return row
 
 
 def round_orders(mixes: Sequence[Any], rounds: int) -> list[list[Any]]:
@@ -221,7 +256,8 @@ def round_orders(mixes: Sequence[Any], rounds: int) -> list[list[Any]]:
 
 
 async def sweep(config: ServeConfig, progress: Progress) -> list[dict[str, Any]]:
-    """Every concurrency level; within a level, each (target, dims mix) in alternating order for `config.rounds`."""
+    """Every concurrency level; within a level, each (target, dims mix, layers mix) in alternating order for
+    `config.rounds`."""
     from mrl.bench.drivers import open_driver, process_tree
 
     drivers = []
@@ -230,33 +266,43 @@ async def sweep(config: ServeConfig, progress: Progress) -> list[dict[str, Any]]
         for spec in config.targets:
             drivers.append(await open_driver(spec, config, dict(config.client_python).get(spec.kind)))
         ours = process_tree(config.server_pids) + tuple(p for d in drivers for p in d.pids)
-        cells = [(d, m) for d in drivers for m in config.dims_mixes]
+        cells = [(d, m, n) for d in drivers for m in config.dims_mixes for n in config.layers_mixes]
         for concurrency in config.concurrency:
-            outcomes: dict[tuple[str, str], list[list[Outcome]]] = {(d.label, mix_label(m)): [] for d, m in cells}
-            busy: dict[tuple[str, str], list[float]] = {key: [] for key in outcomes}
+            outcomes: dict[tuple[str, str, str], list[list[Outcome]]] = {_key(*c): [] for c in cells}
+            busy: dict[tuple[str, str, str], list[float]] = {key: [] for key in outcomes}
             for r, order in enumerate(round_orders(cells, config.rounds)):
-                for driver, mix in order:
-                    key = (driver.label, mix_label(mix))
-                    progress(f"{driver.label}: concurrency {concurrency}, dims {key[1]}, round {r + 1}/{config.rounds}")
+                for driver, mix, layers_mix in order:
+                    key = _key(driver, mix, layers_mix)
+                    progress(f"{driver.label}: concurrency {concurrency}, {_cell(key)}, round {r + 1}/{config.rounds}")
                     before = memory.cpu_snapshot(ours)
-                    outcomes[key].append(await driver.run_level(concurrency, mix))
+                    outcomes[key].append(await driver.run_level(concurrency, mix, layers_mix))
                     # Without --server-pid, "other" includes the servers themselves, not only unrelated jobs.
                     load = memory.other_load(before, memory.cpu_snapshot(ours), os.cpu_count() or 1)
                     busy[key].append(load or 0.0)
-            for driver, mix in cells:
-                key = (driver.label, mix_label(mix))
-                warmup = warmup_count(config, concurrency)
-                row = level_row(outcomes[key], warmup=warmup, concurrency=concurrency, mix=mix, target=driver.label)
+            warmup = warmup_count(config, concurrency)
+            for driver, mix, layers_mix in cells:
+                key = _key(driver, mix, layers_mix)
+                row = level_row(
+                    outcomes[key], warmup=warmup, concurrency=concurrency, mix=mix, target=driver.label,
+                    layers_mix=layers_mix,
+                )  # fmt: skip
                 row["other_load_cores"] = max(busy[key]) if busy[key] else None
                 p50 = (row["latency"] or {}).get("p50_ms") or float("nan")
-                errors = row["errors"] or "none"
-                speed = f"{row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {errors}"
-                progress(f"  {driver.label} dims {key[1]}: {speed}")
+                speed = f"{row['texts_per_s'] or 0:.1f} texts/s, p50 {p50:.1f} ms, errors {row['errors'] or 'none'}"
+                progress(f"  {driver.label} {_cell(key)}: {speed}")
                 rows.append(row)
     finally:
         for driver in drivers:
             await driver.close()
     return rows
+
+
+def _key(driver: Any, mix: tuple[int, ...] | None, layers_mix: tuple[int, ...] | None) -> tuple[str, str, str]:
+    return (driver.label, mix_label(mix), mix_label(layers_mix))
+
+
+def _cell(key: tuple[str, str, str]) -> str:
+    return f"dims {key[1]}" + ("" if key[2] == "default" else f", layers {key[2]}")
 
 
 def offline_throughput(
@@ -330,89 +376,3 @@ def sweep_with_offline(
             row["offline_batch1_p50_ms"] = bracketing_offline(level, singles)
     add_comparisons(rows)
     return rows, offline
-
-
-def add_comparisons(rows: list[dict[str, Any]]) -> None:
-    """Each row's throughput against its offline rate, against the first target's same level and mix, and,
-    for mixed dims, against each single-dims mix of the same target."""
-    first = rows[0].get("target", "") if rows else ""
-    same = {(r.get("target", ""), r["concurrency"], r["dims_mix"]): r for r in rows}
-    for row in rows:
-        target = row.get("target", "")
-        row["vs_offline"] = ratio(row["texts_per_s"], row.get("offline_texts_per_s"))
-        p50, single = (row.get("latency") or {}).get("p50_ms"), row.get("offline_batch1_p50_ms")
-        row["p50_over_offline_batch1_ms"] = None if p50 is None or single is None else p50 - single
-        if target != first and (first, row["concurrency"], row["dims_mix"]) in same:
-            row["vs_first_target"] = ratio(
-                row["texts_per_s"], same[first, row["concurrency"], row["dims_mix"]]["texts_per_s"]
-            )
-        if "," in row["dims_mix"]:
-            row["vs_single_dims"] = {
-                mix: ratio(row["texts_per_s"], other["texts_per_s"])
-                for (t, c, mix), other in same.items()
-                if t == target and c == row["concurrency"] and "," not in mix
-            }
-
-
-def serve_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table `mrl-bench serve` prints."""
-    from mrl.bench.report import markdown_table
-
-    several = len({r.get("target", "") for r in rows}) > 1
-    headers = [
-        *(["target"] if several else []),
-        "dims",
-        "concurrency",
-        "ok",
-        "errors",
-        "texts/s",
-        "p50 ms",
-        "p90 ms",
-        "p99 ms",
-        "server queue ms",
-        "offline texts/s",
-        "vs offline",
-        "p50 - offline 1-text ms",
-        "vs single dims",
-        *(["vs first target"] if several else []),
-        "other load",
-    ]
-    body = []
-    for r in rows:
-        lat = r["latency"] or {}
-        vs = r.get("vs_single_dims") or {}
-        vs_first = r.get("vs_first_target")
-        body.append(
-            [
-                *([r.get("target", "")] if several else []),
-                r["dims_mix"],
-                r["concurrency"],
-                r["ok"],
-                r["errors"] or "0",
-                r["texts_per_s"],
-                lat.get("p50_ms"),
-                lat.get("p90_ms"),
-                lat.get("p99_ms"),
-                r["server_queue_ms_mean"],
-                r.get("offline_texts_per_s"),
-                None if r.get("vs_offline") is None else f"{r['vs_offline']:.2f}",
-                r.get("p50_over_offline_batch1_ms"),
-                ", ".join(f"{ratio_:.2f} vs {m}" for m, ratio_ in vs.items() if ratio_ is not None) or None,
-                *([None if vs_first is None else f"{vs_first:.2f}"] if several else []),
-                r.get("other_load_cores"),
-            ]
-        )
-    return markdown_table(headers, body)
-
-
-def offline_note(offline: Sequence[dict[str, Any]]) -> str:
-    """The line under the serve table naming the offline passes (empty without any)."""
-    if not offline:
-        return ""
-    speeds = ", ".join(f"{o['texts_per_s']:.1f}" for o in offline)
-    singles = ", ".join(f"{o['batch1_p50_ms']:.2f}" for o in offline)
-    loads = ", ".join("–" if o["other_load_cores"] is None else f"{o['other_load_cores']:.2f}" for o in offline)
-    return (
-        f"\noffline Embedder before each level and after the last: batch 32 {speeds} texts/s; "
-        f"one text p50 {singles} ms; other load {loads}"
-    )

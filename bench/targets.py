@@ -30,6 +30,7 @@ class Reply:
 
     texts: int
     dims: int
+    layers: int | None = None  # the depth that ran, where the server says
     tokens: int | None = None
     queue_ms: float | None = None
     inference_ms: float | None = None
@@ -52,8 +53,8 @@ class Target(Protocol):
         """Open the channel and learn what the server serves."""
         ...
 
-    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
-        """Embed one request's texts (dims None: the server's default); raise TargetError on failure."""
+    async def embed(self, texts: list[str], dims: int | None, timeout: float, *, layers: int | None = None) -> Reply:
+        """Embed one request's texts (dims, layers None: the server's default); raise TargetError on failure."""
         ...
 
     async def close(self) -> None:
@@ -165,18 +166,19 @@ class MrlTarget:
             self.spec.address, token=self.spec.token, root_certificates=self.spec.root_certificates
         )
 
-    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+    async def embed(self, texts: list[str], dims: int | None, timeout: float, *, layers: int | None = None) -> Reply:
         """One Embed call."""
         import grpc
 
         try:
-            response = await self._client.embed_response(texts, dims=dims, timeout=timeout)
+            response = await self._client.embed_response(texts, dims=dims, layers=layers, timeout=timeout)
         except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
             code = e.code().name if callable(getattr(e, "code", None)) else "UNKNOWN"
             raise TargetError(code) from None
         return Reply(
             texts=len(response.embeddings),
             dims=response.dimensions,
+            layers=response.layers or None,
             tokens=response.usage.input_tokens,
             queue_ms=response.timing.queue_ms,
             inference_ms=response.timing.inference_ms,
@@ -220,8 +222,10 @@ class TritonTarget:
             raise InvalidInputError(f"{self.spec.address} serves no ready {self.spec.model}_dDIMS model: {names}")
         self._default_dims = dims[-1]
 
-    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
-        """One ModelInfer call: TEXT (BYTES [n, 1]) in, EMBEDDING (FP32 [n, dims]) out."""
+    async def embed(self, texts: list[str], dims: int | None, timeout: float, *, layers: int | None = None) -> Reply:
+        """One ModelInfer call: TEXT (BYTES [n, 1]) in, EMBEDDING (FP32 [n, dims]) out (full depth only)."""
+        if layers is not None:
+            raise TargetError("INVALID_ARGUMENT", "a Triton repository serves one depth: send no layers")
         import numpy as np
         import tritonclient.grpc as triton
         from tritonclient.utils import InferenceServerException
@@ -311,7 +315,7 @@ class HttpTarget:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
 
-    async def embed(self, texts: list[str], dims: int | None, timeout: float) -> Reply:
+    async def embed(self, texts: list[str], dims: int | None, timeout: float, *, layers: int | None = None) -> Reply:
         """One POST /v1/embeddings; the timeout also goes to the server, as gRPC sends its deadline."""
         import aiohttp
         import orjson
@@ -319,6 +323,8 @@ class HttpTarget:
         body: dict[str, object] = {"input": texts, "encoding_format": self.spec.encoding_format}
         if dims is not None:
             body["dimensions"] = dims
+        if layers is not None:
+            body["layers"] = layers  # mrl-serve's extra field, as `prompt_name` is
         if self.spec.model:
             body["model"] = self.spec.model
         try:

@@ -1,7 +1,8 @@
 """A dynamic batcher over a plain function: token-budget batches of similar length, run off the event loop.
 
-It knows nothing of models: it queues payloads with a token count, calls `fn(payloads) -> results` in
-an executor and hands each caller its own result (or error).
+It knows nothing of models: it queues payloads with a token count and a group, calls `fn(payloads) -> results`
+in an executor and hands each caller its own result (or error). Jobs of different groups never share a batch
+(a model uses the group for work that cannot share one forward pass).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from mrl.serving.config import BatcherConfig
 from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
+from mrl.serving.selection import Plan, admits, plan_batch
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +31,12 @@ R = TypeVar("R")
 
 @dataclass(frozen=True, kw_only=True)
 class Job(Generic[P]):
-    """One unit of work to batch: a payload and what it costs in tokens."""
+    """One unit of work to batch: a payload, what it costs in tokens, and the group whose batches it may join."""
 
     payload: P
     tokens: int
+    group: Hashable = None
+    """Jobs of different groups never share a batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,15 +65,6 @@ class BatchStats:
     """Texts computed whose caller had gone (cancelled, or past its deadline) by the time they were done."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class Selection:
-    """A run `[start, stop)` of the length-sorted queue, and whether a limit (not the queue's end) stopped it."""
-
-    start: int
-    stop: int
-    full: bool
-
-
 @dataclass(eq=False, kw_only=True)
 class _Item:
     job: Job[Any]
@@ -84,6 +79,14 @@ class _Item:
         return (self.job.tokens, self.seq)
 
 
+@dataclass(eq=False)
+class _Lane:
+    """The queued items of one group, sorted by (tokens, seq), with their keys for bisecting."""
+
+    items: list[_Item] = field(default_factory=list)
+    keys: list[tuple[int, int]] = field(default_factory=list)
+
+
 @dataclass(eq=False, kw_only=True)
 class _Outcome:
     """Per-item result of running a batch in the executor: a value or an error, and the run time."""
@@ -93,53 +96,10 @@ class _Outcome:
     run_seconds: float = 0.0
 
 
-def admits(queued_tokens: int, request_tokens: int, capacity: int) -> bool:
-    """Whether a request of `request_tokens` fits a queue holding `queued_tokens` of `capacity`.
-
-    Monotone in `request_tokens`: a request that fits still fits with fewer texts, so one text is never
-    refused where a larger request holding it would pass.
-    """
-    return queued_tokens + request_tokens <= capacity
-
-
-def select_batch(
-    lengths: Sequence[int], anchor: int, *, max_tokens: int, max_size: int, max_padding: float = 1.0
-) -> Selection:
-    """Grow a run of ascending `lengths` around `anchor`, adding whichever neighbour adds the least padding.
-
-    A batch costs its padded size, `count * longest`, which must stay within `max_tokens`; at most a
-    `max_padding` share of it may be padding. `anchor` is always in it (even alone over `max_tokens`),
-    so the oldest text never starves behind others.
-    """
-    if not 0 <= anchor < len(lengths):
-        raise IndexError(f"anchor {anchor} is outside the queue of {len(lengths)}")
-
-    def fits(count: int, longest: int, real: int) -> bool:
-        padded = count * longest
-        return padded <= max_tokens and padded - real <= max_padding * padded
-
-    lo, hi = anchor, anchor + 1
-    real = lengths[anchor]
-    while hi - lo < max_size:
-        count, longest = hi - lo + 1, lengths[hi - 1]
-        down = lo > 0 and fits(count, longest, real + lengths[lo - 1])
-        up = hi < len(lengths) and fits(count, lengths[hi], real + lengths[hi])
-        if not (down or up):
-            return Selection(start=lo, stop=hi, full=lo > 0 or hi < len(lengths))
-        # Padding added: a shorter text pads itself up to the longest; a longer one pads everyone up to it.
-        waste_down = longest - lengths[lo - 1] if down else None
-        waste_up = (hi - lo) * (lengths[hi] - longest) if up else None
-        if waste_up is None or (waste_down is not None and waste_down <= waste_up):
-            lo -= 1
-            real += lengths[lo]
-        else:
-            real += lengths[hi]
-            hi += 1
-    return Selection(start=lo, stop=hi, full=True)
-
-
 class Batcher(Generic[P, R]):
     """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once.
+
+    A batch holds jobs of one group only (`Job.group`), formed around the oldest job of any group.
 
     With `fn_alone`, a lone batch (the machine idle, the queue empty behind it) runs through `fn_alone` and
     holds every worker: one text alone gets the whole machine, while load still runs batches side by side.
@@ -164,8 +124,8 @@ class Batcher(Generic[P, R]):
         self.on_batch = on_batch
         """Called on the event loop after each batch (for metrics); set it before `start`."""
         self._name = name
-        self._queue: list[_Item] = []  # sorted by (tokens, seq)
-        self._keys: list[tuple[int, int]] = []
+        self._lanes: dict[Hashable, _Lane] = {}  # one per group with jobs queued
+        self._queued_jobs = 0
         self._queued_tokens = 0
         self._seq = itertools.count()
         self._batches = itertools.count()
@@ -178,7 +138,7 @@ class Batcher(Generic[P, R]):
     @property
     def queued_jobs(self) -> int:
         """Jobs waiting for a batch."""
-        return len(self._queue)
+        return self._queued_jobs
 
     @property
     def queued_tokens(self) -> int:
@@ -213,9 +173,11 @@ class Batcher(Generic[P, R]):
         futures = []
         for job in jobs:
             item = _Item(job=job, seq=next(self._seq), enqueued=now, deadline=deadline, future=loop.create_future())
-            index = bisect.bisect(self._keys, item.key)
-            self._keys.insert(index, item.key)
-            self._queue.insert(index, item)
+            lane = self._lanes.setdefault(job.group, _Lane())
+            index = bisect.bisect(lane.keys, item.key)
+            lane.keys.insert(index, item.key)
+            lane.items.insert(index, item)
+            self._queued_jobs += 1
             self._queued_tokens += job.tokens
             # A caller that goes away (cancelled, deadline) frees its place at once, before any compute.
             item.future.add_done_callback(lambda f, it=item: self._forget(it) if f.cancelled() else None)
@@ -235,30 +197,46 @@ class Batcher(Generic[P, R]):
         if self._task is not None:
             await self._task
 
+    def _queued(self) -> Iterator[_Item]:
+        for lane in list(self._lanes.values()):
+            yield from list(lane.items)
+
+    def _take(self, group: Hashable, start: int, stop: int) -> list[_Item]:
+        """Remove and return items `[start, stop)` of a group's lane."""
+        lane = self._lanes[group]
+        items = lane.items[start:stop]
+        del lane.items[start:stop]
+        del lane.keys[start:stop]
+        if not lane.items:
+            del self._lanes[group]
+        self._queued_jobs -= len(items)
+        self._queued_tokens -= sum(i.job.tokens for i in items)
+        return items
+
     def _forget(self, item: _Item) -> None:
-        index = bisect.bisect_left(self._keys, item.key)
-        if index < len(self._queue) and self._queue[index] is item:
-            del self._queue[index]
-            del self._keys[index]
-            self._queued_tokens -= item.job.tokens
+        lane = self._lanes.get(item.job.group)
+        if lane is None:
+            return
+        index = bisect.bisect_left(lane.keys, item.key)
+        if index < len(lane.items) and lane.items[index] is item:
+            self._take(item.job.group, index, index + 1)
 
     def _drop_expired(self, now: float) -> None:
-        for item in [i for i in self._queue if i.deadline is not None and i.deadline <= now]:
+        for item in [i for i in self._queued() if i.deadline is not None and i.deadline <= now]:
             self._forget(item)
             if not item.future.done():
                 item.future.set_exception(RequestExpiredError("the deadline passed while the request was queued"))
 
-    def _select(self) -> tuple[Selection, float]:
+    def _select(self) -> tuple[Plan, float]:
         """The next batch around the oldest item, and when that item's delay runs out."""
-        oldest = min(range(len(self._queue)), key=lambda i: self._queue[i].seq)
-        selection = select_batch(
-            [k[0] for k in self._keys],
-            oldest,
+        plan = plan_batch(
+            {group: lane.keys for group, lane in self._lanes.items()},
             max_tokens=self._config.max_batch_tokens,
             max_size=self._config.max_batch_size,
             max_padding=self._config.max_padding,
         )
-        return selection, self._queue[oldest].enqueued + self._config.max_queue_delay_ms / 1000
+        oldest = min(self._lanes[plan.group].items, key=lambda i: i.seq)
+        return plan, oldest.enqueued + self._config.max_queue_delay_ms / 1000
 
     async def _next_batch(self) -> list[_Item] | None:
         """The next batch to run; None once closed and empty.
@@ -271,19 +249,16 @@ class Batcher(Generic[P, R]):
         while True:
             self._wake.clear()
             self._drop_expired(loop.time())
-            if not self._queue:
+            if not self._lanes:
                 if self._closing:
                     return None
                 await self._wake.wait()
                 continue
-            selection, due = self._select()
+            plan, due = self._select()
+            selection = plan.selection
             wait = due - loop.time()
             if selection.full or wait <= 0 or not self._running or self._closing or self._hurry:
-                items = self._queue[selection.start : selection.stop]
-                del self._queue[selection.start : selection.stop]
-                del self._keys[selection.start : selection.stop]
-                self._queued_tokens -= sum(i.job.tokens for i in items)
-                return items
+                return self._take(plan.group, selection.start, selection.stop)
             # asyncio.TimeoutError: not the builtin one before Python 3.11.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
@@ -303,7 +278,7 @@ class Batcher(Generic[P, R]):
                 items = await self._next_batch()
                 if items is None:
                     break
-                alone = self._fn_alone is not None and not self._running and not self._queue
+                alone = self._fn_alone is not None and not self._running and not self._lanes
                 held = self._config.workers if alone else 1
                 for _ in range(held - 1):  # nothing runs, so every slot is free: these never wait
                     await slots.acquire()
@@ -316,7 +291,7 @@ class Batcher(Generic[P, R]):
             self._closing = True
             for task in self._running:
                 task.cancel()
-            self._fail(list(self._queue), NotReadyError("the server stopped before this request ran"))
+            self._fail(list(self._queued()), NotReadyError("the server stopped before this request ran"))
 
     async def _run_guarded(self, items: list[_Item], alone: bool) -> None:
         try:

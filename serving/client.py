@@ -21,6 +21,7 @@ def build_request(
     texts: Sequence[str],
     *,
     dims: int | None = None,
+    layers: int | None = None,
     model: str | None = None,
     prompt_name: str | None = None,
     truncate: bool = False,
@@ -39,10 +40,13 @@ def build_request(
         encoding=pb.Encoding.Value(f"ENCODING_{encoding.upper()}"),
         request_id=request_id,
     )
+    for name, value in (("dims", dims), ("layers", layers)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
+            raise ValueError(f"{name} must be a positive integer, not {value!r}")
     if dims is not None:
-        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)) or dims < 0:
-            raise ValueError(f"dims must be a positive integer, not {dims!r}")
         request.dimensions = int(dims)
+    if layers is not None:
+        request.layers = int(layers)
     if prompt_name is not None:
         request.prompt_name = prompt_name
     return request
@@ -96,15 +100,16 @@ class EmbedClient:
         texts: Sequence[str],
         *,
         dims: int | None = None,
+        layers: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
         encoding: str = "float32",
     ) -> pb.EmbedResponse:
-        """The raw EmbedResponse for `texts` (usage, timing, dims used)."""
+        """The raw EmbedResponse for `texts` (usage, timing, dims and layers used)."""
         request = build_request(
-            texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate, encoding=encoding
+            texts, dims=dims, layers=layers, model=model, prompt_name=prompt_name, truncate=truncate, encoding=encoding
         )
         return self._stub.Embed(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
@@ -113,17 +118,20 @@ class EmbedClient:
         texts: Sequence[str],
         *,
         dims: int | None = None,
+        layers: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
         encoding: str = "float32",
     ) -> np.ndarray:
-        """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says."""
+        """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says;
+        `layers` runs a profile that keeps only that many encoder layers (None: the model's default depth)."""
         return to_array(
             self.embed_response(
                 texts,
                 dims=dims,
+                layers=layers,
                 model=model,
                 prompt_name=prompt_name,
                 truncate=truncate,
@@ -189,15 +197,16 @@ class AsyncEmbedClient:
         texts: Sequence[str],
         *,
         dims: int | None = None,
+        layers: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
         encoding: str = "float32",
     ) -> pb.EmbedResponse:
-        """The raw EmbedResponse for `texts` (usage, timing, dims used)."""
+        """The raw EmbedResponse for `texts` (usage, timing, dims and layers used)."""
         request = build_request(
-            texts, dims=dims, model=model, prompt_name=prompt_name, truncate=truncate, encoding=encoding
+            texts, dims=dims, layers=layers, model=model, prompt_name=prompt_name, truncate=truncate, encoding=encoding
         )
         return await self._stub.Embed(request, timeout=self._deadline(timeout), metadata=self._metadata)
 
@@ -206,16 +215,19 @@ class AsyncEmbedClient:
         texts: Sequence[str],
         *,
         dims: int | None = None,
+        layers: int | None = None,
         model: str | None = None,
         prompt_name: str | None = None,
         truncate: bool = False,
         timeout: float | None = None,
         encoding: str = "float32",
     ) -> np.ndarray:
-        """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says."""
+        """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says;
+        `layers` runs a profile that keeps only that many encoder layers (None: the model's default depth)."""
         response = await self.embed_response(
             texts,
             dims=dims,
+            layers=layers,
             model=model,
             prompt_name=prompt_name,
             truncate=truncate,

@@ -74,8 +74,8 @@ class ModelSpec:
     spinning: bool = True
     """Whether ONNX Runtime's idle threads spin for work (off when batches share the cores)."""
     lone_batch_threads: int = 0
-    """Threads for a batch that has the machine to itself (a session of its own, on the widest profile,
-    spinning); 0: lone batches run like any other."""
+    """Threads for a batch that has the machine to itself (a session of its own, on the widest profile of the
+    batch's depth, spinning while it runs); 0: lone batches run like any other."""
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or any(c.isspace() for c in self.name)):

@@ -45,7 +45,9 @@ class EmbedQuery:
     model: str = ""
     """Empty: the only model, when one is served."""
     dims: int | None = None
-    """None: the model's default (its largest profile)."""
+    """None: the model's default (its largest profile at the depth asked for)."""
+    layers: int | None = None
+    """Encoder layers to run; None: the model's default depth (its full depth where served)."""
     prompt_name: str | None = None
     """None: the model's default prompt, if any."""
     truncate: bool = False
@@ -192,6 +194,7 @@ class EmbedCore:
                 result = await model.embed(
                     query.texts,
                     dims=query.dims,
+                    layers=query.layers,
                     prompt_name=query.prompt_name,
                     truncate=query.truncate,
                     deadline=query.deadline,

@@ -61,7 +61,10 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
         name=info.name,
         full_dimensions=info.full_dims,
-        profiles=[pb.Profile(name=p.name, dimensions=p.dims, precision=p.precision) for p in info.profiles],
+        profiles=[
+            pb.Profile(name=p.name, dimensions=p.dims, precision=p.precision, layers=p.layers or 0)
+            for p in info.profiles
+        ],
         trained_dimensions=list(info.trained_dims),
         max_input_tokens=info.max_input_tokens,
         prompts=info.prompts,
@@ -70,6 +73,10 @@ def model_info(info: ModelInfo) -> pb.ModelInfo:
         precision=info.precision,
         ready=info.ready,
         encodings=[encoding_value(e) for e in info.encodings],
+        layers=list(info.layers),
+        default_layers=info.default_layers or 0,
+        total_layers=info.total_layers or 0,
+        trained_layers=list(info.trained_layers),
     )
 
 
@@ -93,6 +100,7 @@ def to_query(request: pb.EmbedRequest, deadline: float | None) -> EmbedQuery:
         texts=request.inputs,
         model=request.model,
         dims=request.dimensions if request.HasField("dimensions") else None,
+        layers=request.layers if request.HasField("layers") else None,
         prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
         truncate=request.truncate,
         deadline=deadline,
@@ -114,6 +122,7 @@ def to_response(result: EmbedResult, model: str, request_id: str, total_seconds:
         embeddings=to_embeddings(result),
         model=model,
         dimensions=result.dims,
+        layers=result.layers or 0,
         encoding=encoding_value(result.encoding),
         usage=pb.Usage(input_tokens=result.input_tokens),
         timing=pb.Timing(

@@ -37,10 +37,12 @@ many characters (at most max length) until it is tokenised and counted exactly."
 
 @dataclass(frozen=True, kw_only=True)
 class TextJob:
-    """One tokenised text and the dims its caller asked for."""
+    """One tokenised text, the dims its caller asked for and the depth it runs at."""
 
     encoded: Encoded
     dims: int
+    layers: int | None = None
+    """The `Profile.layers` it runs (None: full depth): texts of different depths never share a batch."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,8 @@ class EmbedResult:
     vectors: np.ndarray
     """`[n, width]` values of `encoding` (width: dims, or ceil(dims / 8) for the binary encodings)."""
     dims: int
+    layers: int | None
+    """The encoder layers that ran (None: full depth of a model whose artifact does not record its depth)."""
     encoding: str
     input_tokens: int
     queue_seconds: float
@@ -63,6 +67,8 @@ class ProfileInfo:
     name: str
     dims: int
     precision: str
+    layers: int | None
+    """The encoder layers it runs (None: full depth, not recorded by older artifacts)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +79,12 @@ class ModelInfo:
     full_dims: int
     default_dims: int
     trained_dims: tuple[int, ...]
+    layers: tuple[int, ...]
+    """Depths served, shallowest first (full depth as the model's total); empty where the artifact does not
+    record its depth (it serves full depth only)."""
+    default_layers: int | None
+    total_layers: int | None
+    trained_layers: tuple[int, ...]
     profiles: tuple[ProfileInfo, ...]
     max_input_tokens: int
     prompts: dict[str, str]
@@ -92,16 +104,25 @@ def backend_options(spec: ModelSpec, backend: str) -> dict[str, Any]:
     return options
 
 
+def batch_depth(jobs: Sequence[TextJob]) -> int | None:
+    """The one depth a batch runs at (the batcher groups jobs by depth, so a mix is a bug)."""
+    depths = {j.layers for j in jobs}
+    if len(depths) != 1:
+        raise RuntimeError(f"a batch mixes depths {sorted(depths, key=str)}: one forward pass runs one depth")
+    return depths.pop()
+
+
 def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
-    """Run texts wanting different dims as one batch (the runtime slices and re-normalises per row)."""
-    return embedder.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs])
+    """Run texts of one depth wanting different dims as one batch (the runtime slices and re-normalises per row)."""
+    return embedder.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], batch_depth(jobs))
 
 
 class ServedModel:
     """An Embedder with its own batcher and inference threads, addressed by `name`.
 
     `lone`, when given, is the same artifact opened with more threads: a batch that has the machine to itself
-    runs on it (on its widest profile, so it holds one session), while batches side by side run on `embedder`.
+    runs on it (on the widest profile of the batch's depth, so it holds one session per depth), while batches
+    side by side run on `embedder`.
     """
 
     def __init__(self, name: str, embedder: Embedder, config: BatcherConfig, lone: Embedder | None = None) -> None:
@@ -142,20 +163,31 @@ class ServedModel:
         lone = None
         if spec.lone_batch_threads and backend == "onnxruntime-cpu" and config.workers > 1:
             wide = dataclasses.replace(spec, intra_op_threads=spec.lone_batch_threads, spinning=True)
+            # Its threads stop spinning when a run returns: left spinning, they took the cores from the next
+            # request's handling and from a lone batch of another depth (another session) that came next.
+            options = {**backend_options(wide, backend), "stop_spinning": True}
             lone = Embedder.load(  # already verified above
-                spec.artifact_dir, backend, precision=spec.precision, verify=False, **backend_options(wide, backend)
+                spec.artifact_dir, backend, precision=spec.precision, verify=False, **options
             )
         return cls(spec.name or embedder.manifest.name, embedder, config, lone)
 
     def info(self) -> ModelInfo:
         """What this model offers: dims, profiles, prompts, limits, readiness."""
         embedder, manifest = self.embedder, self.embedder.manifest
+        default_layers = embedder.default_layers
         return ModelInfo(
             name=self.name,
             full_dims=manifest.full_dims,
             default_dims=embedder.default_dims,
             trained_dims=tuple(manifest.trained_dims or ()),
-            profiles=tuple(ProfileInfo(name=p.name, dims=p.dims, precision=p.precision) for p in embedder.profiles),
+            layers=tuple(n for n in embedder.layers_served if n is not None),
+            default_layers=manifest.total_layers if default_layers is None else default_layers,
+            total_layers=manifest.total_layers,
+            trained_layers=tuple(manifest.trained_layers or ()),
+            profiles=tuple(
+                ProfileInfo(name=p.name, dims=p.dims, precision=p.precision, layers=manifest.depth(p))
+                for p in embedder.profiles
+            ),
             max_input_tokens=embedder.tokenizer.max_length,
             prompts=dict(manifest.prompts),
             default_prompt=manifest.default_prompt,
@@ -169,10 +201,11 @@ class ServedModel:
         return run_jobs(self.embedder, jobs)
 
     def run_lone_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
-        """The batcher's function for a batch that has the machine to itself: every core, one session."""
+        """The batcher's function for a batch that has the machine to itself: every core, one session per depth."""
         assert self._lone is not None
-        widest = self._lone.profile_for(self._lone.default_dims)
-        return self._lone.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], profile=widest)
+        depth = batch_depth(jobs)
+        widest = self._lone.profile_for(self._lone.resolve_dims(None, depth), depth)
+        return self._lone.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], depth, profile=widest)
 
     def start(self) -> None:
         """Start the batcher (from the event loop); requests are refused until `warmup` finishes."""
@@ -189,9 +222,11 @@ class ServedModel:
         self.embedder.warmup()
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)
-        self.embedder.run_encoded(encoded, [self.embedder.default_dims] * len(encoded))
-        if self._lone is not None:
-            self.run_lone_batch([TextJob(encoded=e, dims=self.embedder.default_dims) for e in encoded])
+        for depth in {p.layers for p in self.embedder.profiles}:
+            jobs = [TextJob(encoded=e, dims=self.embedder.resolve_dims(None, depth), layers=depth) for e in encoded]
+            run_jobs(self.embedder, jobs)
+            if self._lone is not None:
+                self.run_lone_batch(jobs)
 
     def hurry(self) -> None:
         """Run queued texts at once from now on, without waiting for fuller batches (the server is draining)."""
@@ -212,19 +247,22 @@ class ServedModel:
             state = "shutting down" if self._closed else "warming up"
             raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
 
-    def validate(self, texts: Sequence[str], dims: int | None, prompt_name: str | None) -> int:
-        """Check all that needs no tokenising, queue room included; returns the dims to produce."""
+    def validate(
+        self, texts: Sequence[str], dims: int | None, prompt_name: str | None, layers: int | None = None
+    ) -> tuple[int | None, int]:
+        """Check all that needs no tokenising, queue room included; returns the depth (`Profile.layers`) and dims."""
         if not texts:
             raise InvalidInputError("inputs is empty: send at least one text")
         for i, text in enumerate(texts):
             if not text:
                 raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
-        want = self.embedder.resolve_dims(dims)  # DimsError for 0, or above the largest profile
+        depth = self.embedder.resolve_layers(layers)  # LayersError, naming the depths served
+        want = self.embedder.resolve_dims(dims, depth)  # DimsError for 0, or above the largest profile at that depth
         prefix = self.embedder.prompt_text(prompt_name)  # UnknownPromptError
         longest = self.embedder.tokenizer.max_length
         estimate = sum(min(longest, 1 + (len(prefix) + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
         self.batcher.check_room(estimate)  # QueueFullError before any tokenising
-        return want
+        return depth, want
 
     async def tokenize(self, texts: Sequence[str], prompt_name: str | None, truncate: bool) -> list[Encoded]:
         """Apply the prompt and tokenise (raises InputTooLongError), off the event loop when large."""
@@ -238,17 +276,21 @@ class ServedModel:
         texts: Sequence[str],
         *,
         dims: int | None = None,
+        layers: int | None = None,
         prompt_name: str | None = None,
         truncate: bool = False,
         deadline: float | None = None,
         encoding: str = "float32",
     ) -> EmbedResult:
-        """Validate, tokenise, batch with other callers' texts and return this request's embeddings, encoded."""
+        """Validate, tokenise, batch with other callers' texts of the same depth and return this request's
+        embeddings, encoded."""
         self.check_ready()
-        want = self.validate(texts, dims, prompt_name)
-        ranges = self.embedder.ranges_for(encoding, want)  # EncodingError before any tokenising
+        depth, want = self.validate(texts, dims, prompt_name, layers)
+        ranges = self.embedder.ranges_for(encoding, want, depth)  # EncodingError before any tokenising
         encoded = await self.tokenize(texts, prompt_name, truncate)
-        jobs = [Job(payload=TextJob(encoded=e, dims=want), tokens=e.n_tokens) for e in encoded]
+        jobs = [
+            Job(payload=TextJob(encoded=e, dims=want, layers=depth), tokens=e.n_tokens, group=depth) for e in encoded
+        ]
         futures = self.batcher.submit(jobs, deadline=deadline)
         try:
             results: list[JobResult[np.ndarray]] = await asyncio.gather(*futures)
@@ -262,6 +304,7 @@ class ServedModel:
         return EmbedResult(
             vectors=vectors,
             dims=want,
+            layers=depth if depth is not None else self.embedder.manifest.total_layers,
             encoding=encoding,
             input_tokens=sum(j.tokens for j in jobs),
             queue_seconds=max(r.queue_seconds for r in results),

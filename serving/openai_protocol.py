@@ -18,7 +18,17 @@ from mrl.serving.core import EmbedQuery
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.model import EmbedResult, ModelInfo
 
-FIELDS = ("input", "model", "dimensions", "encoding_format", "output_dtype", "user", "prompt_name", "truncate")
+FIELDS = (
+    "input",
+    "model",
+    "dimensions",
+    "encoding_format",
+    "output_dtype",
+    "user",
+    "prompt_name",
+    "truncate",
+    "layers",
+)
 FORMATS = ("float", "base64", *(e for e in ENCODINGS if e != "float32"))
 """encoding_format: OpenAI's float and base64, and the encodings as JSON numbers."""
 DTYPES = ("float", *ENCODINGS)
@@ -94,14 +104,14 @@ def parse_input(value: Any) -> list[str]:
     return value
 
 
-def parse_dimensions(value: Any) -> int | None:
-    """OpenAI's `dimensions`: a whole number of at least 1, or absent."""
+def parse_count(value: Any, name: str, example: int) -> int | None:
+    """A whole number of at least 1 (OpenAI's `dimensions`, our `layers`), or absent."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"dimensions must be a whole number like 256, not {shorten(value)}", "dimensions")
+        raise ProtocolError(f"{name} must be a whole number like {example}, not {shorten(value)}", name)
     if value < 1:
-        raise ProtocolError(f"dimensions must be at least 1, not {value}", "dimensions")
+        raise ProtocolError(f"{name} must be at least 1, not {value}", name)
     return value
 
 
@@ -154,7 +164,8 @@ def parse_embeddings_request(body: bytes, *, deadline: float | None = None) -> E
     query = EmbedQuery(
         texts=texts,
         model=_optional(data, "model", str, "a string") or "",
-        dims=parse_dimensions(data.get("dimensions")),
+        dims=parse_count(data.get("dimensions"), "dimensions", 256),
+        layers=parse_count(data.get("layers"), "layers", 3),
         prompt_name=_optional(data, "prompt_name", str, "a string"),
         truncate=bool(_optional(data, "truncate", bool, "true or false")),
         deadline=deadline,
@@ -164,7 +175,7 @@ def parse_embeddings_request(body: bytes, *, deadline: float | None = None) -> E
 
 
 def embeddings_response(result: EmbedResult, model: str, *, as_base64: bool) -> bytes:
-    """OpenAI's embeddings response as JSON bytes, with the dims and output_dtype used as extra fields."""
+    """OpenAI's embeddings response as JSON bytes, with the dims, layers and output_dtype used as extra fields."""
     rows = result.vectors
     if as_base64:
         little = rows.astype(rows.dtype.newbyteorder("<"), copy=False)
@@ -178,6 +189,7 @@ def embeddings_response(result: EmbedResult, model: str, *, as_base64: bool) -> 
         "model": model,
         "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
         "dimensions": result.dims,
+        "layers": result.layers,
         "output_dtype": result.encoding,
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -193,7 +205,13 @@ def model_entry(info: ModelInfo, created: int) -> dict[str, Any]:
         "full_dimensions": info.full_dims,
         "default_dimensions": info.default_dims,
         "trained_dimensions": list(info.trained_dims),
-        "profiles": [{"name": p.name, "dimensions": p.dims, "precision": p.precision} for p in info.profiles],
+        "layers": list(info.layers),
+        "default_layers": info.default_layers,
+        "total_layers": info.total_layers,
+        "trained_layers": list(info.trained_layers),
+        "profiles": [
+            {"name": p.name, "dimensions": p.dims, "precision": p.precision, "layers": p.layers} for p in info.profiles
+        ],
         "max_input_tokens": info.max_input_tokens,
         "prompts": info.prompts,
         "default_prompt": info.default_prompt,

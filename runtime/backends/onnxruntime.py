@@ -73,6 +73,9 @@ class OrtOptions:
     """On the CPU provider: the profile's ONNX Runtime CPU graph where it has one (auto), always, or never."""
     disabled_optimizers: Sequence[str] | None = None
     """Session fusions to skip; None: `cpu_disabled_optimizers`."""
+    stop_spinning: bool = False
+    """Whether spinning threads stop as soon as a run returns (they spin again in the next run), so a session
+    that runs now and then leaves the cores to others between its runs."""
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -229,11 +232,13 @@ class OnnxRuntimeBackend:
         strict: bool = False,
         spinning: bool = True,
         disabled_optimizers: Sequence[str] | None = None,
+        stop_spinning: bool = False,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1" if stop_spinning else "0")
         requested = list(providers) if providers else default_providers()
         unknown = [p for p in requested if _provider_name(p) not in ort.get_available_providers()]
         if unknown:
@@ -394,6 +399,7 @@ def create(directory: Path, manifest: Manifest, profile: Profile, **options: Any
         strict,
         spinning=parsed.spinning,
         disabled_optimizers=parsed.disabled_optimizers,
+        stop_spinning=parsed.stop_spinning,
     )
 
 

@@ -27,6 +27,19 @@ def http_server(served) -> str:
     return served.http
 
 
+@pytest.fixture(scope="session")
+def served_2d(tiny_2d_artifact) -> Iterator[Served]:
+    """`mrl-serve` on the tiny 2D artifact (layers 1 and 3), gRPC and HTTP; stopped after the session."""
+    with serve(tiny_2d_artifact) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def server_2d(served_2d) -> str:
+    """The 2D server's gRPC address."""
+    return served_2d.grpc
+
+
 @pytest.fixture
 def free_port() -> int:
     """A port nothing listens on right now, on the loopback interface."""

@@ -11,7 +11,8 @@ from triton_helpers import PYTHON, require_triton, tritonserver
 
 from mrl.bench.cli import main as bench_main
 from mrl.bench.drivers import spec_from_json, spec_to_json
-from mrl.bench.serve import ServeConfig, add_comparisons, serve_table, sweep
+from mrl.bench.serve import ServeConfig, sweep
+from mrl.bench.serve_report import add_comparisons, serve_table
 from mrl.bench.targets import TargetSpec, client_pythons, default_triton_dims, split_target, target_specs
 from mrl.export.triton import TritonOptions, write_repository
 from mrl.export.triton_config import Batching

@@ -8,16 +8,15 @@ from mrl.bench.serve import (
     MAX_REQUESTS,
     Outcome,
     ServeConfig,
-    add_comparisons,
     bracketing_offline,
     dims_for,
     level_row,
     measurement_window,
     offline_throughput,
     round_orders,
-    serve_table,
     sweep,
 )
+from mrl.bench.serve_report import add_comparisons, serve_table
 from mrl.bench.targets import TargetSpec, check_target
 from mrl.runtime.errors import InvalidInputError
 

@@ -1,72 +1,17 @@
-"""The dynamic batcher over plain functions: batch selection, admission, errors, deadlines, cancellation."""
+"""The dynamic batcher over plain functions: batches, groups, errors, deadlines, cancellation."""
 
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from serving_helpers import wait_until
 
-from mrl.serving.batcher import Batcher, BatchStats, Job, admits, select_batch
+from mrl.serving.batcher import Batcher, BatchStats, Job
 from mrl.serving.config import BatcherConfig
 from mrl.serving.errors import NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
-
-
-def test_select_batch_groups_similar_lengths_around_the_anchor():
-    lengths = [2, 3, 3, 4, 20, 21, 22, 90]
-    sel = select_batch(lengths, 5, max_tokens=66, max_size=8)
-    assert (sel.start, sel.stop) == (4, 7)  # the three texts of ~20 tokens, not the short ones
-    assert sel.full
-    sel = select_batch(lengths, 1, max_tokens=1000, max_size=4)
-    assert (sel.start, sel.stop) == (0, 4) and sel.full
-
-
-def test_select_batch_respects_budget_and_size_and_always_takes_the_anchor():
-    lengths = [5, 5, 5, 5, 500]
-    assert select_batch(lengths, 4, max_tokens=100, max_size=8).stop == 5  # alone, over budget, still runs
-    assert select_batch(lengths, 4, max_tokens=100, max_size=8).start == 4
-    sel = select_batch(lengths, 0, max_tokens=100, max_size=2)
-    assert sel.stop - sel.start == 2 and sel.full
-    sel = select_batch([5, 5], 0, max_tokens=100, max_size=8)
-    assert (sel.start, sel.stop, sel.full) == (0, 2, False)  # the queue ran out, not a limit
-    with pytest.raises(IndexError):
-        select_batch([1], 3, max_tokens=10, max_size=2)
-
-
-def test_select_batch_keeps_padding_under_its_share():
-    lengths = [10, 10, 11, 12, 20, 30]
-    sel = select_batch(lengths, 0, max_tokens=1000, max_size=8, max_padding=0.1)
-    assert (sel.start, sel.stop, sel.full) == (0, 3, True)  # 2 of 33 padded tokens; with 12: 5 of 48, over 10%
-    sel = select_batch(lengths, 5, max_tokens=1000, max_size=8, max_padding=0.0)
-    assert (sel.start, sel.stop, sel.full) == (5, 6, True)  # alone: any neighbour would add padding
-    sel = select_batch(lengths, 5, max_tokens=1000, max_size=8, max_padding=1.0)
-    assert (sel.start, sel.stop) == (0, 6)
-
-
-def test_select_batch_never_breaks_its_limits_on_random_queues():
-    rng = random.Random(0)
-    for _ in range(500):
-        lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 40)))
-        anchor = rng.randrange(len(lengths))
-        max_tokens, max_size, max_padding = rng.randint(1, 400), rng.randint(1, 16), rng.choice([0, 0.1, 0.5, 1])
-        sel = select_batch(lengths, anchor, max_tokens=max_tokens, max_size=max_size, max_padding=max_padding)
-        size, padded = sel.stop - sel.start, (sel.stop - sel.start) * lengths[sel.stop - 1]
-        assert sel.start <= anchor < sel.stop
-        assert size <= max_size
-        assert size == 1 or padded <= max_tokens
-        assert size == 1 or padded - sum(lengths[sel.start : sel.stop]) <= max_padding * padded
-
-
-def test_admission_is_monotone_so_one_text_passes_wherever_a_larger_request_holding_it_passes():
-    rng = random.Random(1)
-    for _ in range(2000):
-        capacity, queued = rng.randint(1, 500), rng.randint(0, 500)
-        texts = [rng.randint(1, 60) for _ in range(rng.randint(1, 8))]
-        if admits(queued, sum(texts), capacity):
-            assert all(admits(queued, t, capacity) for t in texts)
 
 
 def run(coro):
@@ -313,3 +258,58 @@ def test_hurry_runs_a_batch_waiting_for_company_at_once():
         return values
 
     assert run(scenario()) == [2, 4]
+
+
+def grouped(group: str, *values: int, tokens: int = 4) -> list[Job[int]]:
+    return [Job(payload=v, tokens=tokens, group=group) for v in values]
+
+
+def test_jobs_of_different_groups_never_share_a_batch_and_the_oldest_group_goes_first():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, stats = make(fn, max_batch_size=16)
+        batcher.start()
+        fn.gate.clear()
+        first = batcher.submit(grouped("a", 0))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        # Interleaved, same lengths: without groups these would make one batch of 8.
+        callers = [batcher.submit(grouped("b" if i % 2 else "a", 10 + i, 20 + i)) for i in range(4)]
+        await wait_until(lambda: batcher.queued_jobs == 8, "8 queued jobs")
+        assert batcher.queued_tokens == 32
+        fn.gate.set()
+        results = [[r.value for r in await asyncio.gather(*c)] for c in callers]
+        await first[0]
+        await batcher.close()
+        executor.shutdown()
+        return results, stats
+
+    results, stats = run(scenario())
+    assert results == [[2 * (10 + i), 2 * (20 + i)] for i in range(4)]
+    assert [sorted(b) for b in fn.batches[1:]] == [[10, 12, 20, 22], [11, 13, 21, 23]]  # a (oldest), then b
+    assert [s.size for s in stats] == [1, 4, 4]
+
+
+def test_cancelling_every_job_of_a_group_frees_its_place_and_the_other_group_still_runs():
+    fn = Recorder()
+
+    async def scenario():
+        batcher, executor, _ = make(fn, max_batch_size=16)
+        batcher.start()
+        fn.gate.clear()
+        first = batcher.submit(grouped("a", 0))
+        await wait_until(lambda: fn.batches, "the first batch to start")
+        gone = batcher.submit(grouped("b", 1, 2, tokens=7))
+        kept = batcher.submit(grouped("c", 3))
+        for future in gone:
+            future.cancel()
+        await asyncio.sleep(0)  # done callbacks run on the next turn of the loop
+        assert batcher.queued_jobs == 1 and batcher.queued_tokens == 4
+        fn.gate.set()
+        values = [(await f).value for f in [*first, *kept]]
+        await batcher.close()
+        executor.shutdown()
+        return values
+
+    assert run(scenario()) == [0, 6]
+    assert fn.batches == [[0], [3]]

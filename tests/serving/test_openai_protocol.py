@@ -34,31 +34,36 @@ def test_a_full_request_becomes_the_cores_query():
         user="u-1",
         prompt_name="query",
         truncate=True,
+        layers=3,
     )
     q = parsed.query
-    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.deadline) == (
+    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.deadline, q.layers) == (
         ["a", "b"],
         "m",
         64,
         "query",
         True,
         12.5,
+        3,
     )
     assert q.encoding == "int8" and not parsed.base64
 
 
 def test_defaults_and_nulls_mean_the_servers_defaults():
     q = parse(input="one text").query
-    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.encoding) == (
+    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.encoding, q.layers) == (
         ["one text"],
         "",
         None,
         None,
         False,
         "float32",
+        None,
     )
-    nulls = parse(input="x", model=None, dimensions=None, encoding_format=None, prompt_name=None, truncate=None).query
-    assert (nulls.model, nulls.dims, nulls.encoding) == ("", None, "float32")
+    nulls = parse(
+        input="x", model=None, dimensions=None, encoding_format=None, prompt_name=None, truncate=None, layers=None
+    ).query
+    assert (nulls.model, nulls.dims, nulls.encoding, nulls.layers) == ("", None, "float32", None)
 
 
 @pytest.mark.parametrize(
@@ -97,6 +102,11 @@ def test_output_encoding(encoding_format, output_dtype, expected):
         (b'{"input": "a", "dimensions": 12.5}', "dimensions", "whole number"),
         (b'{"input": "a", "dimensions": true}', "dimensions", "whole number"),
         (b'{"input": "a", "dimensions": 0}', "dimensions", "at least 1"),
+        (b'{"input": "a", "layers": "3"}', "layers", "whole number like 3"),
+        (b'{"input": "a", "layers": 2.5}', "layers", "whole number"),
+        (b'{"input": "a", "layers": false}', "layers", "whole number"),
+        (b'{"input": "a", "layers": 0}', "layers", "at least 1"),
+        (b'{"input": "a", "layer": 3}', "layer", "unknown field 'layer'"),
         (b'{"input": "a", "model": 7}', "model", "model must be a string, not a number"),
         (b'{"input": "a", "truncate": "yes"}', "truncate", "true or false"),
         (b'{"input": "a", "user": {"id": 1}}', "user", "user must be a string, not an object"),
@@ -126,7 +136,13 @@ def test_echoed_values_are_cut_short():
 
 def result(vectors, encoding, dims):
     return EmbedResult(
-        vectors=vectors, dims=dims, encoding=encoding, input_tokens=7, queue_seconds=0.0, inference_seconds=0.0
+        vectors=vectors,
+        dims=dims,
+        layers=6,
+        encoding=encoding,
+        input_tokens=7,
+        queue_seconds=0.0,
+        inference_seconds=0.0,
     )
 
 
@@ -140,7 +156,7 @@ def test_float_and_base64_responses_in_openais_shape():
     b64 = json.loads(embeddings_response(result(vectors, "float32", 3), "m", as_base64=True))
     rows = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in b64["data"]]
     np.testing.assert_array_equal(np.stack(rows), vectors)
-    assert (b64["dimensions"], b64["output_dtype"]) == (3, "float32")
+    assert (b64["dimensions"], b64["output_dtype"], b64["layers"]) == (3, "float32", 6)
 
 
 def test_integer_encodings_are_json_integers_or_their_bytes():
@@ -154,15 +170,25 @@ def test_integer_encodings_are_json_integers_or_their_bytes():
 def test_models_list_in_openais_shape_with_extra_fields():
     info = ModelInfo(
         name="minilm", full_dims=384, default_dims=256, trained_dims=(256, 128), max_input_tokens=256,
-        profiles=(ProfileInfo(name="d256-fp32", dims=256, precision="fp32"),), prompts={"query": "q: "},
-        default_prompt=None, precision="fp32", ready=True, encodings=("float32", "int8"),
+        layers=(3, 6), default_layers=6, total_layers=6, trained_layers=(3, 6),
+        profiles=(
+            ProfileInfo(name="d256-fp32", dims=256, precision="fp32", layers=6),
+            ProfileInfo(name="l3-d256-fp32", dims=256, precision="fp32", layers=3),
+        ),
+        prompts={"query": "q: "}, default_prompt=None, precision="fp32", ready=True, encodings=("float32", "int8"),
     )  # fmt: skip
     (entry,) = json.loads(models_response([info], 1700000000))["data"]
     assert (entry["id"], entry["object"], entry["created"], entry["owned_by"]) == (
         "minilm", "model", 1700000000, "mrl-toolkit",
     )  # fmt: skip
     assert entry["trained_dimensions"] == [256, 128] and entry["prompts"] == {"query": "q: "}
-    assert entry["profiles"] == [{"name": "d256-fp32", "dimensions": 256, "precision": "fp32"}]
+    assert entry["profiles"] == [
+        {"name": "d256-fp32", "dimensions": 256, "precision": "fp32", "layers": 6},
+        {"name": "l3-d256-fp32", "dimensions": 256, "precision": "fp32", "layers": 3},
+    ]
+    assert (entry["layers"], entry["default_layers"], entry["total_layers"], entry["trained_layers"]) == (
+        [3, 6], 6, 6, [3, 6],
+    )  # fmt: skip
     assert entry["encodings"] == ["float32", "int8"] and entry["default_dimensions"] == 256
 
 
