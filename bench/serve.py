@@ -69,7 +69,10 @@ class ServeConfig:
         if self.texts_per_request < 1:
             raise InvalidInputError("texts per request must be at least 1")
         if any(m is not None for m in self.layers_mixes) and any(t.kind == "triton" for t in self.targets):
-            raise InvalidInputError("layers mixes are for mrl-serve targets: a Triton repository serves one depth")
+            raise InvalidInputError(
+                "layers mixes are for mrl-serve targets: Triton serves each depth as models of its own; "
+                "bench one with --triton-model NAME_lLAYERS"
+            )
 
 
 def mix_label(mix: tuple[int, ...] | None) -> str:

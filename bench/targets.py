@@ -225,7 +225,7 @@ class TritonTarget:
     async def embed(self, texts: list[str], dims: int | None, timeout: float, *, layers: int | None = None) -> Reply:
         """One ModelInfer call: TEXT (BYTES [n, 1]) in, EMBEDDING (FP32 [n, dims]) out (full depth only)."""
         if layers is not None:
-            raise TargetError("INVALID_ARGUMENT", "a Triton repository serves one depth: send no layers")
+            raise TargetError("INVALID_ARGUMENT", "Triton serves each depth as models of its own (NAME_lLAYERS_dDIMS)")
         import numpy as np
         import tritonclient.grpc as triton
         from tritonclient.utils import InferenceServerException

@@ -134,7 +134,7 @@ def plan_depths(source: SourceModel, layers: tuple[int, ...] | None) -> list[int
     return ([None] if total in layers else []) + cut
 
 
-def _prepare_output(out: Path, force: bool) -> Path:
+def prepare_output(out: Path, force: bool) -> Path:
     """Check the output path and create a temporary sibling directory to write into."""
     if out.exists() and not force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
@@ -148,8 +148,8 @@ def _prepare_output(out: Path, force: bool) -> Path:
         raise ExportError(f"cannot write to {parent}: {e.strerror}") from None
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished artifact into place, replacing an old one only once the new one is whole."""
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished output directory into place, replacing an old one only once the new one is whole."""
     umask = os.umask(0)
     os.umask(umask)
     # mkdtemp made the directory private; an artifact is read by other users (a serving account).
@@ -218,10 +218,10 @@ def export_artifact(
     check_dims(source, options.dims)
     depths = plan_depths(source, options.layers)  # refuse bad layers before any work
     out = Path(out).absolute()
-    tmp = _prepare_output(out, options.force)
+    tmp = prepare_output(out, options.force)
     try:
         manifest = _write_artifact(source, tmp, options, depths, progress)
-        _publish(tmp, out)
+        publish(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

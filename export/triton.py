@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from mrl.export.artifact import _prepare_output, _publish
+from mrl.export.artifact import prepare_output, publish
 from mrl.export.errors import ExportError
 from mrl.export.triton_config import (
     ENCODERS,
@@ -38,6 +38,7 @@ class TritonOptions:
 
     name: str | None = None  # default: the manifest's name with anything but [A-Za-z0-9_.-] made "_"
     dims: tuple[int, ...] = ()  # default: every dims the precision has
+    layers: tuple[int, ...] = ()  # depths (2D Matryoshka); default: every depth the precision has
     precision: str | None = None  # default: the manifest's first
     encoder: str = "onnxruntime"
     batching: Batching = field(default_factory=Batching)
@@ -69,19 +70,24 @@ class Plan:
         """The tokenizer model's name."""
         return f"{self.name}_tokenize"
 
-    def encode_name(self, dims: int) -> str:
-        """The encoder model's name for one dims."""
-        return f"{self.name}_encode_d{dims}"
+    def encode_name(self, profile: Profile) -> str:
+        """The encoder model's name for one profile."""
+        return f"{self.name}_encode_{_shape_tag(profile)}"
 
-    def ensemble_name(self, dims: int) -> str:
-        """The ensemble's name for one dims: what clients call."""
-        return f"{self.name}_d{dims}"
+    def ensemble_name(self, profile: Profile) -> str:
+        """The ensemble's name for one profile: what clients call (NAME_d256; NAME_l3_d256 for 3 layers)."""
+        return f"{self.name}_{_shape_tag(profile)}"
 
     @property
     def model_names(self) -> list[str]:
         """Every model the repository holds."""
-        per_dims = [n for p in self.profiles for n in (self.encode_name(p.dims), self.ensemble_name(p.dims))]
-        return [self.tokenize_name, *per_dims]
+        per_profile = [n for p in self.profiles for n in (self.encode_name(p), self.ensemble_name(p))]
+        return [self.tokenize_name, *per_profile]
+
+
+def _shape_tag(profile: Profile) -> str:
+    """`d256` at full depth (as before layers existed), `l3_d256` for a profile that keeps 3 layers."""
+    return f"d{profile.dims}" if profile.layers is None else f"l{profile.layers}_d{profile.dims}"
 
 
 def default_name(manifest_name: str) -> str:
@@ -90,20 +96,36 @@ def default_name(manifest_name: str) -> str:
     return name or "model"
 
 
-def _profiles(manifest: Manifest, precision: str, dims: Sequence[int]) -> tuple[Profile, ...]:
-    """The artifact's profile for each dims asked for; a missing one is refused, naming what exists."""
-    have = {p.dims: p for p in manifest.profiles if p.precision == precision}
+def _profiles(
+    manifest: Manifest, precision: str, dims: Sequence[int], layers: Sequence[int] = ()
+) -> tuple[Profile, ...]:
+    """The artifact's profile for each (depth, dims) asked for; a missing one is refused, naming what exists."""
+    have = {(p.layers, p.dims): p for p in manifest.profiles if p.precision == precision}
     if not have:
         raise ExportError(f"the artifact has no {precision} profiles; it has: {', '.join(manifest.precisions)}")
-    wanted = sorted(set(dims)) if dims else sorted(have)
-    missing = [d for d in wanted if d not in have]
-    if missing:
-        names = ", ".join(p.name for p in manifest.profiles)
+    # A depth equal to the encoder's total is full depth, which profiles record as None.
+    depths = sorted({None if n == manifest.total_layers else n for n in layers}, key=_depth_order)
+    depths = depths or sorted({d for d, _ in have}, key=_depth_order)
+    names = ", ".join(p.name for p in manifest.profiles)
+    absent = [str(d) for d in depths if d not in {e for e, _ in have}]
+    if absent:
         raise ExportError(
-            f"the artifact has no {precision} profile for dims {','.join(map(str, missing))} (it has {names}): "
+            f"the artifact has no {precision} profiles at layers {','.join(absent)} (it has {names}): "
+            f"export them with mrl-export --layers, or choose from the depths it has"
+        )
+    wanted = [(d, n) for d in depths for n in (sorted(set(dims)) if dims else sorted({n for e, n in have if e == d}))]
+    missing = [key for key in wanted if key not in have]
+    if missing:
+        asked = ", ".join(f"dims {n}" + (f" at layers {d}" if d is not None else "") for d, n in missing)
+        raise ExportError(
+            f"the artifact has no {precision} profile for {asked} (it has {names}): "
             f"export one with mrl-export --dims, or choose from the dims it has"
         )
-    return tuple(have[d] for d in wanted)
+    return tuple(have[key] for key in wanted)
+
+
+def _depth_order(layers: int | None) -> float:
+    return float("inf") if layers is None else layers
 
 
 def _engines(manifest: Manifest, profiles: Sequence[Profile]) -> dict[str, tuple[Engine, ...]]:
@@ -138,7 +160,7 @@ def plan_repository(manifest: Manifest, options: TritonOptions) -> Plan:
     precision = options.precision or manifest.precisions[0]
     if precision not in manifest.precisions:
         raise ExportError(f"the artifact has no {precision} profiles; it has: {', '.join(manifest.precisions)}")
-    profiles = _profiles(manifest, precision, options.dims)
+    profiles = _profiles(manifest, precision, options.dims, options.layers)
     prompt = options.prompt_name if options.prompt_name is not None else (manifest.default_prompt or "")
     if prompt and prompt not in manifest.prompts:
         known = ", ".join(sorted(manifest.prompts)) or "none"
@@ -210,7 +232,7 @@ def _write_encoder(plan: Plan, artifact: Path, root: Path, profile: Profile) -> 
         preferred=preferred,
         parameters=PYTHON_ENCODER_PARAMETERS if encoder == "python" else (),
     )
-    name = plan.encode_name(profile.dims)
+    name = plan.encode_name(profile)
     version = _model_dir(root, name, encoder_config(name, spec, batching))
     weights = [w for w in plan.manifest.weights if w.file == profile.weights]
     if encoder == "onnxruntime":
@@ -260,10 +282,10 @@ def write_repository(artifact: Path, out: Path, options: TritonOptions, progress
     progress(f"checking {artifact}")
     plan = plan_repository(load_manifest(artifact), options)
     out = Path(out).absolute()
-    tmp = _prepare_output(out, options.force)
+    tmp = prepare_output(out, options.force)
     try:
         _write(plan, artifact, tmp, progress)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -278,15 +300,15 @@ def _write(plan: Plan, artifact: Path, root: Path, progress: Progress) -> None:
     (version / "model.py").write_text(_model_source("tokenize_model.py"))
     _place(artifact / plan.manifest.tokenizer.file, version / "tokenizer.json")
     for profile in plan.profiles:
-        progress(f"writing {plan.encode_name(profile.dims)} and {plan.ensemble_name(profile.dims)}")
+        progress(f"writing {plan.encode_name(profile)} and {plan.ensemble_name(profile)}")
         _write_encoder(plan, artifact, root, profile)
         ensemble = ensemble_config(
-            plan.ensemble_name(profile.dims),
+            plan.ensemble_name(profile),
             plan.tokenize_name,
-            plan.encode_name(profile.dims),
+            plan.encode_name(profile),
             profile.dims,
             inputs,
             batching.max_batch_size,
         )
-        _model_dir(root, plan.ensemble_name(profile.dims), ensemble)
+        _model_dir(root, plan.ensemble_name(profile), ensemble)
     (root / "README.md").write_text(repository_readme(plan))

@@ -18,9 +18,11 @@ examples:
   mrl-export triton artifacts/minilm --out triton/minilm
   mrl-export triton artifacts/minilm --out triton/minilm --dims 64,256 --encoder python --instances 1
   mrl-export triton artifacts/minilm --out triton/minilm --encoder tensorrt --max-batch-size 128
+  mrl-export triton artifacts/minilm-2d --out triton/minilm-2d --layers 3 --dims 256   # a 2D model's 3-layer profile
 
 Per dims: NAME_dDIMS (the ensemble clients call: TEXT in, EMBEDDING out) over NAME_tokenize and
-NAME_encode_dDIMS. The repository's README.md says how to serve it and call it.
+NAME_encode_dDIMS; a profile that keeps L layers is NAME_lL_dDIMS. The repository's README.md says how
+to serve it and call it.
 """
 _DEFAULTS = Batching()
 
@@ -38,7 +40,7 @@ def _whole(least: int):
     return parse
 
 
-def _dims(text: str) -> tuple[int, ...]:
+def _counts(text: str) -> tuple[int, ...]:
     parse = _whole(1)
     return tuple(parse(part.strip()) for part in text.split(","))
 
@@ -55,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("artifact", metavar="ARTIFACT", type=Path, help="artifact directory written by mrl-export")
     parser.add_argument("--out", type=Path, required=True, help="repository directory to write")
     parser.add_argument("--name", help="model name prefix (default: the artifact's model name)")
-    parser.add_argument("--dims", type=_dims, default=(), help="dims to serve, comma-separated (default: all)")
+    parser.add_argument("--dims", type=_counts, default=(), help="dims to serve, comma-separated (default: all)")
+    parser.add_argument(
+        "--layers",
+        type=_counts,
+        default=(),
+        help="depths to serve (2D Matryoshka artifacts), comma-separated (default: every depth exported)",
+    )
     parser.add_argument("--precision", choices=PRECISIONS, help="precision of the profiles (default: the first)")
     parser.add_argument(
         "--encoder",
@@ -102,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         options = TritonOptions(
             name=args.name,
             dims=args.dims,
+            layers=args.layers,
             precision=args.precision,
             encoder=args.encoder,
             batching=Batching(
@@ -130,5 +139,5 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     progress("done")
     print(f"{args.out}: {', '.join(plan.model_names)}")
-    print(f"call {', '.join(plan.ensemble_name(p.dims) for p in plan.profiles)}; see {args.out / 'README.md'}")
+    print(f"call {', '.join(plan.ensemble_name(p) for p in plan.profiles)}; see {args.out / 'README.md'}")
     return 0

@@ -32,9 +32,9 @@ def _table(plan: Plan) -> str:
     ]
     for p in plan.profiles:
         encoder = f"profile {p.name}: {plan.options.encoder} encoder, `sentence_embedding` [{p.dims}]"
-        rows.append(f"| `{plan.encode_name(p.dims)}` | {encoder} |")
+        rows.append(f"| `{plan.encode_name(p)}` | {encoder} |")
         call = f"**call this**: `TEXT` (BYTES, [n, 1]) -> `EMBEDDING` (FP32, [n, {p.dims}])"
-        rows.append(f"| `{plan.ensemble_name(p.dims)}` | {call} |")
+        rows.append(f"| `{plan.ensemble_name(p)}` | {call} |")
     return "\n".join(rows)
 
 
@@ -42,15 +42,14 @@ def repository_readme(plan: Plan) -> str:
     """The README text for one planned repository."""
     b = plan.options.batching
     params = plan.tokenize_parameters
-    dims = plan.profiles[-1].dims
-    model = plan.ensemble_name(dims)
+    model = plan.ensemble_name(plan.profiles[-1])
     k8s_name = plan.name.lower().replace("_", "-").replace(".", "-")
     prompts = ", ".join(f"`{k}`" for k in sorted(plan.manifest.prompts)) or "none"
     default_prompt = f"`{params['default_prompt_name']}`" if params["default_prompt_name"] else "none"
     return f"""# {plan.name}: a Triton model repository
 
 Written by `mrl-export triton` from the Matryoshka artifact `{plan.manifest.name}` ({plan.precision},
-width {plan.manifest.full_dims}, pooling {plan.manifest.pooling}). Each dims is its own ensemble: the
+width {plan.manifest.full_dims}, pooling {plan.manifest.pooling}). Each profile is its own ensemble: the
 truncation and L2 re-normalisation are inside the graph, so every `EMBEDDING` row is a unit vector.
 
 {_table(plan)}

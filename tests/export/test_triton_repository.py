@@ -306,3 +306,32 @@ def test_existing_out_needs_force(tiny_artifact, tmp_path, capsys):
         "tiny-bert_encode_d8",
         "tiny-bert_tokenize",
     ]
+
+
+def test_layer_profiles_get_their_own_models(tiny_2d_artifact, tmp_path, capsys):
+    """A 2D artifact: each depth's profiles are models of their own (NAME_lL_dDIMS), running that depth."""
+    out = tmp_path / "repo"
+    plan = write_repository(tiny_2d_artifact, out, TritonOptions(name="tiny", dims=(8,)))
+    assert plan.model_names == ["tiny_tokenize", "tiny_encode_l1_d8", "tiny_l1_d8", "tiny_encode_d8", "tiny_d8"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*plan.model_names, "README.md"])
+    assert "`tiny_l1_d8`" in (out / "README.md").read_text()
+    embedder = Embedder.load(tiny_2d_artifact)
+    _, encoder = _text_encoder(out, "tiny_tokenize")
+    encodings = encoder.encode(TEXTS, "", truncate=False)
+    feed = encoder.pad(encodings, max(len(e.ids) for e in encodings))
+    for model, layers in (("tiny_encode_l1_d8", 1), ("tiny_encode_d8", None)):
+        (got,) = ort.InferenceSession(str(out / model / "1" / "model.onnx")).run(None, feed)
+        want = embedder.embed(TEXTS, dims=8, layers=layers)
+        assert np.min(np.sum(got * want, axis=1)) >= 0.9999, model
+    shallow = embedder.embed(TEXTS, dims=8, layers=1)
+    assert np.max(np.sum(shallow * embedder.embed(TEXTS, dims=8), axis=1)) < 0.9999  # the depths differ
+
+    full = plan_repository(load_manifest(tiny_2d_artifact), TritonOptions(name="tiny", dims=(8,), layers=(3,)))
+    assert full.model_names == ["tiny_tokenize", "tiny_encode_d8", "tiny_d8"]  # the total is full depth
+    for args, message in (
+        (["--layers", "2"], "no fp32 profiles at layers 2 (it has d32-fp32"),
+        (["--layers", "1,3", "--dims", "8,12"], "no fp32 profile for dims 12 at layers 1, dims 12 (it has"),
+    ):
+        code, err = _run_cli([str(tiny_2d_artifact), "--out", str(tmp_path / "bad"), *args], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
+        assert not (tmp_path / "bad").exists()
