@@ -1,9 +1,10 @@
-"""Memory soak of `mrl-serve`: does RSS come back to its steady level after huge requests?
+"""Memory soak of `mrl-serve`: does RSS come back to its steady level after huge requests, and do they stall others?
 
 Starts `mrl-serve` on an artifact, brings it to its steady level with ordinary and max-length batches,
 then sends texts of 1, 4 and 15 MiB (and eight 1 MiB texts in one request), goes back to ordinary load,
-and compares RSS. Exit code 0 when the RSS after the huge requests is within --slack-mb of the steady
-level, 1 when not.
+and compares RSS. Meanwhile a probe calls health Check every 10 ms and embeds one short text every 50 ms,
+and its latencies are printed for a quiet stretch before the huge requests and while they run. Exit
+code 0 when the RSS after the huge requests is within --slack-mb of the steady level, 1 when not.
 
     python scripts/soak_memory.py artifacts/minilm
     python scripts/soak_memory.py artifacts/minilm --rounds 5 --slack-mb 16 -- --batch-workers 1
@@ -13,13 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import re
+import statistics
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mrl.serving.client import AsyncEmbedClient
 
@@ -77,24 +83,74 @@ async def max_length_load(client: AsyncEmbedClient) -> None:
         await client.embed(texts, truncate=True, timeout=120)
 
 
-async def soak(port: int, pid: int, rounds: int) -> list[tuple[str, float]]:
-    """Steady load, then huge requests, then steady load again; RSS after each phase."""
+class Probe:
+    """Health Check every 10 ms and one short Embed every 50 ms, on their own channels; latencies in ms."""
+
+    def __init__(self, port: int) -> None:
+        self.target = f"127.0.0.1:{port}"
+        self.health: list[float] = []
+        self.embed: list[float] = []
+
+    async def run(self) -> None:
+        """Probe until cancelled."""
+        async with grpc.aio.insecure_channel(self.target) as channel, AsyncEmbedClient(self.target) as client:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def health() -> None:
+                while True:
+                    start = time.perf_counter()
+                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+                    self.health.append((time.perf_counter() - start) * 1000)
+                    await asyncio.sleep(0.01)
+
+            async def embed() -> None:
+                while True:
+                    start = time.perf_counter()
+                    await client.embed(["a short text while others are huge"], timeout=30)
+                    self.embed.append((time.perf_counter() - start) * 1000)
+                    await asyncio.sleep(0.05)
+
+            await asyncio.gather(health(), embed())
+
+    def take(self) -> str:
+        """The latencies since the last take, as text, and start over."""
+        parts = []
+        for name, values in (("health Check", self.health), ("short Embed", self.embed)):
+            if values:
+                cuts = statistics.quantiles(values, n=100) if len(values) > 1 else values * 99
+                spread = f"p50 {cuts[49]:.1f} / p99 {cuts[98]:.1f} / max {max(values):.1f} ms"
+                parts.append(f"{name} {spread} (n={len(values)})")
+            values.clear()
+        return "; ".join(parts)
+
+
+async def soak(port: int, pid: int, rounds: int) -> tuple[list[tuple[str, float]], list[tuple[str, str]]]:
+    """Steady load, then huge requests, then steady load again; RSS after each phase, probe latencies."""
     seen: list[tuple[str, float]] = []
+    stalls: list[tuple[str, str]] = []
     async with AsyncEmbedClient(f"127.0.0.1:{port}") as client:
         await ordinary_load(client, 1)
         await max_length_load(client)
         await ordinary_load(client, 2)
         seen.append(("steady: ordinary and max-length batches", rss_mb(pid)))
+        probe = Probe(port)
+        task = asyncio.create_task(probe.run())
+        await asyncio.sleep(3)
+        stalls.append(("quiet (no other requests)", probe.take()))
         for r in range(rounds):
             for mib in (1, 4, 15):
                 await client.embed(["ten chars " * ((mib << 20) // 10)], truncate=True, timeout=600)
                 seen.append((f"round {r + 1}: after one {mib} MiB text", rss_mb(pid)))
             await client.embed(["ten chars " * ((1 << 20) // 10)] * 8, truncate=True, timeout=600)
             seen.append((f"round {r + 1}: after eight 1 MiB texts in one request", rss_mb(pid)))
+        stalls.append(("while the huge requests ran", probe.take()))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await ordinary_load(client, 3)
         time.sleep(1)
         seen.append(("after ordinary load again", rss_mb(pid)))
-    return seen
+    return seen, stalls
 
 
 def main() -> int:
@@ -109,10 +165,12 @@ def main() -> int:
     args.serve_args = serve_args.split()
     proc, port = start_server(args.artifact, args.serve_args)
     try:
-        seen = asyncio.run(soak(port, proc.pid, args.rounds))
+        seen, stalls = asyncio.run(soak(port, proc.pid, args.rounds))
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+    for phase, text in stalls:
+        print(f"probe, {phase}: {text}")
     steady, final = seen[0][1], seen[-1][1]
     for phase, mb in seen:
         print(f"{phase:<48} {mb:8.1f} MB  ({mb - steady:+.1f})")
