@@ -248,9 +248,14 @@ class ServedModel:
             raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
 
     def validate(
-        self, texts: Sequence[str], dims: int | None, prompt_name: str | None, layers: int | None = None
-    ) -> tuple[int | None, int]:
-        """Check all that needs no tokenising, queue room included; returns the depth (`Profile.layers`) and dims."""
+        self,
+        texts: Sequence[str],
+        dims: int | None,
+        prompt_name: str | None,
+        layers: int | None = None,
+        encoding: str = "float32",
+    ) -> tuple[int | None, int, np.ndarray | None]:
+        """Check all that needs no tokenising, queue room last; returns the depth, dims and encoding ranges."""
         if not texts:
             raise InvalidInputError("inputs is empty: send at least one text")
         for i, text in enumerate(texts):
@@ -259,10 +264,11 @@ class ServedModel:
         depth = self.embedder.resolve_layers(layers)  # LayersError, naming the depths served
         want = self.embedder.resolve_dims(dims, depth)  # DimsError for 0, or above the largest profile at that depth
         prefix = self.embedder.prompt_text(prompt_name)  # UnknownPromptError
+        ranges = self.embedder.ranges_for(encoding, want, depth)  # EncodingError
         longest = self.embedder.tokenizer.max_length
         estimate = sum(min(longest, 1 + (len(prefix) + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
         self.batcher.check_room(estimate)  # QueueFullError before any tokenising
-        return depth, want
+        return depth, want, ranges
 
     async def tokenize(self, texts: Sequence[str], prompt_name: str | None, truncate: bool) -> list[Encoded]:
         """Apply the prompt and tokenise (raises InputTooLongError), off the event loop when large."""
@@ -282,11 +288,9 @@ class ServedModel:
         deadline: float | None = None,
         encoding: str = "float32",
     ) -> EmbedResult:
-        """Validate, tokenise, batch with other callers' texts of the same depth and return this request's
-        embeddings, encoded."""
+        """Validate, tokenise, batch with others' texts of the same depth; this request's embeddings, encoded."""
         self.check_ready()
-        depth, want = self.validate(texts, dims, prompt_name, layers)
-        ranges = self.embedder.ranges_for(encoding, want, depth)  # EncodingError before any tokenising
+        depth, want, ranges = self.validate(texts, dims, prompt_name, layers, encoding)
         encoded = await self.tokenize(texts, prompt_name, truncate)
         jobs = [
             Job(payload=TextJob(encoded=e, dims=want, layers=depth), tokens=e.n_tokens, group=depth) for e in encoded
