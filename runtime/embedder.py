@@ -13,6 +13,7 @@ import numpy as np
 from mrl.runtime import encodings
 from mrl.runtime.backends import Backend, create_backend, resolve_backend
 from mrl.runtime.errors import (
+    BackendUnavailableError,
     DimsError,
     EncodingError,
     InvalidInputError,
@@ -81,6 +82,13 @@ class Embedder:
         self.backend_name = backend
         self.precision = precision
         self.profiles = [p for p in manifest.profiles if p.precision == precision]
+        if backend == "torch":  # it runs the source model, which cannot stop early: full-depth profiles only
+            self.profiles = [p for p in self.profiles if p.layers is None]
+            if not self.profiles:
+                raise BackendUnavailableError(
+                    f"every {precision} profile of {directory} keeps fewer layers than the model has, and the torch "
+                    "backend runs the source model at full depth only: use an onnxruntime or tensorrt backend"
+                )
         self._backend_options = backend_options
         self._backends: dict[str, Backend] = {}
         self._ranges: dict[str, np.ndarray] = {}
@@ -152,7 +160,8 @@ class Embedder:
         if total is None:
             return "this artifact runs its full depth only (export with --layers for profiles that keep fewer)"
         served = ", ".join(str(n) for n in self.layers_served)
-        return f"served layers: {served} (the model has {total})"
+        torch = " (the torch backend runs full depth only)" if self.backend_name == "torch" else ""
+        return f"served layers: {served} (the model has {total}){torch}"
 
     def resolve_dims(self, dims: int | None, layers: int | None = None) -> int:
         """The dims a request gets at its depth: `dims` if a profile covers it, None the largest; else DimsError."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -14,7 +15,7 @@ from sentence_transformers.sentence_transformer.losses.adaptive_layer import Tra
 from tinymodels import export, save_onnx_encoder, save_sentence_transformer
 
 from mrl.export.cli import main
-from mrl.runtime import BackendUnavailableError, Embedder, load_manifest, truncate_normalize
+from mrl.runtime import BackendUnavailableError, Embedder, LayersError, load_manifest, truncate_normalize
 
 TEXTS = ["first text", "a second, rather longer text about something else entirely", "x " * 30, "short"]
 MODELS = {  # name -> (arch, pooling, dense)
@@ -110,10 +111,14 @@ def test_torch_backend_refuses_a_truncated_profile(model_2d):
     embedder = Embedder.load(artifact, backend="torch")
     try:
         assert embedder.embed(["hello"], dims=8).shape == (1, 8)
-        with pytest.raises(BackendUnavailableError, match="full depth only"):
+        assert embedder.layers_served == [3]  # it runs the source model, which cannot stop early
+        with pytest.raises(LayersError, match=r"not served; served layers: 3 \(the model has 3\) \(the torch backend"):
             embedder.embed(["hello"], dims=8, layers=1)
     finally:
         embedder.close()  # the torch backend shares loaded models process-wide
+    cut_only = dataclasses.replace(embedder.manifest, profiles=[p for p in embedder.manifest.profiles if p.layers])
+    with pytest.raises(BackendUnavailableError, match="full depth only: use an onnxruntime or tensorrt backend"):
+        Embedder(artifact, cut_only, embedder.tokenizer, backend="torch", precision="fp32", backend_options={})
 
 
 def test_trained_layers_come_from_a_real_training_card(tmp_path, caplog):
