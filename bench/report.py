@@ -6,7 +6,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ class Kind:
     key: tuple[str, ...]
     required: tuple[str, ...]
     compare: tuple[str, ...]
+    key_defaults: Mapping[str, Any] = field(default_factory=dict)
+    """What a key column means in rows written before it existed (so old reports still pair with new ones)."""
 
 
 KINDS: dict[str, Kind] = {
@@ -53,6 +55,7 @@ KINDS: dict[str, Kind] = {
         key=("dims_mix", "layers_mix", "concurrency"),
         required=("dims_mix", "concurrency", "requests", "ok", "errors", "seconds", "texts_per_s", "latency"),
         compare=("texts_per_s", "p50_ms", "p99_ms"),
+        key_defaults={"layers_mix": "default"},
     ),
     "tradeoff": Kind(
         key=("precision", "dims", "encoding"),
@@ -202,14 +205,18 @@ def compare_reports(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     kind = KINDS[a["kind"]]
     # Key columns no row of either report sets (e.g. `variant` in reports written before it existed) are left out.
     key = [k for k in kind.key if any(k in r for r in [*a["results"], *b["results"]])]
-    rows_b = {tuple(r.get(k) for k in key): r for r in b["results"]}
+
+    def key_of(row: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(row.get(k, kind.key_defaults.get(k)) for k in key)
+
+    rows_b = {key_of(r): r for r in b["results"]}
     headers = [*key]
     for m in kind.compare:
         headers += [f"{m} A", f"{m} B", "B/A"]
     rows = []
     seen = set()
     for ra in a["results"]:
-        row_key = tuple(ra.get(k) for k in key)
+        row_key = key_of(ra)
         seen.add(row_key)
         rb = rows_b.get(row_key, {})
         cells: list[Any] = list(row_key)

@@ -248,9 +248,12 @@ class TritonTarget:
             await self._client.close()
 
 
-def openai_vectors(payload: bytes, encoding_format: str) -> tuple[np.ndarray, int | None]:
-    """An OpenAI embeddings response body as (float32 [n, dims] in index order, prompt tokens or None);
-    TargetError BAD_RESPONSE when it is not one (not JSON, indices out of order, rows of different lengths)."""
+def openai_vectors(payload: bytes, encoding_format: str) -> tuple[np.ndarray, int | None, int | None]:
+    """An OpenAI embeddings response body as (float32 [n, dims] in index order, prompt tokens, layers run).
+
+    Tokens and layers (mrl-serve's extra field) are None where the body has none. TargetError BAD_RESPONSE
+    when it is not such a body (not JSON, indices out of order, rows of different lengths).
+    """
     import numpy as np
     import orjson
 
@@ -269,9 +272,10 @@ def openai_vectors(payload: bytes, encoding_format: str) -> tuple[np.ndarray, in
         if rows.ndim != 2:
             raise ValueError(f"embeddings of shape {rows.shape}")
         tokens = (reply.get("usage") or {}).get("prompt_tokens")
+        layers = reply.get("layers")
     except (ValueError, KeyError, TypeError) as e:  # orjson.JSONDecodeError and binascii.Error are ValueErrors
         raise TargetError("BAD_RESPONSE", str(e)[:200]) from None
-    return rows, tokens if isinstance(tokens, int) else None
+    return rows, tokens if isinstance(tokens, int) else None, layers if isinstance(layers, int) and layers else None
 
 
 def error_message(payload: bytes) -> str:
@@ -342,8 +346,8 @@ class HttpTarget:
             raise TargetError("CONNECTION_ERROR", str(e) or type(e).__name__) from None
         if status != 200:
             raise TargetError(f"HTTP_{status}", error_message(payload))
-        rows, tokens = openai_vectors(payload, self.spec.encoding_format)
-        return Reply(texts=int(rows.shape[0]), dims=int(rows.shape[1]), tokens=tokens)
+        rows, tokens, layers_run = openai_vectors(payload, self.spec.encoding_format)
+        return Reply(texts=int(rows.shape[0]), dims=int(rows.shape[1]), tokens=tokens, layers=layers_run)
 
     async def close(self) -> None:
         """Close the pool."""

@@ -42,7 +42,7 @@ def build_request(
     )
     for name, value in (("dims", dims), ("layers", layers)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-            raise ValueError(f"{name} must be a positive integer, not {value!r}")
+            raise ValueError(f"{name} must be a whole number of at least 0 (the server refuses 0), not {value!r}")
     if dims is not None:
         request.dimensions = int(dims)
     if layers is not None:

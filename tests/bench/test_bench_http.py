@@ -70,10 +70,12 @@ def test_openai_vectors_decodes_both_formats_and_refuses_malformed_bodies():
         return json.dumps({"object": "list", "data": data, "usage": {"prompt_tokens": 9}}).encode()
 
     b64 = [base64.b64encode(r.astype("<f4").tobytes()).decode() for r in rows]
-    decoded, tokens = openai_vectors(body(b64), "base64")
+    decoded, tokens, _ = openai_vectors(body(b64), "base64")
     assert np.array_equal(decoded, rows) and tokens == 9
-    decoded, _ = openai_vectors(body([r.tolist() for r in rows]), "float")
-    assert np.array_equal(decoded, rows)
+    decoded, _, layers = openai_vectors(body([r.tolist() for r in rows]), "float")
+    assert np.array_equal(decoded, rows) and layers is None  # no `layers` field: not said
+    with_depth = json.dumps({**json.loads(body(b64)), "layers": 3}).encode()
+    assert openai_vectors(with_depth, "base64")[2] == 3  # mrl-serve's extra field: the depth that ran
     bad = {
         "not JSON": (b"<html>", "base64"),
         "no data": (b'{"object": "list"}', "base64"),
@@ -102,7 +104,7 @@ def test_http_target_against_a_real_server(http_server, server, encoding_format)
         grpc_vectors = client.embed(TEXTS, dims=16)
         assert default.dims == client.get_model().default_dimensions  # unset dims: the server's default
     # What the target decodes from the server's real body is what gRPC returns for the same texts.
-    http_vectors, tokens = openai_vectors(
+    http_vectors, tokens, _ = openai_vectors(
         post(http_server, {"input": TEXTS, "dimensions": 16, "encoding_format": encoding_format}), encoding_format
     )
     assert tokens == reply.tokens

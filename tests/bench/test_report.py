@@ -96,6 +96,20 @@ def test_compare_side_by_side():
         compare_reports(a, {**b, "kind": "serve"})
 
 
+def test_serve_reports_from_before_layers_pair_with_new_ones():
+    def serve_row(texts_per_s, **kw):
+        row = {"dims_mix": "default", "concurrency": 8, "requests": 10, "ok": 10, "errors": {}, "seconds": 1.0,
+               "texts_per_s": texts_per_s, "latency": LATENCY}  # fmt: skip
+        return {**row, **kw}
+
+    old = report([serve_row(100.0)], kind="serve")  # written before layers_mix existed
+    new = report([serve_row(120.0, layers_mix="default"), serve_row(200.0, layers_mix="3")], kind="serve")
+    text = compare_reports(old, new)
+    line = next(line for line in text.splitlines() if line.startswith("| default | default | 8"))
+    assert "| 100 | 120 | 1.2 |" in line
+    assert "1 rows only in B: [('default', '3', 8)]" in text
+
+
 def test_markdown_and_number_formatting():
     assert fmt(None) == "–" and fmt(1234.5) == "1,234" and fmt(0.012345) == "0.0123" and fmt(True) == "yes"
     table = markdown_table(["a", "b"], [[1, 2.5]])

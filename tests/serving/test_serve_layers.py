@@ -234,7 +234,7 @@ def test_build_request_sets_layers_only_when_given():
     assert not build_request(["a"]).HasField("layers")
     assert build_request(["a"], layers=np.int64(3)).layers == 3
     for bad in (-1, True, 2.0):
-        with pytest.raises(ValueError, match="layers must be a positive integer"):
+        with pytest.raises(ValueError, match="layers must be a whole number of at least 0"):
             build_request(["a"], layers=bad)
 
 
