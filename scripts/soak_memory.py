@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import multiprocessing
 import random
 import re
 import statistics
@@ -83,70 +83,81 @@ async def max_length_load(client: AsyncEmbedClient) -> None:
         await client.embed(texts, truncate=True, timeout=120)
 
 
-class Probe:
-    """Health Check every 10 ms and one short Embed every 50 ms, on their own channels; latencies in ms."""
+async def _probe(target: str, stop: threading.Event, samples: list[tuple[float, str, float]]) -> None:
+    """Health Check every 10 ms and one short Embed every 50 ms until `stop`; (sent at, kind, ms) samples."""
+    async with grpc.aio.insecure_channel(target) as channel, AsyncEmbedClient(target) as client:
+        stub = health_pb2_grpc.HealthStub(channel)
 
-    def __init__(self, port: int) -> None:
-        self.target = f"127.0.0.1:{port}"
-        self.health: list[float] = []
-        self.embed: list[float] = []
+        async def every(period: float, kind: str, call) -> None:
+            while not stop.is_set():
+                sent = time.time()
+                start = time.perf_counter()
+                try:
+                    await call()
+                except grpc.RpcError as e:  # counted, not fatal: a failed probe is what this looks for
+                    kind_seen = f"{kind} failed ({e.code().name})"
+                else:
+                    kind_seen = kind
+                samples.append((sent, kind_seen, (time.perf_counter() - start) * 1000))
+                await asyncio.sleep(period)
 
-    async def run(self) -> None:
-        """Probe until cancelled."""
-        async with grpc.aio.insecure_channel(self.target) as channel, AsyncEmbedClient(self.target) as client:
-            stub = health_pb2_grpc.HealthStub(channel)
+        await asyncio.gather(
+            every(0.01, "health Check", lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=30)),
+            every(0.05, "short Embed", lambda: client.embed(["a short text while others are huge"], timeout=30)),
+        )
 
-            async def health() -> None:
-                while True:
-                    start = time.perf_counter()
-                    await stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
-                    self.health.append((time.perf_counter() - start) * 1000)
-                    await asyncio.sleep(0.01)
 
-            async def embed() -> None:
-                while True:
-                    start = time.perf_counter()
-                    await client.embed(["a short text while others are huge"], timeout=30)
-                    self.embed.append((time.perf_counter() - start) * 1000)
-                    await asyncio.sleep(0.05)
+def probe_process(port: int, conn) -> None:
+    """The probe in a process of its own (the huge requests' client would stall it here); sends its samples."""
+    stop = threading.Event()
+    threading.Thread(target=lambda: (conn.recv(), stop.set()), daemon=True).start()
+    samples: list[tuple[float, str, float]] = []
+    asyncio.run(_probe(f"127.0.0.1:{port}", stop, samples))
+    conn.send(samples)
 
-            await asyncio.gather(health(), embed())
 
-    def take(self) -> str:
-        """The latencies since the last take, as text, and start over."""
-        parts = []
-        for name, values in (("health Check", self.health), ("short Embed", self.embed)):
-            if values:
-                cuts = statistics.quantiles(values, n=100) if len(values) > 1 else values * 99
-                spread = f"p50 {cuts[49]:.1f} / p99 {cuts[98]:.1f} / max {max(values):.1f} ms"
-                parts.append(f"{name} {spread} (n={len(values)})")
-            values.clear()
-        return "; ".join(parts)
+def summary(samples: list[tuple[float, str, float]], start: float, stop: float) -> str:
+    """Latency percentiles of each kind of probe call sent within [start, stop)."""
+    parts = []
+    for kind in ("health Check", "short Embed"):
+        values = [ms for sent, k, ms in samples if k == kind and start <= sent < stop]
+        if values:
+            cuts = statistics.quantiles(values, n=100, method="inclusive") if len(values) > 1 else values * 99
+            parts.append(f"{kind} p50 {cuts[49]:.1f} / p99 {cuts[98]:.1f} / max {max(values):.1f} ms (n={len(values)})")
+    failed = [k for sent, k, _ in samples if "failed" in k and start <= sent < stop]
+    if failed:
+        parts.append(f"FAILED: {len(failed)} ({', '.join(sorted(set(failed)))})")
+    return "; ".join(parts)
 
 
 async def soak(port: int, pid: int, rounds: int) -> tuple[list[tuple[str, float]], list[tuple[str, str]]]:
     """Steady load, then huge requests, then steady load again; RSS after each phase, probe latencies."""
     seen: list[tuple[str, float]] = []
-    stalls: list[tuple[str, str]] = []
     async with AsyncEmbedClient(f"127.0.0.1:{port}") as client:
         await ordinary_load(client, 1)
         await max_length_load(client)
         await ordinary_load(client, 2)
         seen.append(("steady: ordinary and max-length batches", rss_mb(pid)))
-        probe = Probe(port)
-        task = asyncio.create_task(probe.run())
-        await asyncio.sleep(3)
-        stalls.append(("quiet (no other requests)", probe.take()))
+        ours, theirs = multiprocessing.get_context("spawn").Pipe()
+        probe = multiprocessing.get_context("spawn").Process(target=probe_process, args=(port, theirs))
+        probe.start()
+        await asyncio.sleep(5)  # the probe process starts, then a quiet stretch
+        quiet = time.time() - 3
+        huge = time.time()
         for r in range(rounds):
             for mib in (1, 4, 15):
                 await client.embed(["ten chars " * ((mib << 20) // 10)], truncate=True, timeout=600)
                 seen.append((f"round {r + 1}: after one {mib} MiB text", rss_mb(pid)))
             await client.embed(["ten chars " * ((1 << 20) // 10)] * 8, truncate=True, timeout=600)
             seen.append((f"round {r + 1}: after eight 1 MiB texts in one request", rss_mb(pid)))
-        stalls.append(("while the huge requests ran", probe.take()))
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        done = time.time()
+        ours.send("stop")
+        samples = ours.recv()
+        probe.join(timeout=30)
+        stalls = [
+            ("quiet (no other requests)", summary(samples, quiet, huge)),
+            (f"while the huge requests ran ({done - huge:.1f} s)", summary(samples, huge, done)),
+        ]
         await ordinary_load(client, 3)
         time.sleep(1)
         seen.append(("after ordinary load again", rss_mb(pid)))
