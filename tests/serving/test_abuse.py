@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -14,6 +15,7 @@ from serving_helpers import GatedModel, running, wait_until
 from mrl.proto import embedder_pb2 as pb
 from mrl.serving.client import AsyncEmbedClient
 from mrl.serving.config import BatcherConfig
+from mrl.serving.grpc_service import MalformedRequestInterceptor
 
 GARBAGE = b"\xff\xff\xff\xff\x0f\x08"  # a varint that never ends: no protobuf message parses from it
 
@@ -155,3 +157,25 @@ def test_a_refusal_needs_no_tokenising_and_no_room_in_the_queue(tiny_artifact):
     )
     assert codes == [invalid, invalid, invalid, missing, invalid, full]  # what the caller must fix comes first
     assert refused_without_tokenising
+
+
+def test_the_malformed_guard_wraps_each_method_once():
+    """A handler is guarded once and reused for later calls, and guarded anew when another handler is chosen."""
+    interceptor = MalformedRequestInterceptor()
+    embed = grpc.unary_unary_rpc_method_handler(lambda r, c: r, request_deserializer=pb.EmbedRequest.FromString)
+    denied = grpc.unary_unary_rpc_method_handler(lambda r, c: r, request_deserializer=pb.EmbedRequest.FromString)
+    details = SimpleNamespace(method="/mrl.v1.Embedder/Embed", invocation_metadata=())  # a HandlerCallDetails
+
+    def chosen(handler):
+        async def continuation(_details):
+            return handler
+
+        return asyncio.run(interceptor.intercept_service(continuation, details))
+
+    first, again = chosen(embed), chosen(embed)
+    assert first is again and first is not embed
+    other = chosen(denied)
+    assert other is not first and chosen(denied) is other
+    garbage = other.request_deserializer(b"\xff\xff\xff")  # still the lenient parser: no exception escapes
+    assert type(garbage).__name__ == "_Malformed"
+    assert chosen(None) is None
