@@ -17,41 +17,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import re
 import statistics
-import subprocess
 import sys
-import threading
 import time
 
 import grpc
+from serve_process import start_server
 
 from mrl.serving.client import AsyncEmbedClient
 
 TEXT = "the quick brown fox jumps over a lazy dog while wizards judge every boxing match in the dark"
 WORDS = TEXT.split()
-
-
-def start_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    """`mrl-serve` on a free port; returns the process and its port once it serves."""
-    command = [sys.executable, "-m", "mrl.serving.cli", artifact, "--port", "0", *extra]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:
-            if m := re.search(r"listening on [^:]+:(\d+)", line):
-                found["port"] = int(m.group(1))
-            if " serving " in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(300) or proc.poll() is not None or "port" not in found:
-        proc.kill()
-        raise SystemExit("mrl-serve did not start")
-    return proc, found["port"]
 
 
 def percentiles(seconds: list[float]) -> str:

@@ -16,9 +16,7 @@ import argparse
 import asyncio
 import multiprocessing
 import random
-import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serve_process import start_server
 
 from mrl.serving.client import AsyncEmbedClient
 
@@ -45,28 +44,6 @@ def sentences(n: int, seed: int, low: int, high: int) -> list[str]:
     """`n` reproducible texts of `low`..`high` words."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) for _ in range(n)]
-
-
-def start_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    """`mrl-serve` on a free port; returns the process and its port once every model is warm."""
-    command = [sys.executable, "-m", "mrl.serving.cli", artifact, "--port", "0", *extra]
-    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    found: dict[str, int] = {}
-    ready = threading.Event()
-
-    def read() -> None:
-        for line in proc.stderr:
-            if m := re.search(r"listening on [^:]+:(\d+)", line):
-                found["port"] = int(m.group(1))
-            if " serving " in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(300) or proc.poll() is not None or "port" not in found:
-        proc.kill()
-        raise SystemExit("mrl-serve did not start")
-    return proc, found["port"]
 
 
 async def ordinary_load(client: AsyncEmbedClient, seed: int) -> None:
