@@ -6,14 +6,13 @@ import argparse
 import logging
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mrl.bench.targets import HTTP_ENCODING_FORMATS
-from mrl.cli import OneLineParser
+from mrl.cli import OneLineParser, progress_printer
 from mrl.runtime.errors import MrlError
 
 EXAMPLES = """\
@@ -434,11 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.error("name a command (engine, serve, tradeoff, memory, corpus) or use --compare A.json B.json")
     _quiet_libraries(args.verbose if hasattr(args, "verbose") else False)
-    start = time.monotonic()
-
-    def progress(message: str) -> None:
-        if not getattr(args, "quiet", False):
-            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+    progress = progress_printer(getattr(args, "quiet", False))
 
     runners = {"engine": _run_engine, "serve": _run_serve, "tradeoff": _run_tradeoff, "memory": _run_memory}
     try:

@@ -6,11 +6,10 @@ import argparse
 import logging
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 
-from mrl.cli import OneLineParser, interrupted_exit_code, sigterm_interrupts
+from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer, sigterm_interrupts
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS, Manifest, Parity
 
@@ -210,11 +209,7 @@ def _dispatch(argv: list[str]) -> int:
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return int(e.code or 0)
     _configure_output(args.verbose)
-    start = time.monotonic()
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+    progress = progress_printer(args.quiet)
 
     try:
         from mrl.export.artifact import ExportOptions, export_artifact

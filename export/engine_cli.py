@@ -6,11 +6,10 @@ import argparse
 import dataclasses
 import logging
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mrl.cli import OneLineParser, interrupted_exit_code
+from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer
 from mrl.export.engine import (
     BuildResult,
     EngineBuildOptions,
@@ -133,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `mrl-export build-engine` (dispatched from `mrl-export`)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="mrl-export: %(levelname)s: %(message)s", level=logging.WARNING)
-    start = time.monotonic()
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+    progress = progress_printer(args.quiet)
 
     try:
         options = options_from_args(args)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from mrl.cli import OneLineParser, interrupted_exit_code
+from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer
 from mrl.export.triton import TritonOptions, write_repository
 from mrl.export.triton_config import ENCODERS, Batching
 from mrl.runtime.errors import MrlError
@@ -100,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line
         return int(e.code or 0)
-    start = time.monotonic()
-
-    def progress(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+    progress = progress_printer(args.quiet)
 
     try:
         options = TritonOptions(

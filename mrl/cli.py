@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 
@@ -44,3 +46,14 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
         """Print the error as one line and exit 2 (argparse prints the whole usage first)."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def progress_printer(quiet: bool) -> Callable[[str], None]:
+    """A progress callback printing `[  12.3s] message` lines to stderr, timed from now; silent when quiet."""
+    start = time.monotonic()
+
+    def progress(message: str) -> None:
+        if not quiet:
+            print(f"[{time.monotonic() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    return progress

@@ -66,22 +66,26 @@ def _ready(http: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def tritonserver(repository: Path, log: Path, *args: str, wait: bool = True) -> Iterator[Triton]:
-    """tritonserver on loopback ports serving `repository`; stopped (SIGTERM, then SIGKILL) on exit."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    cmd = [
+def _command(repository: Path, http: int, grpc: int, *args: str) -> list[str]:
+    """The tritonserver command line serving `repository` on loopback ports."""
+    return [
         str(SERVER),
         f"--model-repository={repository}",
         f"--http-port={http}",
         f"--grpc-port={grpc}",
-        f"--metrics-port={metrics}",
+        f"--metrics-port={free_port()}",
         "--http-address=127.0.0.1",
         "--grpc-address=127.0.0.1",
         "--metrics-address=127.0.0.1",
-        "--exit-timeout-secs=5",
         *args,
     ]
+
+
+@contextlib.contextmanager
+def tritonserver(repository: Path, log: Path, *args: str, wait: bool = True) -> Iterator[Triton]:
+    """tritonserver on loopback ports serving `repository`; stopped (SIGTERM, then SIGKILL) on exit."""
+    http, grpc = free_port(), free_port()
+    cmd = _command(repository, http, grpc, "--exit-timeout-secs=5", *args)
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     server = Triton(http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}", log=log)
@@ -105,18 +109,7 @@ def tritonserver(repository: Path, log: Path, *args: str, wait: bool = True) -> 
 
 def wait_exit(repository: Path, log: Path, *args: str, timeout: float = 120) -> tuple[int, str]:
     """Run tritonserver until it exits by itself (it does when a model fails under strict settings)."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    cmd = [
-        str(SERVER),
-        f"--model-repository={repository}",
-        f"--http-port={http}",
-        f"--grpc-port={grpc}",
-        f"--metrics-port={metrics}",
-        "--http-address=127.0.0.1",
-        "--grpc-address=127.0.0.1",
-        "--metrics-address=127.0.0.1",
-        *args,
-    ]
+    cmd = _command(repository, free_port(), free_port(), *args)
     with open(log, "w") as out:
         done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
     return done.returncode, log.read_text(errors="replace")
