@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mrl.runtime.errors import shorten
 from mrl.serving.auth import token_matches
 from mrl.serving.config import ServerConfig
-from mrl.serving.core import EmbedCore, EmbedQuery
+from mrl.serving.core import EmbedCore, EmbedQuery, deadline_after
 from mrl.serving.errors import ErrorKind, RequestExpiredError, RequestTooLargeError
 from mrl.serving.model import EmbedResult, ServedModel
 from mrl.serving.openai_protocol import (
@@ -118,8 +118,7 @@ class HttpFrontEnd:
                     f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
                 ) from None
             timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
-            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-            parsed = parse_embeddings_request(body, deadline=deadline)
+            parsed = parse_embeddings_request(body, deadline=deadline_after(timeout))
             model, result = await self._embed(parsed.query, timeout)
         except Exception as e:
             return json_reply(*error_response(e))

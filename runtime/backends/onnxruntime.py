@@ -252,6 +252,8 @@ class OnnxRuntimeBackend:
         if disabled_optimizers is None:
             disabled_optimizers = cpu_disabled_optimizers(requested)
         self._session = open_session(graph, options, requested, strict, disabled_optimizers)
+        self.session_options = options
+        """The options the session was opened with (threads, spinning, ...)."""
         self.providers = self._session.get_providers()
         self.graph = Path(graph)
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"

@@ -25,7 +25,7 @@ from mrl.serving.errors import (
     RequestTooLargeError,
     UnsupportedError,
 )
-from mrl.serving.grpc_service import status_for
+from mrl.serving.grpc_protocol import status_for
 
 
 @pytest.mark.parametrize(
