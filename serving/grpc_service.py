@@ -124,6 +124,13 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 class GrpcFrontEnd:
     """A grpc.aio server over the core: Embedder, health (fed by the core's readiness), reflection, auth, TLS."""
 
+    name = TRANSPORT
+
+    @staticmethod
+    def wanted(config: ServerConfig) -> bool:
+        """Always: gRPC is the server's own protocol."""
+        return True
+
     def __init__(self, core: EmbedCore, config: ServerConfig) -> None:
         self._core = core
         self._config = config
@@ -180,8 +187,3 @@ class GrpcFrontEnd:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
-
-    async def wait_for_termination(self) -> None:
-        """Wait until the gRPC server stops."""
-        if self._server is not None:
-            await self._server.wait_for_termination()

@@ -65,6 +65,13 @@ def request_timeout(value: str | None) -> float | None:
 class HttpFrontEnd:
     """An aiohttp server over the core: OpenAI embeddings and models, health, optional metrics, auth, TLS."""
 
+    name = TRANSPORT
+
+    @staticmethod
+    def wanted(config: ServerConfig) -> bool:
+        """When an HTTP port is configured."""
+        return config.http_port is not None
+
     def __init__(self, core: EmbedCore, config: ServerConfig) -> None:
         self._core = core
         self._config = config
@@ -172,8 +179,9 @@ class HttpFrontEnd:
         log.info("OpenAI-compatible HTTP on %s://%s:%d", "https" if context else "http", host, self.port)
         return self.port
 
-    async def stop(self) -> None:
-        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop)."""
+    async def stop(self, grace: float) -> None:
+        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop);
+        handlers still running get aiohttp's `shutdown_timeout`, set at start, rather than `grace`."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

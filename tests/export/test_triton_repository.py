@@ -23,8 +23,9 @@ from triton_helpers import in_triton_env, require_triton
 
 from mrl.export.cli import main as export_main
 from mrl.export.errors import ExportError
-from mrl.export.triton import TritonOptions, plan_repository, write_repository
+from mrl.export.triton import write_repository
 from mrl.export.triton_config import Batching
+from mrl.export.triton_plan import TritonOptions, plan_repository
 from mrl.runtime import Embedder, EmbedOptions
 from mrl.runtime.manifest import Engine, ShapeRange, Span, load_manifest, sha256_file
 
