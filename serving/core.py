@@ -1,8 +1,8 @@
 """The transport-neutral serving core: models by name, request limits, lifecycle, readiness, request metrics.
 
 Front ends (gRPC in `grpc_service.py`, OpenAI-compatible HTTP in `http_service.py`) parse their wire
-format into an `EmbedQuery`, await `EmbedCore.embed`, and translate the result, or the error's
-`ErrorKind`, back into their own format. Requests from every front end share each model's batcher.
+format into an `EmbedQuery` (with their protocol modules), await `EmbedCore.embed`, and translate the result,
+or the error's `ErrorKind`, back into their own format. Requests from every front end share each model's batcher.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
 from mrl.serving.config import BatcherConfig, ModelSpec
 from mrl.serving.errors import NotReadyError
-from mrl.serving.process import lower_thread_priority
+from mrl.serving.process import cpu_cores, lower_thread_priority
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class ServedModel:
     @classmethod
     def load(cls, spec: ModelSpec, config: BatcherConfig) -> ServedModel:
         """Open an artifact as described by `spec` (blocking: reads and verifies files)."""
+        spec = spec.with_defaults(config.workers, cpu_cores())
         manifest = load_manifest(spec.artifact_dir, verify=False)  # to resolve "auto"; verified when loaded
         backend = resolve_backend(spec.backend, Path(spec.artifact_dir), manifest, spec.precision)
         embedder = Embedder.load(
@@ -155,7 +156,15 @@ class ServedModel:
             lone = Embedder.load(  # already verified above
                 spec.artifact_dir, backend, precision=spec.precision, verify=False, **options
             )
-        return cls(spec.name or embedder.manifest.name, embedder, config, lone)
+        name = spec.name or embedder.manifest.name
+        log.info(
+            "model %s: up to %d batches at once, %s threads each%s",
+            name,
+            config.workers,
+            spec.intra_op_threads or "ONNX Runtime's default",
+            f"; a batch alone runs on {spec.lone_batch_threads}" if lone is not None else "",
+        )
+        return cls(name, embedder, config, lone)
 
     def info(self) -> ModelInfo:
         """What this model offers: dims, profiles, prompts, limits, readiness."""

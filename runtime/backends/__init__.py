@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mrl.runtime.backends.engines import find_engine
 from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu, install_hint, own_distribution
+from mrl.runtime.engines import find_engine
 from mrl.runtime.errors import BackendUnavailableError, NotFoundError
 from mrl.runtime.manifest import Manifest, Profile
 

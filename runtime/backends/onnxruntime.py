@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mrl.runtime.backends.engines import cache_key, default_shape_ranges, envelope, weights_sha256
 from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu
+from mrl.runtime.engines import cache_key, default_shape_ranges, envelope, weights_sha256
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, InvalidInputError
 from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile, ShapeRange
 

@@ -54,7 +54,7 @@ class GatedModel(ServedModel):
     @classmethod
     def open(cls, artifact: Path, config: BatcherConfig | None = None, name: str | None = None) -> GatedModel:
         """Load an artifact under this class; by default one batch runs at a time, so the gate holds them all."""
-        spec = ModelSpec(artifact_dir=artifact, name=name)
+        spec = ModelSpec(artifact_dir=artifact, name=name, lone_batch_threads=0)  # every batch passes the gate
         return cls.load(spec, config or BatcherConfig(workers=1))
 
     def ids(self, text: str) -> tuple[int, ...]:
