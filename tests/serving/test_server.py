@@ -97,8 +97,10 @@ def bad_inputs(port: int) -> None:
         expect_error(lambda: c.embed(["a"], dims=33), invalid, "above the largest profile", "[8, 16, 32]")
         expect_error(lambda: c.embed(["a"], model="nope"), not_found, "no model named 'nope'", "tiny")
         expect_error(lambda: c.embed(["a"], prompt_name="nope"), invalid, "unknown prompt", "query")
-        stub = pb_grpc.EmbedderStub(c._channel)
-        expect_error(lambda: stub.Embed(pb.EmbedRequest(inputs=["a"], encoding=99)), invalid, "unknown encoding 99")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as raw:  # the client refuses to send this one
+            stub = pb_grpc.EmbedderStub(raw)
+            bad = pb.EmbedRequest(inputs=["a"], encoding=99)
+            expect_error(lambda: stub.Embed(bad), invalid, "unknown encoding 99")
         expect_error(lambda: c.embed(["a"], dims=12, encoding="int8"), invalid, "calibrated per profile", "8, 16, 32")
         expect_error(lambda: c.get_model("nope"), not_found, "no model named")
         # A long input with truncate=true is cut, not refused; and the server is still fine after all that.
