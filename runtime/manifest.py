@@ -9,16 +9,17 @@ import logging
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError, shorten
+from mrl.runtime.manifest_checks import PRECISIONS as PRECISIONS  # re-exported: where callers look for it
+from mrl.runtime.manifest_checks import check_sense
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-PRECISIONS = ("fp32", "fp16", "int8")
 OUTPUT_NAME = "sentence_embedding"
 
 
@@ -331,47 +332,20 @@ def _read_dataclass(cls: Any, data: dict[str, Any], where: str) -> Any:
         raise ArtifactError(f"manifest.json: {where or 'the manifest'} is invalid: {e}") from None
 
 
-def check_consistent(manifest: Manifest) -> None:
-    """Refuse values that type-check but cannot be right: files outside the artifact, unknown precisions."""
-    files = [manifest.tokenizer.file, *(p.file for p in manifest.profiles), *(w.file for w in manifest.weights)]
-    files += [p.weights for p in manifest.profiles if p.weights] + [e.file for e in manifest.engines]
-    cpu_graphs = [p.ort_cpu for p in manifest.profiles if p.ort_cpu is not None]
-    files += [g.file for g in cpu_graphs] + [g.weights for g in cpu_graphs if g.weights]
-    for name in files:
-        path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or not name:
-            raise ArtifactError(f"manifest.json names the file {shorten(name)}, outside the artifact: refusing it")
-    for p in manifest.profiles:
-        if p.precision not in PRECISIONS:
-            raise ArtifactError(f"manifest.json: profile {p.name} has unknown precision {shorten(p.precision)}")
-        if p.dims < 1 or p.dims > manifest.full_dims:
-            raise ArtifactError(f"manifest.json: profile {p.name} has dims {p.dims}, outside 1..{manifest.full_dims}")
-        if p.layers is not None and not 1 <= p.layers <= (manifest.total_layers or p.layers):
-            raise ArtifactError(
-                f"manifest.json: profile {p.name} keeps {p.layers} layers, outside 1..{manifest.total_layers}"
-            )
-    for e in manifest.engines:
-        if not e.shape_ranges:
-            raise ArtifactError(f"manifest.json: engine {shorten(e.file)} lists no shape ranges")
-    dims = {p.name: p.dims for p in manifest.profiles}
-    for name, r in (manifest.calibration.ranges if manifest.calibration else {}).items():
-        # Ranges of a profile no longer listed (removed by hand) are unused, not wrong.
-        if name in dims and dims[name] != len(r.min):
-            raise ArtifactError(f"manifest.json: calibration.ranges.{shorten(name)} does not match a profile's dims")
-
-
 def manifest_from_dict(data: dict[str, Any]) -> Manifest:
     """Build a Manifest from parsed JSON, refusing newer schemas and malformed or inconsistent entries."""
     version = data.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise ArtifactError("manifest.json has no integer schema_version: not an mrl-toolkit artifact")
+    if version < 1:
+        raise ArtifactError(f"manifest.json: schema_version must be at least 1, not {version}")
     if version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"manifest schema version {version} is newer than this toolkit reads ({SCHEMA_VERSION}): "
             "upgrade mrl-toolkit"
         )
     manifest = read_typed(Manifest, data, "")
-    check_consistent(manifest)
+    check_sense(manifest)
     return manifest
 
 

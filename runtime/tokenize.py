@@ -33,6 +33,29 @@ def cut_prefix(text: str, chars: int) -> str:
     return text[: boundary if boundary > 0 else chars]
 
 
+def check_settings(tokenizer: Tokenizer, settings: TokenizerSettings) -> None:
+    """Refuse settings this tokenizer cannot honour, naming the manifest field: a max length that leaves no
+    room for text (tokenizers then silently stops cutting), a pad id outside the vocabulary or not its pad token's."""
+    special = tokenizer.num_special_tokens_to_add(False)
+    if settings.max_length <= special:
+        raise ArtifactError(
+            f"manifest.json: tokenizer.max_length {settings.max_length} leaves no room for text: {settings.file} "
+            f"adds {special} special tokens to every text"
+        )
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if settings.pad_token_id >= vocab:
+        raise ArtifactError(
+            f"manifest.json: tokenizer.pad_token_id {settings.pad_token_id} is outside the vocabulary of "
+            f"{settings.file} ({vocab} tokens)"
+        )
+    pad = tokenizer.token_to_id(settings.pad_token)
+    if pad is not None and pad != settings.pad_token_id:
+        raise ArtifactError(
+            f"manifest.json: tokenizer.pad_token_id {settings.pad_token_id} is not the id of its pad_token "
+            f"{settings.pad_token!r} ({pad} in {settings.file})"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Encoded:
     """One tokenised text: its ids (already cut to max length) and whether it was cut."""
@@ -51,6 +74,7 @@ class TextTokenizer:
     """Turns texts into padded model inputs exactly as the exported model expects."""
 
     def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings) -> None:
+        check_settings(tokenizer, settings)
         self.settings = settings
         self._tok = tokenizer
         self._tok.no_padding()

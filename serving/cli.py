@@ -7,8 +7,10 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from mrl.cli import OneLineParser
@@ -241,28 +243,51 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def exit_now(signum: int) -> None:
+    """A second SIGTERM or SIGINT while shutting down: stop at once, without draining."""
+    log.warning("second %s: exiting without draining", signal.Signals(signum).name)
+    logging.shutdown()
+    os._exit(128 + signum)
+
+
 async def serve(models: list[ServedModel], config: ServerConfig, metrics: ServerMetrics) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
+    """Run the server until SIGTERM or SIGINT, then shut down gracefully (a second signal: at once)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        stop.set()
+        loop.add_signal_handler(signum, exit_now, signum)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     server = EmbedServer(models, config, metrics)
     try:
         await server.start()
         warmup = asyncio.ensure_future(server.warmup())
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({warmup, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        signalled = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({warmup, signalled}, return_when=asyncio.FIRST_COMPLETED)
         if warmup.done():
             warmup.result()  # a failed warm-up ends the server with its error
-            await stopping
+            await signalled
+            log.info("signal received")
         else:
+            log.info("signal received during warm-up")
             warmup.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await warmup
-        log.info("signal received")
     finally:
         await server.stop()
+
+
+def leave_busy_threads() -> None:
+    """Exit now if threads still run after shutdown (a warm-up that never ended): the interpreter would wait
+    for them forever."""
+    busy = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if busy:
+        log.warning("exiting without waiting for %s (still running)", ", ".join(busy))
+        logging.shutdown()
+        os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         models = [ServedModel.load(spec, config.batcher) for spec in specs]
         check_names(models)
         asyncio.run(serve(models, config, metrics))
+        leave_busy_threads()
     except (MrlError, ValueError, OSError) as e:
         print(f"mrl-serve: error: {e}", file=sys.stderr)
         return 2

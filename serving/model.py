@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,7 @@ import numpy as np
 
 from mrl.runtime import Embedder
 from mrl.runtime.backends import capabilities, resolve_backend
-from mrl.runtime.errors import InvalidInputError
+from mrl.runtime.errors import ArtifactError, InvalidInputError, shorten
 from mrl.runtime.manifest import Profile, load_manifest
 from mrl.runtime.plan import EmbedOptions, Plan
 from mrl.runtime.tokenize import Encoded
@@ -115,6 +115,8 @@ class ServedModel:
         self.config = config
         self.ready = False
         self._closed = False
+        self._warming: Future[None] | None = None
+        """The warm-up's run in an inference thread (None before `warmup`)."""
         self.lone = lone
         """The same artifact opened with every core, for a batch that has the machine to itself (None: none)."""
         # Inference threads of this model only: a slow model never holds up another's batches.
@@ -205,9 +207,10 @@ class ServedModel:
         self.batcher.start()
 
     async def warmup(self) -> None:
-        """Load every depth's graph and run a full-size batch once, off the event loop; then mark ready."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._warmup)
+        """Load every depth's graph and run a full-size batch and a max-length text once, off the event loop;
+        then mark ready."""
+        self._warming = self._executor.submit(self._warmup)
+        await asyncio.wrap_future(self._warming)
         self.ready = True
         log.info("model %s is warm (%s, %s)", self.name, self.embedder.precision, ", ".join(self.embedder.providers))
 
@@ -219,15 +222,36 @@ class ServedModel:
             self.embedder.run(graph, encoded)
             if self.lone is not None:
                 self.lone.run(graph, encoded)
+        self._check_max_length()
+
+    def _check_max_length(self) -> None:
+        """Run one text of the manifest's max length through each graph: a longer max length than the graph's
+        positions would otherwise fail every long request with INTERNAL."""
+        longest = self.embedder.tokenizer.max_length
+        encoded = self.embedder.tokenizer.encode(["warm-up " * longest], truncate=True)
+        for graph in self.embedder.graphs.values():
+            try:
+                self.embedder.run(graph, encoded)
+            except Exception as e:
+                raise ArtifactError(
+                    f"model {self.name}: manifest.json's tokenizer.max_length ({longest}) is more than graph "
+                    f"{graph.file} takes: a text of that many tokens fails in it ({shorten(str(e), 200)}); "
+                    "set max_length to what the model was trained for"
+                ) from None
 
     def hurry(self) -> None:
         """Run queued texts at once from now on, without waiting for fuller batches (the server is draining)."""
         self.batcher.hurry()
 
     async def close(self) -> None:
-        """Finish queued work, stop the batcher and release the model."""
+        """Finish queued work, stop the batcher and release the model; a warm-up still running is left behind."""
         self.ready, self._closed = False, True
         await self.batcher.close()
+        if self._warming is not None and not self._warming.done():
+            # Its thread cannot be stopped, and waiting for it here would block the event loop, signals included.
+            log.warning("model %s: its warm-up is still running; not waiting for it", self.name)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            return
         self._executor.shutdown(wait=True)
         self.embedder.close()
         if self.lone is not None:

@@ -140,3 +140,59 @@ def test_tampered_cpu_graph_is_refused(tiny_st_dir, tmp_path):
     graph.write_bytes(graph.read_bytes() + b"\0")
     with pytest.raises(IntegrityError, match=r"d16-fp32\.ort-cpu\.onnx does not match its sha256"):
         load_manifest(out)
+
+
+# Values of the right type that make no sense: each refused at load, naming the field (issue 20).
+NONSENSE = [
+    (lambda d: d["tokenizer"].update(max_length=0), r"tokenizer\.max_length must be at least 1, not 0"),
+    (lambda d: d["tokenizer"].update(max_length=-1), r"tokenizer\.max_length must be at least 1, not -1"),
+    (lambda d: d["tokenizer"].update(inputs=["foo"]), r"tokenizer\.inputs names 'foo'.*input_ids, attention_mask"),
+    (lambda d: d["tokenizer"].update(inputs=["attention_mask"]), r"tokenizer\.inputs must include input_ids"),
+    (lambda d: d["tokenizer"].update(padding_side="middle"), r"tokenizer\.padding_side must be left or right"),
+    (lambda d: d["tokenizer"].update(pad_token_id=-1), r"tokenizer\.pad_token_id must be 0 or more, not -1"),
+    (lambda d: d.update(default_prompt="nope"), r"default_prompt 'nope' names no prompt; prompts: document, query"),
+    (lambda d: d.update(full_dims=0), r"full_dims must be at least 1, not 0"),
+    (lambda d: d.update(profiles=[]), r"profiles lists none"),
+    (lambda d: d["profiles"][1].update(name=d["profiles"][0]["name"]), r"profiles name 'd32-fp32' twice"),
+    (lambda d: d.update(trained_dims=[0, 16]), r"trained_dims holds 0, outside 1\.\.32"),
+    (lambda d: d.update(total_layers=0), r"total_layers must be at least 1, not 0"),
+    (lambda d: d.update(total_layers=2, trained_layers=[3]), r"trained_layers holds 3, outside 1\.\.2"),
+    (lambda d: d["weights"][0].update(bytes=-5), r"weights\[0\]\.bytes must be 0 or more, not -5"),
+    (lambda d: d["profiles"][0].update(layers=0), r"profiles\[0\]\.layers must be at least 1, not 0"),
+    (lambda d: d.update(schema_version=0), r"schema_version must be at least 1, not 0"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), NONSENSE)
+def test_manifest_values_that_make_no_sense_are_refused_naming_the_field(artifact, change, message):
+    edit(artifact, change)
+    with pytest.raises(ArtifactError, match=message):
+        load_manifest(artifact, verify=False)
+
+
+def test_calibration_ranges_must_be_finite_and_ordered(artifact):
+    def swap(d):
+        ranges = d["calibration"]["ranges"]["d32-fp32"]
+        ranges["min"], ranges["max"] = ranges["max"], ranges["min"]
+
+    edit(artifact, swap)
+    with pytest.raises(ArtifactError, match=r"calibration\.ranges\.d32-fp32: a minimum is above its maximum"):
+        load_manifest(artifact, verify=False)
+    edit(artifact, lambda d: d["calibration"]["ranges"]["d32-fp32"]["min"].__setitem__(0, float("nan")))
+    with pytest.raises(ArtifactError, match=r"calibration\.ranges\.d32-fp32 holds a value that is not a finite"):
+        load_manifest(artifact, verify=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # The tiny BERT's post-processor adds [CLS] and [SEP]: 2 tokens leave no room for any text.
+        (lambda d: d["tokenizer"].update(max_length=2), r"tokenizer\.max_length 2 leaves no room for text"),
+        (lambda d: d["tokenizer"].update(pad_token_id=10**9), r"tokenizer\.pad_token_id 1000000000 is outside the"),
+        (lambda d: d["tokenizer"].update(pad_token_id=5), r"tokenizer\.pad_token_id 5 is not the id of its pad_token"),
+    ],
+)
+def test_tokenizer_settings_are_checked_against_the_tokenizer_at_load(artifact, change, message):
+    edit(artifact, change)
+    with pytest.raises(ArtifactError, match=message):
+        Embedder.load(artifact)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from serving_helpers import SERVE, Served, self_signed
 
+from mrl.serving.cli import serve
 from mrl.serving.client import AsyncEmbedClient
+from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig
+from mrl.serving.metrics import ServerMetrics
+from mrl.serving.model import ServedModel
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -93,3 +101,86 @@ def test_serving_never_imports_torch_or_transformers(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path.home())
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def edited_copy(artifact: Path, directory: Path, change) -> Path:
+    """A copy of `artifact` whose manifest.json `change` edited."""
+    copy = directory / "artifact"
+    shutil.copytree(artifact, copy)
+    path = copy / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        # issue 20: max_length 0 spun at 93% CPU and ignored SIGTERM; -1 and inputs ["foo"] exited 1 with a
+        # traceback; default_prompt naming no prompt served, then refused every request; a pad id outside the
+        # vocabulary and a max length beyond the graph's positions gave INTERNAL per request.
+        (lambda d: d["tokenizer"].update(max_length=0), "tokenizer.max_length must be at least 1, not 0"),
+        (lambda d: d["tokenizer"].update(max_length=-1), "tokenizer.max_length must be at least 1, not -1"),
+        (lambda d: d["tokenizer"].update(inputs=["foo"]), "tokenizer.inputs names 'foo'"),
+        (lambda d: d.update(default_prompt="nope"), "default_prompt 'nope' names no prompt"),
+        (lambda d: d["tokenizer"].update(pad_token_id=10**6), "tokenizer.pad_token_id 1000000 is outside"),
+        (lambda d: d["tokenizer"].update(max_length=100000), "tokenizer.max_length (100000) is more than"),
+    ],
+)
+def test_a_manifest_that_makes_no_sense_stops_mrl_serve_at_start_in_one_line(tiny_artifact, tmp_path, change, words):
+    artifact = edited_copy(tiny_artifact, tmp_path, change)
+    assert_one_line_error(run_cli(str(artifact), "--port", "0"), words)
+
+
+def test_sigterm_ends_the_server_while_its_warm_up_is_stuck(tiny_artifact):
+    """A warm-up that never ends (a hung GPU, a graph that loops) must not make SIGTERM wait for it."""
+    model = ServedModel.load(ModelSpec(artifact_dir=tiny_artifact), BatcherConfig())
+    entered, release = threading.Event(), threading.Event()
+    model.embedder.warmup = lambda: (entered.set(), release.wait())
+    backstop = threading.Timer(120, release.set)  # frees the thread whatever the server does
+    backstop.start()
+
+    async def scenario() -> bool:
+        task = asyncio.ensure_future(serve([model], ServerConfig(port=0), ServerMetrics()))
+        assert await asyncio.to_thread(entered.wait, 60)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await task
+        return release.is_set()
+
+    try:
+        released_first = asyncio.run(asyncio.wait_for(scenario(), timeout=300))
+    finally:
+        release.set()
+        backstop.cancel()
+    assert not released_first, "the server waited for the stuck warm-up before it stopped"
+
+
+STUCK = """
+import sys, threading
+from mrl.runtime import Embedder
+from mrl.serving import cli
+Embedder.warmup = lambda self: threading.Event().wait()  # a warm-up that never ends
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_mrl_serve_exits_on_sigterm_while_its_warm_up_is_stuck(tiny_artifact):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK, str(tiny_artifact), "--port", "0"], stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "listening on" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines += proc.stderr.readlines()
+    assert code == 0, "".join(lines)
+    assert any("warm-up" in line and "not waiting" in line for line in lines), "".join(lines)
