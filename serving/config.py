@@ -102,6 +102,16 @@ class ModelSpec:
         )
 
 
+ENCRYPTED_KEY = (
+    "the TLS key is encrypted and a server cannot ask for its passphrase (gRPC takes no passphrase either): "
+    "write it unencrypted with `openssl pkey -in KEY -out KEY.plain`, readable by the server's user only"
+)
+
+
+def _no_passphrase() -> bytes:
+    raise ValueError(ENCRYPTED_KEY)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TlsConfig:
     """A PEM certificate chain and private key for the server's TLS port."""
@@ -116,6 +126,8 @@ class TlsConfig:
             raise ValueError(
                 "the TLS key is not a PEM private key: pass a file holding '-----BEGIN ... PRIVATE KEY-----'"
             )
+        if b"ENCRYPTED" in self.private_key:  # PKCS#8 "ENCRYPTED PRIVATE KEY", or the older "Proc-Type: 4,ENCRYPTED"
+            raise ValueError(ENCRYPTED_KEY)
         try:
             self.ssl_context()  # gRPC would only say it cannot listen; OpenSSL says why
         except ssl.SSLError as e:
@@ -131,7 +143,8 @@ class TlsConfig:
             cert, key = Path(directory, "cert.pem"), Path(directory, "key.pem")
             cert.write_bytes(self.certificate_chain)
             key.write_bytes(self.private_key)
-            context.load_cert_chain(cert, key)
+            # Never let OpenSSL ask for a passphrase on the terminal: a server has nobody to answer it.
+            context.load_cert_chain(cert, key, password=_no_passphrase)
         return context
 
 

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import termios
 import threading
 from pathlib import Path
 
@@ -184,3 +188,59 @@ def test_mrl_serve_exits_on_sigterm_while_its_warm_up_is_stuck(tiny_artifact):
     lines += proc.stderr.readlines()
     assert code == 0, "".join(lines)
     assert any("warm-up" in line and "not waiting" in line for line in lines), "".join(lines)
+
+
+def encrypted_key(directory: Path) -> tuple[Path, Path]:
+    """A certificate and its passphrase-protected key (PEM), made with openssl."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed: cannot make a test certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-passout", "pass:secret", "-days", "1", "-subj",
+         "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_an_encrypted_tls_key_is_refused_in_one_line_naming_it(tiny_artifact, tmp_path):
+    cert, key = encrypted_key(tmp_path)
+    result = run_cli(str(tiny_artifact), "--tls-cert", str(cert), "--tls-key", str(key))
+    assert_one_line_error(result, str(key), "encrypted", "openssl pkey")  # was "[Errno 22] Invalid argument"
+
+
+def test_an_encrypted_tls_key_never_makes_mrl_serve_prompt_on_a_terminal(tiny_artifact, tmp_path):
+    """On a terminal, OpenSSL asked "Enter PEM pass phrase:" and waited: a server must never prompt."""
+    cert, key = encrypted_key(tmp_path)
+    leader, follower = pty.openpty()
+
+    def own_terminal() -> None:  # the child's controlling terminal, as under an interactive shell
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    proc = subprocess.Popen(
+        [*SERVE, str(tiny_artifact), "--tls-cert", str(cert), "--tls-key", str(key)],
+        stdin=follower, stdout=follower, stderr=follower, preexec_fn=own_terminal,
+    )  # fmt: skip
+    os.close(follower)
+    seen = b""
+    try:
+        while proc.poll() is None or select.select([leader], [], [], 0)[0]:
+            ready, _, _ = select.select([leader], [], [], 60)
+            if not ready:
+                break  # waiting for something: a prompt
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # the terminal closed with the process
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        os.close(leader)
+    text = seen.decode(errors="replace")
+    assert "pass phrase" not in text, text
+    assert proc.returncode == 2 and "encrypted" in text, text
