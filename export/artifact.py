@@ -148,14 +148,32 @@ def prepare_output(out: Path, force: bool) -> Path:
         raise ExportError(f"cannot write to {parent}: {e.strerror}") from None
 
 
-def publish(tmp: Path, out: Path) -> None:
-    """Move a finished output directory into place, replacing an old one only once the new one is whole."""
+def user_modes() -> tuple[int, int]:
+    """(directory mode, file mode) that this process's umask gives new directories and files."""
     umask = os.umask(0)
     os.umask(umask)
-    # mkdtemp made the directory private; an artifact is read by other users (a serving account).
-    tmp.chmod(0o777 & ~umask)
-    for f in tmp.iterdir():
-        f.chmod(0o666 & ~umask)
+    return 0o777 & ~umask, 0o666 & ~umask
+
+
+def readable_by_others(root: Path) -> None:
+    """Give `root` and everything under it the modes the umask gives, as if a user had made them.
+
+    mkdtemp made the directory private, and files placed by copy or link keep their source's mode; an output
+    is read by other users (a serving account, a Triton image running as uid 65534), and a directory they
+    cannot search hides its files from them whatever those files' modes.
+    """
+    directory_mode, file_mode = user_modes()
+    root.chmod(directory_mode)
+    for parent, directories, files in os.walk(root):
+        for name in directories:
+            Path(parent, name).chmod(directory_mode)
+        for name in files:
+            Path(parent, name).chmod(file_mode)
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished output directory into place, replacing an old one only once the new one is whole."""
+    readable_by_others(tmp)
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         out.replace(old / "artifact")

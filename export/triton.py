@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-from mrl.export.artifact import prepare_output, publish
+from mrl.export.artifact import prepare_output, publish, user_modes
 from mrl.export.triton_config import (
     EncoderSpec,
     encoder_config,
@@ -27,11 +28,15 @@ PYTHON_ENCODER_PARAMETERS = (("backend", "auto"), ("max_rows", "32"), ("max_padd
 
 
 def _place(src: Path, dst: Path) -> None:
-    """Hard-link a file where the filesystem allows (weights can be large), else copy it."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """Hard-link a file where the filesystem allows (weights can be large) and its mode is already what the
+    repository's files get (a link shares it), else copy it."""
+    if stat.S_IMODE(src.stat().st_mode) == user_modes()[1]:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 def _model_dir(root: Path, name: str, config: str) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -17,9 +18,10 @@ from mrl.cli import OneLineParser
 from mrl.runtime.errors import MrlError
 from mrl.serving.config import BatcherConfig, ModelSpec, RequestLimits, ServerConfig, TlsConfig
 from mrl.serving.core import check_names
+from mrl.serving.logs import limit_repeats
 from mrl.serving.metrics import ServerMetrics
 from mrl.serving.model import ServedModel
-from mrl.serving.process import return_freed_memory_to_the_os
+from mrl.serving.process import connections_that_fit, raise_open_files_limit, return_freed_memory_to_the_os
 from mrl.serving.server import EmbedServer
 
 log = logging.getLogger("mrl.serving")
@@ -88,6 +90,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=int,
         default=limits.max_inputs_per_request,
         help="texts per request at most (default %(default)s)",
+    )
+    net.add_argument(
+        "--max-connections",
+        type=int,
+        default=server.max_connections,
+        help="open connections per door (gRPC, HTTP); beyond, new ones are refused (default %(default)s, "
+        "lowered to fit the open-files limit)",
+    )
+    net.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=server.idle_timeout_s,
+        help="close a connection with no call in progress for this long (default %(default)s)",
     )
     net.add_argument(
         "--shutdown-grace-s",
@@ -231,6 +246,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         auth_token=token,
         limits=RequestLimits(max_inputs_per_request=args.max_inputs, max_message_bytes=args.max_message_bytes),
         shutdown_grace_s=args.shutdown_grace_s,
+        max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout_s,
         batcher=BatcherConfig(
             max_batch_tokens=args.max_batch_tokens,
             max_batch_size=args.max_batch_size,
@@ -248,6 +265,24 @@ def exit_now(signum: int) -> None:
     log.warning("second %s: exiting without draining", signal.Signals(signum).name)
     logging.shutdown()
     os._exit(128 + signum)
+
+
+def fit_open_files(config: ServerConfig) -> ServerConfig:
+    """Raise the soft open-files limit to the hard one, and lower `max_connections` to what fits under it."""
+    before, after = raise_open_files_limit()
+    if after != before:
+        log.info("open files: soft limit raised from %d to %d", before, after)
+    doors = 2 if config.http_port is not None else 1
+    fits = connections_that_fit(config.max_connections, after, doors)
+    if fits < config.max_connections:
+        log.warning(
+            "--max-connections %d per door does not fit %d open files: %d per door (raise the hard limit: ulimit -Hn)",
+            config.max_connections,
+            after,
+            fits,
+        )
+        config = dataclasses.replace(config, max_connections=fits)
+    return config
 
 
 async def serve(models: list[ServedModel], config: ServerConfig, metrics: ServerMetrics) -> None:
@@ -295,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     return_freed_memory_to_the_os()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_repeats()
     try:
-        config = server_config(args)
+        config = fit_open_files(server_config(args))
         metrics = ServerMetrics()
         specs = model_specs(args)
         models = [ServedModel.load(spec, config.batcher) for spec in specs]

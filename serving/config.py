@@ -183,6 +183,10 @@ class ServerConfig:
     """On SIGTERM, how long calls in flight may take to finish before they are cancelled."""
     stream_window: int = 32
     """Requests of one EmbedStream that may be in progress at once (more wait unread: flow control)."""
+    max_connections: int = 4096
+    """Open connections per door (gRPC, HTTP); past it a new one is refused (HTTP: 503 in JSON)."""
+    idle_timeout_s: float = 75.0
+    """A connection with no call in progress for this long is closed (gRPC clients reconnect by themselves)."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 
@@ -202,5 +206,7 @@ class ServerConfig:
         if self.auth_token is not None and (not self.auth_token or any(c.isspace() for c in self.auth_token)):
             raise ValueError("the auth token must be non-empty and hold no whitespace: write one token to the file")
         _positive("stream_window", self.stream_window, "try 32")
+        _positive("max_connections", self.max_connections, "try 4096")
+        _positive("idle_timeout_s", self.idle_timeout_s, "try 75")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be 0 or more, not {self.shutdown_grace_s}: try 30")

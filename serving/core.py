@@ -14,10 +14,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from mrl.runtime.errors import InvalidInputError, NotFoundError, shorten
+from mrl.runtime.errors import InvalidInputError, shorten
 from mrl.runtime.plan import EmbedOptions
 from mrl.serving.config import RequestLimits
-from mrl.serving.errors import ErrorKind, classify
+from mrl.serving.errors import ErrorKind, UnknownModelError, classify
 from mrl.serving.metrics import ServerMetrics
 from mrl.serving.model import EmbedResult, ModelInfo, ServedModel
 
@@ -163,7 +163,7 @@ class EmbedCore:
             raise InvalidInputError(f"this server serves several models ({', '.join(self.models)}): set model", "model")
         model = self.models.get(name)
         if model is None:
-            raise NotFoundError(f"no model named {shorten(name)}; this server serves: {', '.join(self.models)}")
+            raise UnknownModelError(f"no model named {shorten(name)}; this server serves: {', '.join(self.models)}")
         return model
 
     def model_infos(self) -> list[ModelInfo]:

@@ -37,6 +37,13 @@ class NotReadyError(ServingError):
     """The model is still warming up, or the server is shutting down."""
 
 
+class UnknownModelError(NotFoundError):
+    """A request for a model this server does not serve."""
+
+    field = "model"
+    """The request option at fault, as `InvalidInputError.field` says it."""
+
+
 class UnsupportedError(InvalidInputError):
     """A request for something the contract names but this server does not do."""
 

@@ -160,6 +160,10 @@ class GrpcFrontEnd:
                 ("grpc.max_send_message_length", -1),
                 # Two servers must not silently share one port.
                 ("grpc.so_reuseport", 0),
+                # Past the cap a new connection is closed at once (the client sees UNAVAILABLE and retries),
+                # and idle ones go away, before they use up the process's file descriptors.
+                ("grpc.max_allowed_incoming_connections", self._config.max_connections),
+                ("grpc.max_connection_idle_ms", int(self._config.idle_timeout_s * 1000)),
             ],
         )
         pb_grpc.add_EmbedderServicer_to_server(EmbedderService(self._core, self._config.stream_window), server)

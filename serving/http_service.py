@@ -22,6 +22,7 @@ from mrl.serving.auth import token_matches
 from mrl.serving.config import ServerConfig
 from mrl.serving.core import EmbedCore, EmbedQuery, deadline_after
 from mrl.serving.errors import ErrorKind, RequestExpiredError, RequestTooLargeError
+from mrl.serving.http_listener import HttpListener
 from mrl.serving.model import EmbedResult, ServedModel
 from mrl.serving.openai_protocol import (
     ProtocolError,
@@ -41,6 +42,9 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 TIMEOUT_HEADER = "X-Request-Timeout"
 """Seconds the caller will wait; past them the request is dropped and answered 504 (gRPC has its deadline)."""
 ROUTES = "POST /v1/embeddings, GET /v1/models, GET /v1/models/NAME, GET /health"
+IDENTITY = frozenset({"", "identity"})
+"""Content-Encodings taken: none. A compressed body is refused, not inflated: 1 MB of gzip inflates to 1 GiB,
+and inflating it held the event loop (health included) for seconds."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -77,6 +81,7 @@ class HttpFrontEnd:
         self._config = config
         self.port: int | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: HttpListener | None = None
         self._created = int(time.time())
 
     def app(self) -> web.Application:
@@ -98,6 +103,17 @@ class HttpFrontEnd:
             self._core.metrics.auth_denied.labels(route.canonical if route else "(unknown)").inc()
             message = "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"
             return json_reply(*error_reply(ErrorKind.UNAUTHENTICATED, message))
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in IDENTITY and request.match_info.http_exception is None:
+            _, headers, body = error_reply(
+                ErrorKind.INVALID_ARGUMENT,
+                f"compressed request bodies are not accepted (Content-Encoding: {shorten(encoding)[1:-1]}): "
+                "send the JSON uncompressed",
+                "Content-Encoding",
+            )
+            response = json_reply(415, headers, body)
+            response.force_close()  # the unread body is drained as is (never inflated), then the connection closes
+            return response
         try:
             return await handler(request)
         except web.HTTPMethodNotAllowed as e:
@@ -163,25 +179,30 @@ class HttpFrontEnd:
 
     async def start(self) -> int:
         """Listen on the configured host and HTTP port; returns the bound port."""
-        host, port = self._config.host, self._config.http_port
+        config = self._config
+        host, port = config.host, config.http_port
         # shutdown_timeout: what calls still running when the drain's grace ran out get before being cancelled.
         runner = web.AppRunner(self.app(), access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
-        context = None if self._config.tls is None else self._config.tls.ssl_context()
-        site = web.TCPSite(runner, host, port, ssl_context=context, reuse_port=False)
+        context = None if config.tls is None else config.tls.ssl_context()
+        # keepalive_timeout also closes a connection that never sends a request.
+        options = {"access_log": None, "auto_decompress": False, "keepalive_timeout": config.idle_timeout_s}
+        listener = HttpListener(runner, max_connections=config.max_connections, handler_options=options)
         try:
-            await site.start()
+            self.port = await listener.start(host, port, context)
         except OSError as e:
             await runner.cleanup()
             raise OSError(f"cannot listen on {host}:{port} for HTTP ({e.strerror}): is the port in use?") from None
-        self._runner = runner
-        self.port = runner.addresses[0][1]
+        self._runner, self._listener = runner, listener
         log.info("OpenAI-compatible HTTP on %s://%s:%d", "https" if context else "http", host, self.port)
         return self.port
 
     async def stop(self, grace: float) -> None:
         """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop);
         handlers still running get aiohttp's `shutdown_timeout`, set at start, rather than `grace`."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

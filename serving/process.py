@@ -53,3 +53,37 @@ def lower_thread_priority(niceness: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
     except OSError as e:  # a sandbox may forbid it: the server still works, with less responsive refusals
         log.debug("could not lower the priority of %s: %s", threading.current_thread().name, e)
+
+
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit, as servers commonly do; returns (before,
+    after). Each connection holds a file descriptor: with a soft limit of 1,024, a thousand idle connections
+    locked every new caller out (accept fails with EMFILE, and asyncio logs each failure)."""
+    try:
+        import resource
+    except ImportError:  # not on Unix: nothing to raise
+        return 0, 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_CEILING)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as e:  # a sandbox may refuse: keep the soft limit, and say so
+        log.warning("open files: cannot raise the soft limit of %d to %d: %s", soft, wanted, e)
+        return soft, soft
+    return soft, wanted
+
+
+OPEN_FILES_CEILING = 1 << 20
+"""The soft limit set where the hard one is unlimited (the kernel's own ceiling, nr_open, is usually this)."""
+FILES_KEPT = 256
+"""File descriptors kept for everything but connections: model files, sockets of the metrics port, threads'
+pipes, logs."""
+
+
+def connections_that_fit(wanted: int, open_files: int, doors: int) -> int:
+    """Connections per door that leave `FILES_KEPT` descriptors free under an `open_files` limit (at most
+    `wanted`, at least 1)."""
+    room = max(1, (open_files - FILES_KEPT) // max(1, doors)) if open_files > 0 else wanted
+    return max(1, min(wanted, room))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -81,11 +83,45 @@ def _command(repository: Path, http: int, grpc: int, *args: str) -> list[str]:
     ]
 
 
+NOBODY = 65534
+"""The unprivileged uid and gid Triton images and Kubernetes pods often run as."""
+
+
+def _private_ancestor(path: Path) -> Path | None:
+    """The first directory on the way to `path` that other users cannot search (None: all can)."""
+    for directory in (*reversed(path.parents), path):
+        if directory.exists() and not directory.stat().st_mode & stat.S_IXOTH:
+            return directory
+    return None
+
+
+def as_nobody() -> list[str]:
+    """A command prefix that runs tritonserver as uid/gid 65534 with no groups; skips where this process cannot
+    switch, or where that user could not reach the Triton environment or the Python it was made from."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("switching to an unprivileged user needs root")
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    config = dict(line.split(" = ", 1) for line in (VENV / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+    for path in (VENV, Path(config.get("home", "/"))):
+        private = _private_ancestor(path.resolve())
+        if private is not None:
+            pytest.skip(
+                f"{private} is private, so uid {NOBODY} cannot run the Triton environment: make one from a Python "
+                "other users can read (MRL_TRITON_VENV=DIR PATH=/usr/bin:$PATH bash scripts/setup_triton.sh)"
+            )
+    return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
 @contextlib.contextmanager
-def tritonserver(repository: Path, log: Path, *args: str, wait: bool = True) -> Iterator[Triton]:
-    """tritonserver on loopback ports serving `repository`; stopped (SIGTERM, then SIGKILL) on exit."""
+def tritonserver(
+    repository: Path, log: Path, *args: str, wait: bool = True, prefix: Sequence[str] = ()
+) -> Iterator[Triton]:
+    """tritonserver on loopback ports serving `repository` (`prefix`: e.g. `as_nobody()`); stopped (SIGTERM,
+    then SIGKILL) on exit."""
     http, grpc = free_port(), free_port()
-    cmd = _command(repository, http, grpc, "--exit-timeout-secs=5", *args)
+    cmd = [*prefix, *_command(repository, http, grpc, "--exit-timeout-secs=5", *args)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     server = Triton(http=f"127.0.0.1:{http}", grpc=f"127.0.0.1:{grpc}", log=log)

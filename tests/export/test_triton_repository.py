@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -337,3 +339,16 @@ def test_layer_profiles_get_their_own_models(tiny_2d_artifact, tmp_path, capsys)
         code, err = _run_cli([str(tiny_2d_artifact), "--out", str(tmp_path / "bad"), *args], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_repository_has_the_modes_a_users_umask_gives(tiny_artifact, tmp_path):
+    """Directories searchable and files readable by others under umask 022: a non-root Triton must read them."""
+    old = os.umask(0o022)
+    try:
+        options = TritonOptions(name="tiny", dims=(8,), encoder="python", batching=Batching(max_batch_size=32))
+        write_repository(tiny_artifact, tmp_path / "repo", options)
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in tmp_path.rglob("*")}
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o755 if (tmp_path / p).is_dir() else 0o644)}
+    assert not wrong and "repo/tiny_d8/config.pbtxt" in modes, wrong

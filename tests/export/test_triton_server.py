@@ -9,12 +9,16 @@ not on its configuration.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
-from triton_helpers import call, require_triton, tritonserver
+from triton_helpers import as_nobody, call, require_triton, tritonserver
 
 from mrl.export.triton import write_repository
 from mrl.export.triton_config import Batching
@@ -172,3 +176,25 @@ def test_minilm_at_64_and_256_dims(minilm_artifact, tmp_path):
     for c, result in zip(calls, results, strict=True):
         dims = int(c["model"].rsplit("_d", 1)[1])
         assert _cosines(result, embedder.embed(batch, dims=dims)).min() >= 0.9999, c["model"]
+
+
+def test_a_tritonserver_running_as_nobody_serves_the_repository(tiny_artifact, tmp_path_factory):
+    """Triton images and Kubernetes pods often run as an unprivileged user: the repository must be readable
+    by others, as a user's umask says (its directories were 0644 once: Permission denied on config.pbtxt)."""
+    require_triton()
+    prefix = as_nobody()
+    shared = Path(tempfile.mkdtemp(prefix="mrl-triton-nobody-"))
+    try:
+        shared.chmod(0o755)  # what a user's own directory lets others do; the repository inside is the test
+        old = os.umask(0o022)
+        try:
+            options = TritonOptions(name="tiny", dims=(8,), encoder="python", batching=Batching(instances=1))
+            write_repository(tiny_artifact, shared / "repo", options)
+        finally:
+            os.umask(old)
+        log = tmp_path_factory.mktemp("triton-nobody") / "server.log"
+        with tritonserver(shared / "repo", log, "--strict-model-config=true", prefix=prefix) as server:
+            (result,) = call([{"protocol": "http", "url": server.http, "model": "tiny_d8", "texts": texts(3)}])
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+    assert _cosines(result, Embedder.load(tiny_artifact).embed(texts(3), dims=8)).min() >= 0.9999

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import platform
 import subprocess
@@ -15,8 +16,9 @@ from serving_helpers import running
 
 from mrl.serving.client import AsyncEmbedClient
 from mrl.serving.config import BatcherConfig, ModelSpec
+from mrl.serving.logs import RepeatFilter
 from mrl.serving.model import ServedModel
-from mrl.serving.process import return_freed_memory_to_the_os
+from mrl.serving.process import connections_that_fit, return_freed_memory_to_the_os
 
 SOAK = Path(__file__).parents[2] / "scripts" / "soak_memory.py"
 
@@ -58,3 +60,43 @@ def test_inference_threads_yield_the_cpu_to_the_event_loop(tiny_artifact):
 
     asyncio.run(asyncio.wait_for(scenario(), timeout=120))
     assert model.nice == os.getpriority(os.PRIO_PROCESS, 0) + 7 or model.nice == 19  # nice values stop at 19
+
+
+def test_repeated_log_lines_pass_a_few_at_a_time_then_say_how_many_were_held(caplog):
+    now = [0.0]
+    repeats = RepeatFilter(burst=3, period=10, clock=lambda: now[0])
+    logger = logging.getLogger("test.repeats")
+    logger.addFilter(repeats)
+    try:
+        with caplog.at_level(logging.INFO, logger="test.repeats"):
+            for i in range(1000):
+                logger.warning("accept failed: %s", i)
+            logger.warning("another message")
+            now[0] = 11
+            logger.warning("accept failed: %s", "again")
+    finally:
+        logger.removeFilter(repeats)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "accept failed: 0",
+        "accept failed: 1",
+        "accept failed: 2",
+        "another message",
+        "accept failed: again [and 997 more like it in the last 10 s]",
+    ]
+
+
+def test_the_open_files_soft_limit_is_raised_to_the_hard_one_and_connections_fit_under_it():
+    code = (
+        "import resource\n"
+        "from mrl.serving.process import raise_open_files_limit\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))\n"
+        "print(*raise_open_files_limit(), hard, resource.getrlimit(resource.RLIMIT_NOFILE)[0])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    before, after, hard, now = map(int, done.stdout.split())
+    assert before == min(256, hard) and after == now and (after == hard or hard == -1)
+    assert connections_that_fit(4096, 1024, 2) == 384  # (1024 - 256 kept) / 2 doors
+    assert connections_that_fit(4096, 1 << 20, 2) == 4096
+    assert connections_that_fit(4096, 100, 1) == 1
