@@ -53,6 +53,11 @@ over HTTP (with --http-port 8080; add -H "Authorization: Bearer $(cat token.txt)
   from openai import OpenAI
   client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused-without-a-token")
   client.embeddings.create(model="minilm", input=["hello world"], dimensions=128)
+  # int8 numbers through the SDK: extra_body={"encoding_format": "int8"} (base64 with output_dtype is refused)
+  from langchain_openai import OpenAIEmbeddings   # texts, not tiktoken ids:
+  OpenAIEmbeddings(model="minilm", base_url="http://127.0.0.1:8080/v1", api_key="unused",
+                   check_embedding_ctx_length=False)
+  mrl-serve artifacts/minilm --http-port 8080 --model-alias text-embedding-3-small   # the name gateways send
 """
 
 
@@ -117,6 +122,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="[NAME=]PRECISION",
         help="precision to serve, for all models or one (repeatable; default: each manifest's first)",
+    )
+    model.add_argument(
+        "--model-alias",
+        action="append",
+        default=[],
+        metavar="[NAME=]ALIAS",
+        help="another name a model answers to, such as text-embedding-3-small for gateways (repeatable; without "
+        "NAME: the only model)",
+    )
+    model.add_argument(
+        "--auto-truncate",
+        action="store_true",
+        help="cut texts over the model's max length instead of refusing them, in requests that do not say "
+        "(an HTTP request's truncate wins; default: refuse, as OpenAI's API does)",
     )
     model.add_argument("--backend", default="auto", help="runtime backend (default %(default)s)")
     model.add_argument(
@@ -211,6 +230,19 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     return specs
 
 
+def model_aliases(values: list[str], names: list[str]) -> dict[str, str]:
+    """`--model-alias [NAME=]ALIAS` values as alias -> model name (no NAME: the only model)."""
+    aliases: dict[str, str] = {}
+    for value in values:
+        name, alias = split_named(value)
+        if name is None and len(names) != 1:
+            raise ValueError(f"--model-alias {value}: several models are served; say which as NAME=ALIAS")
+        if not alias or any(c.isspace() for c in alias):
+            raise ValueError(f"--model-alias {value}: the alias must be non-empty and without spaces")
+        aliases[alias] = names[0] if name is None else name
+    return aliases
+
+
 def read_file(path: Path, what: str) -> bytes:
     """A file's bytes, or an error that names the flag."""
     try:
@@ -248,6 +280,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.shutdown_grace_s,
         max_connections=args.max_connections,
         idle_timeout_s=args.idle_timeout_s,
+        auto_truncate=args.auto_truncate,
         batcher=BatcherConfig(
             max_batch_tokens=args.max_batch_tokens,
             max_batch_size=args.max_batch_size,
@@ -337,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = model_specs(args)
         models = [ServedModel.load(spec, config.batcher) for spec in specs]
         check_names(models)
+        config = dataclasses.replace(config, model_aliases=model_aliases(args.model_alias, [m.name for m in models]))
         asyncio.run(serve(models, config, metrics))
         leave_busy_threads()
     except (MrlError, ValueError, OSError) as e:

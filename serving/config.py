@@ -152,12 +152,14 @@ class TlsConfig:
 class RequestLimits:
     """What one request may hold: the same limits on every transport."""
 
-    max_inputs_per_request: int = 512
+    max_inputs_per_request: int = 2048
+    """OpenAI's own limit: LangChain sends 1,000 texts a request by default (the batcher splits them into
+    batches by the token budget)."""
     max_message_bytes: int = 16 * 1024 * 1024
     """Largest request body the server reads (a gRPC message, an HTTP body)."""
 
     def __post_init__(self) -> None:
-        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 512")
+        _positive("max_inputs_per_request", self.max_inputs_per_request, "try 2048")
         _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
 
 
@@ -187,6 +189,11 @@ class ServerConfig:
     """Open connections per door (gRPC, HTTP); past it a new one is refused (HTTP: 503 in JSON)."""
     idle_timeout_s: float = 75.0
     """A connection with no call in progress for this long is closed (gRPC clients reconnect by themselves)."""
+    model_aliases: dict[str, str] = field(default_factory=dict)
+    """Other names a served model answers to (alias -> model name), such as the OpenAI names gateways send."""
+    auto_truncate: bool = False
+    """Cut texts over the model's max length in requests that do not say (HTTP `truncate` absent; gRPC
+    `truncate` false, which proto3 cannot tell from absent), instead of refusing them."""
     limits: RequestLimits = field(default_factory=RequestLimits)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
 

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from mrl.runtime.errors import InvalidInputError, shorten
@@ -72,13 +72,31 @@ def check_names(models: Sequence[ServedModel]) -> dict[str, ServedModel]:
     return by_name
 
 
+def check_aliases(aliases: Mapping[str, str], models: Mapping[str, ServedModel]) -> dict[str, str]:
+    """The aliases, refusing one that names no served model or hides a model's own name."""
+    for alias, name in aliases.items():
+        if name not in models:
+            raise ValueError(f"alias {alias!r} names no served model {name!r}; served: {', '.join(models)}")
+        if alias in models:
+            raise ValueError(f"alias {alias!r} is already a served model's name: choose another alias")
+    return dict(aliases)
+
+
 class EmbedCore:
     """Serves a fixed set of models to any number of front ends."""
 
-    def __init__(self, models: Sequence[ServedModel], limits: RequestLimits, metrics: ServerMetrics) -> None:
+    def __init__(
+        self,
+        models: Sequence[ServedModel],
+        limits: RequestLimits,
+        metrics: ServerMetrics,
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
         if not models:
             raise ValueError("serve at least one model")
         self.models = check_names(models)
+        self.aliases = check_aliases(aliases or {}, self.models)
+        """Other names of served models: alias -> model name."""
         self.limits = limits
         self.metrics = metrics
         self.state = ServingState.STARTING
@@ -161,9 +179,10 @@ class EmbedCore:
             if len(self.models) == 1:
                 return next(iter(self.models.values()))
             raise InvalidInputError(f"this server serves several models ({', '.join(self.models)}): set model", "model")
-        model = self.models.get(name)
+        model = self.models.get(self.aliases.get(name, name))
         if model is None:
-            raise UnknownModelError(f"no model named {shorten(name)}; this server serves: {', '.join(self.models)}")
+            served = [*self.models, *(f"{a} (alias of {n})" for a, n in self.aliases.items())]
+            raise UnknownModelError(f"no model named {shorten(name)}; this server serves: {', '.join(served)}")
         return model
 
     def model_infos(self) -> list[ModelInfo]:

@@ -52,8 +52,9 @@ def encoding_value(name: str) -> int:
     return pb.Encoding.Value(f"ENCODING_{name.upper()}")
 
 
-def to_query(request: pb.EmbedRequest, deadline: float | None) -> EmbedQuery:
-    """The core's view of an EmbedRequest (unset optional fields: the model's defaults)."""
+def to_query(request: pb.EmbedRequest, deadline: float | None, truncate_default: bool = False) -> EmbedQuery:
+    """The core's view of an EmbedRequest (unset optional fields: the model's defaults; `truncate_default`: the
+    server's, which `truncate: true` cannot be told apart from, since a proto3 bool has no presence)."""
     output = OutputSpec(
         dims=request.dimensions if request.HasField("dimensions") else None,
         encoding=encoding_name(request.encoding),
@@ -62,7 +63,7 @@ def to_query(request: pb.EmbedRequest, deadline: float | None) -> EmbedQuery:
         outputs=(output,),
         layers=request.layers if request.HasField("layers") else None,
         prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
-        truncate=request.truncate,
+        truncate=request.truncate or truncate_default,
     )
     # Copied out once: each read of a protobuf string field decodes it anew (milliseconds for a MiB).
     return EmbedQuery(texts=list(request.inputs), model=request.model, options=options, deadline=deadline)

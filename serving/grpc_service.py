@@ -44,9 +44,10 @@ IN_BAND_METHODS = (f"/{SERVICE_NAME}/EmbedStream",)
 class EmbedderService(pb_grpc.EmbedderServicer):
     """Handles Embed, EmbedStream, ListModels and GetModel by calling the core."""
 
-    def __init__(self, core: EmbedCore, stream_window: int) -> None:
+    def __init__(self, core: EmbedCore, stream_window: int, truncate_default: bool = False) -> None:
         self._core = core
         self._stream_window = stream_window
+        self._truncate_default = truncate_default
 
     async def _handle(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext
@@ -54,7 +55,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         """Run one request; returns the response, or None with the status code and message to send."""
         start = time.perf_counter()
         try:
-            query = to_query(request, deadline_after(context.time_remaining()))
+            query = to_query(request, deadline_after(context.time_remaining()), self._truncate_default)
             model, result = await self._core.embed(query, TRANSPORT)
         except Exception as e:
             return None, *status_for(e)
@@ -166,7 +167,8 @@ class GrpcFrontEnd:
                 ("grpc.max_connection_idle_ms", int(self._config.idle_timeout_s * 1000)),
             ],
         )
-        pb_grpc.add_EmbedderServicer_to_server(EmbedderService(self._core, self._config.stream_window), server)
+        service = EmbedderService(self._core, self._config.stream_window, self._config.auto_truncate)
+        pb_grpc.add_EmbedderServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{self._config.host}:{self._config.port}"

@@ -141,7 +141,9 @@ class HttpFrontEnd:
                     f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
                 ) from None
             timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
-            parsed = parse_embeddings_request(body, deadline=deadline_after(timeout))
+            parsed = parse_embeddings_request(
+                body, deadline=deadline_after(timeout), truncate_default=self._config.auto_truncate
+            )
             model, result = await self._embed(parsed.query, timeout)
         except Exception as e:
             return json_reply(*error_response(e))

@@ -29,6 +29,7 @@ FIELDS = (
     "prompt_name",
     "truncate",
     "layers",
+    "raw_bytes",
 )
 FORMATS = ("float", "base64", *(e for e in ENCODINGS if e != "float32"))
 """encoding_format: OpenAI's float and base64, and the encodings as JSON numbers."""
@@ -95,6 +96,12 @@ def _optional(data: Mapping[str, Any], name: str, kind: type, what: str) -> Any:
     return value
 
 
+def _truncate(data: Mapping[str, Any], default: bool) -> bool:
+    """The body's `truncate`, or `default` where it says nothing (null counts as nothing)."""
+    value = _optional(data, "truncate", bool, "true or false")
+    return default if value is None else value
+
+
 def parse_input(value: Any) -> list[str]:
     """OpenAI's `input`: a string or a list of strings (token-id arrays are refused)."""
     if value is None:
@@ -107,7 +114,11 @@ def parse_input(value: Any) -> list[str]:
         raise ProtocolError("input is empty: send at least one text", "input")
     ids = all(isinstance(t, int) and not isinstance(t, bool) for t in value) or all(isinstance(t, list) for t in value)
     if ids:
-        raise ProtocolError("token-id arrays are not supported: send the texts as strings", "input")
+        raise ProtocolError(
+            "token-id arrays are not supported: send the texts as strings (LangChain's OpenAIEmbeddings sends "
+            "tiktoken ids, which are not this model's, unless you set check_embedding_ctx_length=False)",
+            "input",
+        )
     for i, text in enumerate(value):
         if not isinstance(text, str):
             raise ProtocolError(f"input[{i}] must be a string, not {_type_name(text)}", "input")
@@ -123,8 +134,9 @@ def parse_count(value: Any, name: str, example: int) -> int | None:
     return value
 
 
-def output_encoding(encoding_format: str | None, output_dtype: str | None) -> tuple[str, bool]:
-    """(the runtime encoding, base64 or not) that `encoding_format` and `output_dtype` ask for."""
+def output_encoding(encoding_format: str | None, output_dtype: str | None, raw_bytes: bool = False) -> tuple[str, bool]:
+    """(the runtime encoding, base64 or not) that `encoding_format` and `output_dtype` ask for; base64 of any
+    dtype but float32 only with `raw_bytes` (the openai SDK decodes base64 as float32)."""
     if encoding_format is not None and encoding_format not in FORMATS:
         raise ProtocolError(
             f"unknown encoding_format {shorten(encoding_format)}; choose from {', '.join(FORMATS)}", "encoding_format"
@@ -134,7 +146,17 @@ def output_encoding(encoding_format: str | None, output_dtype: str | None) -> tu
             f"unknown output_dtype {shorten(output_dtype)}; choose from {', '.join(DTYPES)}", "output_dtype"
         )
     dtype = "float32" if output_dtype in (None, "float") else output_dtype
+    if raw_bytes and encoding_format != "base64":
+        raise ProtocolError("raw_bytes asks for the bytes in base64: set encoding_format to base64 too", "raw_bytes")
     if encoding_format == "base64":
+        if dtype != "float32" and not raw_bytes:
+            raise ProtocolError(
+                f"output_dtype {dtype} with encoding_format base64 would be misread: the openai SDK asks for base64 "
+                f"unless told otherwise and decodes it as float32. For {dtype} numbers set encoding_format to "
+                f'{dtype} (SDK: extra_body={{"encoding_format": "{dtype}"}}); for its raw bytes in base64, which you '
+                'decode yourself, also send "raw_bytes": true',
+                "output_dtype",
+            )
         return dtype, True
     if encoding_format in (None, "float"):
         if encoding_format == "float" and dtype != "float32":
@@ -151,8 +173,11 @@ def output_encoding(encoding_format: str | None, output_dtype: str | None) -> tu
     return encoding_format, False
 
 
-def parse_embeddings_request(body: bytes, *, deadline: float | None = None) -> EmbeddingsRequest:
-    """A POST /v1/embeddings body as the core's query; ProtocolError says what to fix."""
+def parse_embeddings_request(
+    body: bytes, *, deadline: float | None = None, truncate_default: bool = False
+) -> EmbeddingsRequest:
+    """A POST /v1/embeddings body as the core's query (`truncate_default`: what a body without `truncate`
+    gets); ProtocolError says what to fix."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -166,14 +191,16 @@ def parse_embeddings_request(body: bytes, *, deadline: float | None = None) -> E
         )
     texts = parse_input(data.get("input"))
     encoding, as_base64 = output_encoding(
-        _optional(data, "encoding_format", str, "a string"), _optional(data, "output_dtype", str, "a string")
+        _optional(data, "encoding_format", str, "a string"),
+        _optional(data, "output_dtype", str, "a string"),
+        bool(_optional(data, "raw_bytes", bool, "true or false")),
     )
     _optional(data, "user", str, "a string")  # accepted and ignored, as OpenAI's end-user id
     options = EmbedOptions(
         outputs=(OutputSpec(dims=parse_count(data.get("dimensions"), "dimensions", 256), encoding=encoding),),
         layers=parse_count(data.get("layers"), "layers", 3),
         prompt_name=_optional(data, "prompt_name", str, "a string"),
-        truncate=bool(_optional(data, "truncate", bool, "true or false")),
+        truncate=_truncate(data, truncate_default),
     )
     query = EmbedQuery(
         texts=texts, model=_optional(data, "model", str, "a string") or "", options=options, deadline=deadline

@@ -59,7 +59,7 @@ class EmbedServer:
     """Served models behind the front ends the configuration asks for, with metrics."""
 
     def __init__(self, models: Sequence[ServedModel], config: ServerConfig, metrics: ServerMetrics) -> None:
-        self.core = EmbedCore(models, config.limits, metrics)
+        self.core = EmbedCore(models, config.limits, metrics, config.model_aliases)
         self.config = config
         self.metrics = metrics
         self.front_ends: list[FrontEnd] = [door(self.core, config) for door in FRONT_ENDS if door.wanted(config)]

@@ -66,7 +66,7 @@ def test_server_config_refuses_bad_values(kwargs, message):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"max_inputs_per_request": 0}, "max_inputs_per_request must be a positive number.*try 512"),
+        ({"max_inputs_per_request": 0}, "max_inputs_per_request must be a positive number.*try 2048"),
         ({"max_message_bytes": -5}, "max_message_bytes must be a positive number"),
     ],
 )

@@ -48,3 +48,28 @@ def test_help_shows_curl_and_openai_examples():
     assert result.returncode == 0
     for text in ("--http-port", "--http-metrics", "curl -s 127.0.0.1:8080/v1/embeddings", "OpenAI(base_url="):
         assert text in result.stdout
+
+
+def test_model_alias_and_connection_flag_errors_are_one_line(tiny_artifact):
+    both = (f"a={tiny_artifact}", f"b={tiny_artifact}")
+    assert_one_line_error(run_cli(*both, "--model-alias", "text-embedding-3-small"), "say which as NAME=ALIAS")
+    assert_one_line_error(run_cli(*both, "--model-alias", "c=x"), "alias 'x' names no served model 'c'")
+    assert_one_line_error(run_cli(*both, "--model-alias", "a=b"), "alias 'b' is already a served model's name")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--max-connections", "0"), "max_connections")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--idle-timeout-s", "-1"), "idle_timeout_s")
+
+
+def test_a_model_alias_and_auto_truncate_from_the_command_line(tiny_artifact):
+    served = Served(
+        str(tiny_artifact), "--port", "0", "--http-port", "0", "--model-alias", "text-embedding-3-small",
+        "--auto-truncate",
+    )  # fmt: skip
+    try:
+        assert served.ready.wait(timeout=120) and served.proc.poll() is None, "".join(served.lines)
+        (port,) = [int(m.group(1)) for line in served.lines if (m := re.search(r"HTTP on http://[^:]+:(\d+)", line))]
+        body = json.dumps({"input": ["word " * 200], "model": "text-embedding-3-small"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/embeddings", data=body)
+        reply = json.loads(urllib.request.urlopen(request, timeout=30).read())
+    finally:
+        served.stop()
+    assert reply["model"] == "tiny-bert" and reply["usage"]["prompt_tokens"] == 48  # cut to the max length

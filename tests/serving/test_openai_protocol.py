@@ -54,23 +54,33 @@ def test_defaults_and_nulls_mean_the_servers_defaults():
 
 
 @pytest.mark.parametrize(
-    ("encoding_format", "output_dtype", "expected"),
+    ("encoding_format", "output_dtype", "raw_bytes", "expected"),
     [
-        (None, None, ("float32", False)),
-        ("float", None, ("float32", False)),
-        ("float", "float32", ("float32", False)),
-        ("base64", None, ("float32", True)),  # OpenAI's meaning: float32 bytes
-        ("base64", "float", ("float32", True)),
-        ("base64", "int8", ("int8", True)),
-        ("base64", "ubinary", ("ubinary", True)),
-        ("int8", None, ("int8", False)),
-        ("binary", "binary", ("binary", False)),
-        ("float16", None, ("float16", False)),
-        (None, "uint8", ("uint8", False)),
+        (None, None, False, ("float32", False)),
+        ("float", None, False, ("float32", False)),
+        ("float", "float32", False, ("float32", False)),
+        ("base64", None, False, ("float32", True)),  # OpenAI's meaning: float32 bytes
+        ("base64", "float", False, ("float32", True)),
+        ("base64", "float", True, ("float32", True)),
+        ("base64", "int8", True, ("int8", True)),  # the raw bytes, asked for knowingly
+        ("base64", "ubinary", True, ("ubinary", True)),
+        ("int8", None, False, ("int8", False)),
+        ("binary", "binary", False, ("binary", False)),
+        ("float16", None, False, ("float16", False)),
+        (None, "uint8", False, ("uint8", False)),
     ],
 )
-def test_output_encoding(encoding_format, output_dtype, expected):
-    assert output_encoding(encoding_format, output_dtype) == expected
+def test_output_encoding(encoding_format, output_dtype, raw_bytes, expected):
+    assert output_encoding(encoding_format, output_dtype, raw_bytes) == expected
+
+
+def test_a_missing_truncate_takes_the_servers_default():
+    assert parse_embeddings_request(b'{"input": "a"}', truncate_default=True).query.options.truncate
+    assert parse_embeddings_request(b'{"input": "a", "truncate": null}', truncate_default=True).query.options.truncate
+    assert not parse_embeddings_request(
+        b'{"input": "a", "truncate": false}', truncate_default=True
+    ).query.options.truncate
+    assert not parse_embeddings_request(b'{"input": "a"}').query.options.truncate
 
 
 @pytest.mark.parametrize(
@@ -101,6 +111,15 @@ def test_output_encoding(encoding_format, output_dtype, expected):
         (b'{"input": "a", "output_dtype": "int4"}', "output_dtype", "choose from float, float32"),
         (b'{"input": "a", "encoding_format": "float", "output_dtype": "int8"}', "output_dtype", "float32 numbers"),
         (b'{"input": "a", "encoding_format": "int8", "output_dtype": "uint8"}', "output_dtype", "disagree"),
+        # What the openai SDK sends with extra_body={"output_dtype": "int8"}: it would decode int8 bytes as float32.
+        (
+            b'{"input": "a", "encoding_format": "base64", "output_dtype": "int8"}',
+            "output_dtype",
+            "decodes it as float32",
+        ),
+        (b'{"input": "a", "encoding_format": "int8", "raw_bytes": true}', "raw_bytes", "encoding_format to base64"),
+        (b'{"input": "a", "raw_bytes": 1}', "raw_bytes", "true or false"),
+        (b'{"input": [1, 2]}', "input", "check_embedding_ctx_length=False"),
         (b'{"input": "a", "dimension": 64}', "dimension", "unknown field 'dimension'; this endpoint takes input"),
     ],
 )

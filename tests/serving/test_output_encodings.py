@@ -36,7 +36,13 @@ async def fetch_all(server) -> dict[tuple[str, str], np.ndarray]:
                 ("http-json", {"input": TEXTS, "dimensions": DIMS, "encoding_format": json_format}),
                 (
                     "http-base64",
-                    {"input": TEXTS, "dimensions": DIMS, "encoding_format": "base64", "output_dtype": encoding},
+                    {
+                        "input": TEXTS,
+                        "dimensions": DIMS,
+                        "encoding_format": "base64",
+                        "output_dtype": encoding,
+                        "raw_bytes": True,
+                    },
                 ),
             ):
                 async with s.post(url, json=body) as r:
