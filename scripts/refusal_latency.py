@@ -1,13 +1,15 @@
-"""How fast `mrl-serve` refuses under full overload: the latency of RESOURCE_EXHAUSTED and INVALID_ARGUMENT.
+"""How fast `mrl-serve` refuses under full overload: the latency of each refusal, per door, in one storm.
 
-Starts `mrl-serve` on an artifact with a small queue, overloads it with many clients sending
-several texts each (so the queue stays full and most of their requests are refused; with
---backoff-ms a refused client waits before sending again, as retry policies do), and meanwhile
-sends requests that must be refused: dims 0 (INVALID_ARGUMENT) and, from the load itself, those
-the full queue turns away (RESOURCE_EXHAUSTED). Prints the latency percentiles of each, as the
-client sees them.
+Starts `mrl-serve` on an artifact with a small queue, overloads it with many closed-loop clients sending
+several texts each (so the queue stays full and most of their requests are refused; with --backoff-ms a
+refused client waits before sending again, as retry policies do), and meanwhile sends requests that must be
+refused: dims 0 (INVALID_ARGUMENT / 400). With --http, half the clients and a second probe use the
+OpenAI-compatible HTTP door at the same time, so both doors' refusals are measured in the same storm. Prints
+the latency percentiles of each outcome as the client sees it. With --clients-process each door's clients run
+in a process of their own (so one door's client library does not delay the other's measurements).
 
     python scripts/refusal_latency.py artifacts/minilm
+    python scripts/refusal_latency.py artifacts/minilm --clients 128 --queue-tokens 2000 --http
     python scripts/refusal_latency.py artifacts/minilm --clients 128 --seconds 20 --backoff-ms 100
     python scripts/refusal_latency.py artifacts/minilm -- --worker-niceness 0   # flags after -- go to mrl-serve
 """
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import multiprocessing
 import random
 import statistics
 import sys
 import time
 
+import aiohttp
 import grpc
-from serve_process import start_server
+from serve_process import start_doors
 
 from mrl.serving.client import AsyncEmbedClient
 
@@ -31,30 +36,32 @@ WORDS = TEXT.split()
 
 
 def percentiles(seconds: list[float]) -> str:
-    """p50/p90/p99 in ms, and the count."""
+    """p50/p90/p99/max in ms, and the count."""
     if not seconds:
         return "none"
     ms = sorted(s * 1000 for s in seconds)
     pick = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
-    return f"p50 {statistics.median(ms):.2f} ms, p90 {pick(0.9):.2f}, p99 {pick(0.99):.2f} (n={len(ms)})"
+    median = statistics.median(ms)
+    return f"p50 {median:.2f} ms, p90 {pick(0.9):.2f}, p99 {pick(0.99):.2f}, max {ms[-1]:.1f} (n={len(ms)})"
 
 
-async def overload(port: int, clients: int, seconds: float, backoff: float) -> dict[str, list[float]]:
-    """Load and probes for `seconds`; latencies by outcome."""
-    seen: dict[str, list[float]] = {"ok": [], "RESOURCE_EXHAUSTED": [], "INVALID_ARGUMENT (probe)": []}
-    stop = time.perf_counter() + seconds
+def texts(rng: random.Random) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(8)]
+
+
+async def grpc_door(port: int, clients: int, stop: float, backoff: float, seen: dict[str, list[float]]) -> None:
+    """`clients` closed-loop gRPC clients and a dims-0 probe until `stop`."""
     rng = random.Random(0)
     async with AsyncEmbedClient(f"127.0.0.1:{port}") as client:
 
         async def load() -> None:
             while time.perf_counter() < stop:
-                texts = [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(8)]
                 start = time.perf_counter()
                 try:
-                    await client.embed(texts, timeout=60)
-                    seen["ok"].append(time.perf_counter() - start)
+                    await client.embed(texts(rng), timeout=60)
+                    seen.setdefault("grpc OK", []).append(time.perf_counter() - start)
                 except grpc.RpcError as e:
-                    seen.setdefault(e.code().name, []).append(time.perf_counter() - start)
+                    seen.setdefault(f"grpc {e.code().name}", []).append(time.perf_counter() - start)
                     await asyncio.sleep(backoff)  # as a retry policy would, before sending again
 
         async def probe() -> None:
@@ -63,12 +70,78 @@ async def overload(port: int, clients: int, seconds: float, backoff: float) -> d
                 start = time.perf_counter()
                 try:
                     await client.embed(["refused: dims 0"], dims=0, timeout=60)
-                except grpc.RpcError:
-                    seen["INVALID_ARGUMENT (probe)"].append(time.perf_counter() - start)
+                except grpc.RpcError as e:
+                    seen.setdefault(f"grpc {e.code().name} (dims 0 probe)", []).append(time.perf_counter() - start)
                 await asyncio.sleep(0.02)
 
         await asyncio.gather(*(load() for _ in range(clients)), probe())
-    return seen
+
+
+async def http_door(port: int, clients: int, stop: float, backoff: float, seen: dict[str, list[float]]) -> None:
+    """`clients` closed-loop HTTP clients (one connection each) and a dims-0 probe until `stop`."""
+    rng = random.Random(1)
+    url = f"http://127.0.0.1:{port}/v1/embeddings"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def post(body: dict) -> int:
+            async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
+                await r.read()
+                return r.status
+
+        async def load() -> None:
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                status = await post({"input": texts(rng)})
+                seen.setdefault(f"http {status}", []).append(time.perf_counter() - start)
+                if status != 200:
+                    await asyncio.sleep(backoff)
+
+        async def probe() -> None:
+            await asyncio.sleep(1.0)
+            while time.perf_counter() < stop:
+                start = time.perf_counter()
+                status = await post({"input": ["refused: dims 0"], "dimensions": 0})
+                seen.setdefault(f"http {status} (dims 0 probe)", []).append(time.perf_counter() - start)
+                await asyncio.sleep(0.02)
+
+        await asyncio.gather(*(load() for _ in range(clients)), probe())
+
+
+DOORS = {"grpc": grpc_door, "http": http_door}
+
+
+def door_process(door: str, port: int, clients: int, seconds: float, backoff: float, conn) -> None:
+    """One door's storm in a process of its own; sends its latencies back."""
+    seen: dict[str, list[float]] = {}
+    asyncio.run(DOORS[door](port, clients, time.perf_counter() + seconds, backoff, seen))
+    conn.send(seen)
+
+
+def storm(ports: dict[str, int], clients: int, seconds: float, backoff: float, own_process: bool) -> dict:
+    """Every door in `ports` stormed at once, `clients` shared among them; latencies by outcome."""
+    per_door = clients // len(ports)
+    if own_process:
+        spawn = multiprocessing.get_context("spawn")
+        pipes, procs = [], []
+        for door, port in ports.items():
+            ours, theirs = spawn.Pipe()
+            proc = spawn.Process(target=door_process, args=(door, port, per_door, seconds, backoff, theirs))
+            proc.start()
+            pipes.append(ours)
+            procs.append(proc)
+        seen: dict[str, list[float]] = {}
+        for pipe, proc in zip(pipes, procs, strict=True):
+            seen.update(pipe.recv())
+            proc.join()
+        return seen
+
+    async def together() -> dict[str, list[float]]:
+        seen: dict[str, list[float]] = {}
+        stop = time.perf_counter() + seconds
+        await asyncio.gather(*(DOORS[d](p, per_door, stop, backoff, seen) for d, p in ports.items()))
+        return seen
+
+    return asyncio.run(together())
 
 
 def main() -> int:
@@ -80,19 +153,25 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0, help="how long to overload (default 15)")
     p.add_argument("--queue-tokens", type=int, default=4096, help="the server's --max-queue-tokens (default 4096)")
     p.add_argument("--backoff-ms", type=float, default=0.0, help="clients wait this long after a refusal (default 0)")
+    p.add_argument("--http", action="store_true", help="storm the HTTP door too: half the clients on each")
+    p.add_argument("--clients-process", action="store_true", help="each door's clients in a process of their own")
+    p.add_argument("--json", help="also write the latencies (seconds, by outcome) to this file")
     ours, _, serve_args = " ".join(sys.argv[1:]).partition(" -- ")  # what follows -- goes to mrl-serve
     args = p.parse_args(ours.split())
-    args.serve_args = serve_args.split()
     queue = ["--max-queue-tokens", str(args.queue_tokens), "--max-batch-tokens", str(min(4096, args.queue_tokens))]
-    extra = [*args.serve_args, *queue]
-    proc, port = start_server(args.artifact, [*extra, "--no-verify"])
+    proc, ports = start_doors(args.artifact, [*serve_args.split(), *queue, "--no-verify", "--http-port", "0"])
+    if not args.http:
+        del ports["http"]
     try:
-        seen = asyncio.run(overload(port, args.clients, args.seconds, args.backoff_ms / 1000))
+        seen = storm(ports, args.clients, args.seconds, args.backoff_ms / 1000, args.clients_process)
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    for outcome, seconds in seen.items():
-        print(f"{outcome:<26} {percentiles(seconds)}")
+    for outcome in sorted(seen):
+        print(f"{outcome:<40} {percentiles(seen[outcome])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(seen, f)
     return 0
 
 

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import threading
 
+PORT_LINES = {"grpc": r"gRPC listening on [^:]+:(\d+)", "http": r"HTTP on https?://[^:]+:(\d+)"}
 
-def start_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
-    """`mrl-serve` on a free port; returns the process and its port once it serves."""
+
+def start_doors(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, dict[str, int]]:
+    """`mrl-serve` on free ports (add `--http-port 0` to `extra` for HTTP); returns the process and the port of
+    each door ("grpc", "http") once it serves."""
     command = [sys.executable, "-m", "mrl.serving.cli", artifact, "--port", "0", *extra]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     found: dict[str, int] = {}
@@ -17,14 +20,15 @@ def start_server(artifact: str, extra: list[str]) -> tuple[subprocess.Popen, int
 
     def read() -> None:
         for line in proc.stderr:
-            if m := re.search(r"listening on [^:]+:(\d+)", line):
-                found["port"] = int(m.group(1))
+            for door, pattern in PORT_LINES.items():
+                if m := re.search(pattern, line):
+                    found[door] = int(m.group(1))
             if " serving " in line:
                 ready.set()
         ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(300) or proc.poll() is not None or "port" not in found:
+    if not ready.wait(300) or proc.poll() is not None or "grpc" not in found:
         proc.kill()
         raise SystemExit("mrl-serve did not start")
-    return proc, found["port"]
+    return proc, found

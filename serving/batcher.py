@@ -151,15 +151,16 @@ class Batcher(Generic[G, P, R]):
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"{self._name}-loop")
 
-    def check_room(self, tokens: int) -> None:
-        """Raise unless the queue has room for a request of `tokens` (too large ever, or full now)."""
+    def check_room(self, tokens: int, *, likely: int | None = None) -> None:
+        """Raise unless the queue has room for a request of `tokens` (too large ever, or full now; `likely`: what
+        it probably holds, where `tokens` is a lower estimate, for the second)."""
         capacity = self._config.max_queue_tokens
         if tokens > capacity:
             raise RequestTooLargeError(
                 f"the request holds {tokens} tokens, more than the queue ever takes ({capacity}): "
                 "split it into smaller requests"
             )
-        if not admits(self._queued_tokens, tokens, capacity):
+        if not admits(self._queued_tokens, min(capacity, max(tokens, likely or 0)), capacity):
             raise QueueFullError(
                 f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
             )

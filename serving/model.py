@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +33,10 @@ none stalls the event loop by more than about a millisecond; smaller ones are to
 thread hop would cost more than the tokenising."""
 CHARS_PER_TOKEN_ESTIMATE = 6
 """For refusing a request at once when the queue has no room for it: a text counts as one token per this
-many characters (at most max length) until it is tokenised and counted exactly."""
+many characters (at most max length), times what this model's texts turned out to hold (`ServedModel.
+estimate`), until it is tokenised and counted exactly."""
+SCALE_DECAY = 0.9
+"""Per tokenised request, the share of the estimate's excess scale kept (it rises at once, falls slowly)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +97,13 @@ def backend_options(spec: ModelSpec, backend: str) -> dict[str, Any]:
     return options
 
 
+def estimate_tokens(texts: Sequence[str], prefix_chars: int, longest: int, scale: float = 1.0) -> int:
+    """Tokens `texts` hold by their characters (one per `CHARS_PER_TOKEN_ESTIMATE`, times `scale`), at most
+    `longest` a text."""
+    per_char = 1 / CHARS_PER_TOKEN_ESTIMATE
+    return sum(min(longest, math.ceil(scale * (1 + (prefix_chars + len(t)) * per_char))) for t in texts)
+
+
 def check_texts(texts: Sequence[str]) -> None:
     """Refuse a request with no texts, or an empty one (it would embed to nothing meaningful)."""
     if not texts:
@@ -115,6 +126,10 @@ class ServedModel:
         self.config = config
         self.ready = False
         self._closed = False
+        self._tokens_per_estimate = 1.0
+        """How many times `CHARS_PER_TOKEN_ESTIMATE`'s count recent texts held (never below 1): an estimate
+        below the exact count let requests through the queue's check, paid their tokenising on the event
+        loop, and refused them after it; under a storm of refusals that was 40% of the loop."""
         self._warming: Future[None] | None = None
         """The warm-up's run in an inference thread (None before `warmup`)."""
         self.lone = lone
@@ -267,11 +282,18 @@ class ServedModel:
         """The request's plan, after every check that needs no tokenising; the queue's room last."""
         check_texts(texts)
         plan = self.embedder.plan(options)
-        longest = self.embedder.tokenizer.max_length
-        prefix = len(plan.prompt)
-        estimate = sum(min(longest, 1 + (prefix + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
-        self.batcher.check_room(estimate)  # QueueFullError before any tokenising
+        longest, prefix = self.embedder.tokenizer.max_length, len(plan.prompt)
+        # QueueFullError before any tokenising: too large ever by the plain estimate, full now by the scaled one.
+        self.batcher.check_room(
+            estimate_tokens(texts, prefix, longest),
+            likely=estimate_tokens(texts, prefix, longest, self._tokens_per_estimate),
+        )
         return plan
+
+    def _learn(self, plan: Plan, texts: Sequence[str], tokens: int) -> None:
+        """Raise the estimate's scale at once to what `texts` held against it; let it fall back slowly."""
+        seen = tokens / max(1, estimate_tokens(texts, len(plan.prompt), self.embedder.tokenizer.max_length))
+        self._tokens_per_estimate = max(seen, 1 + (self._tokens_per_estimate - 1) * SCALE_DECAY, 1.0)
 
     async def tokenize(self, plan: Plan, texts: Sequence[str]) -> list[Encoded]:
         """The plan's prompt applied and the texts tokenised (raises InputTooLongError), off the event loop when
@@ -286,6 +308,7 @@ class ServedModel:
         plan = self.plan(texts, options)
         encoded = await self.tokenize(plan, texts)
         jobs = [Job(payload=e, tokens=e.n_tokens, group=plan.graph) for e in encoded]
+        self._learn(plan, texts, sum(j.tokens for j in jobs))
         futures = self.batcher.submit(jobs, deadline=deadline)
         try:
             results: list[JobResult[np.ndarray]] = await asyncio.gather(*futures)

@@ -179,3 +179,33 @@ def test_the_malformed_guard_wraps_each_method_once():
     garbage = other.request_deserializer(b"\xff\xff\xff")  # still the lenient parser: no exception escapes
     assert isinstance(garbage, Malformed)
     assert chosen(None) is None
+
+
+def test_a_request_the_full_queue_cannot_take_is_refused_before_tokenising_once_such_texts_were_seen(tiny_artifact):
+    """Texts that hold more tokens than one per 6 characters (here 22 tokens in 40) passed the queue's check
+    by estimate, were tokenised on the event loop and refused after it: in a storm of refusals that was 40%
+    of the loop, and gRPC refusals took seconds. The estimate now learns what this model's texts hold."""
+    model = GatedModel.open(tiny_artifact, BatcherConfig(max_queue_tokens=64, max_batch_tokens=64, workers=1))
+    dense = "a " * 20  # 20 one-letter words: 22 tokens with [CLS] and [SEP]
+    tokenised: list[int] = []
+    tokenize = model.embedder.tokenize
+    model.embedder.tokenize = lambda plan, texts: tokenised.append(len(texts)) or tokenize(plan, texts)
+
+    async def scenario():
+        async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:
+            model.gate.clear()
+            first = asyncio.ensure_future(c.embed(["hold the only worker"], timeout=60))
+            await wait_until(lambda: model.batches, "the first batch")
+            queued = [asyncio.ensure_future(c.embed([dense], timeout=60)) for _ in range(2)]
+            await wait_until(lambda: model.batcher.queued_tokens == 44, "two dense texts queued")
+            before = len(tokenised)
+            with pytest.raises(grpc.RpcError) as info:  # 20 tokens of room left: it cannot fit
+                await c.embed([dense], timeout=30)
+            refused_untokenised = len(tokenised) == before
+            model.gate.set()
+            await first, await asyncio.gather(*queued)
+            return info.value.code(), refused_untokenised
+
+    code, refused_untokenised = run(scenario())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused_untokenised, "the refused request was tokenised first"

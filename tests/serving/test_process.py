@@ -26,7 +26,7 @@ SOAK = Path(__file__).parents[2] / "scripts" / "soak_memory.py"
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads RSS from /proc")
 def test_rss_returns_to_its_steady_level_after_huge_requests(tiny_artifact):
     result = subprocess.run(
-        [sys.executable, str(SOAK), str(tiny_artifact), "--rounds", "1", "--slack-mb", "48"],
+        [sys.executable, str(SOAK), str(tiny_artifact), "--rounds", "1", "--slack-mb", "48", "--http"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -34,6 +34,7 @@ def test_rss_returns_to_its_steady_level_after_huge_requests(tiny_artifact):
     # Before texts were cut ahead of tokenising, one 15 MiB text alone kept about 1 GB.
     assert result.returncode == 0, result.stdout + result.stderr[-2000:]
     assert "PASS" in result.stdout
+    assert "HTTP /health" in result.stdout and "FAILED" not in result.stdout  # both doors probed, none failed
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
