@@ -136,7 +136,7 @@ class TextTokenizer:
         chars = self.first_cut_chars
         while True:
             prefix = cut_prefix(text, chars)
-            enc = self._tok.encode(prefix)
+            (enc,) = self._tok.encode_batch([prefix])  # unlike encode, it lets go of the GIL while it works
             if enc.overflowing or len(prefix) == len(text):
                 return enc
             chars *= 4

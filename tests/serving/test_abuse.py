@@ -209,3 +209,25 @@ def test_a_request_the_full_queue_cannot_take_is_refused_before_tokenising_once_
     code, refused_untokenised = run(scenario())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert refused_untokenised, "the refused request was tokenised first"
+
+
+def test_a_huge_text_without_spaces_never_stalls_health(tiny_artifact):
+    """WordPiece reads a run of 4 MiB without a space as one word, so the whole text is tokenised (the prefix
+    never reaches max length); tokenizers' single `encode` held the GIL throughout, so the event loop, health
+    included, stopped for about 5 s although the work ran in a worker thread."""
+    model = GatedModel.open(tiny_artifact, BatcherConfig())
+
+    def huge_calls(target: str):
+        async def call():
+            async with AsyncEmbedClient(target) as c:
+                return await c.embed(["a" * (4 << 20)], truncate=True, timeout=300)
+
+        return [call()]
+
+    async def scenario():
+        async with running([model]) as server:
+            return await latencies_while(server, huge_calls)
+
+    seen = run(scenario())
+    assert [r.shape for r in seen["busy_results"]] == [(1, 32)]
+    assert seen["health"] and max(seen["health"]) < 1.0, max(seen["health"])  # a stall of seconds fails it
