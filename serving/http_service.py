@@ -27,6 +27,7 @@ from mrl.serving.model import EmbedResult, ServedModel
 from mrl.serving.openai_protocol import (
     ProtocolError,
     embeddings_response,
+    error_body,
     error_reply,
     error_response,
     model_entry,
@@ -64,6 +65,16 @@ def request_timeout(value: str | None) -> float | None:
     if not 0 < seconds < float("inf"):
         raise ProtocolError(f"{TIMEOUT_HEADER} must be a positive number of seconds like 5, not {shorten(value)}")
     return seconds
+
+
+class SlowBodyError(Exception):
+    """A request body that stopped arriving: answered 408 and the connection closed."""
+
+    def response(self) -> web.Response:
+        """The 408 in OpenAI's error shape."""
+        reply = json_reply(408, {}, error_body(str(self), ErrorKind.INVALID_ARGUMENT))
+        reply.force_close()
+        return reply
 
 
 class HttpFrontEnd:
@@ -133,21 +144,32 @@ class HttpFrontEnd:
     async def embeddings(self, request: web.Request) -> web.Response:
         """POST /v1/embeddings."""
         try:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                limit = self._config.limits.max_message_bytes
-                raise RequestTooLargeError(
-                    f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
-                ) from None
+            body = await self.read_body(request)
             timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
             parsed = parse_embeddings_request(
                 body, deadline=deadline_after(timeout), truncate_default=self._config.auto_truncate
             )
             model, result = await self._embed(parsed.query, timeout)
+        except SlowBodyError as e:
+            return e.response()
         except Exception as e:
             return json_reply(*error_response(e))
         return json_reply(200, {}, embeddings_response(result, model.name, as_base64=parsed.base64))
+
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request's body, within the size limit and the idle timeout (a body that stops arriving would
+        hold the connection and its handler for ever: the idle timeout applies only between requests)."""
+        limit, patience = self._config.limits.max_message_bytes, self._config.idle_timeout_s
+        try:
+            return await asyncio.wait_for(request.read(), patience)
+        except web.HTTPRequestEntityTooLarge:
+            raise RequestTooLargeError(
+                f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
+            ) from None
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+            raise SlowBodyError(
+                f"the body did not arrive within {patience:g} s (--idle-timeout-s): send it whole, promptly"
+            ) from None
 
     async def _embed(self, query: EmbedQuery, timeout: float | None) -> tuple[ServedModel, EmbedResult]:
         """The core's answer, bounded by the caller's timeout."""

@@ -181,3 +181,18 @@ def test_a_gzip_bomb_is_refused_at_once_and_health_keeps_answering(tiny_artifact
     statuses = [assert_openai_error(*reply) and reply[0] for reply in replies]
     assert statuses == [415, 401, 405], replies
     assert "Content-Encoding" in json.loads(replies[0][2])["error"]["message"]
+
+
+def test_a_body_that_never_arrives_is_answered_408_and_the_connection_freed(tiny_artifact):
+    """A client that sends its headers and then one byte a minute held a connection and a handler for ever
+    (the idle timeout does not apply in the middle of a request): the body's read is bounded too."""
+    model = GatedModel.open(tiny_artifact)
+
+    async def scenario():
+        async with running([model], http_port=0, idle_timeout_s=1.0) as server:
+            head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+            return await asyncio.to_thread(raw_http, server.http_port, head, 30)
+
+    status, headers, body = run(scenario())
+    error = assert_openai_error(status, headers, body, 408)
+    assert "body" in error["message"] and headers.get("connection") == "close", (error, headers)
