@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TRANSPORT = "grpc"
+MAX_STREAMS_PER_CONNECTION = 1024
 IN_BAND_METHODS = (f"/{SERVICE_NAME}/EmbedStream",)
 """Streams that answer a malformed request in band, as any failed request, and go on."""
 
@@ -164,6 +165,8 @@ class GrpcFrontEnd:
                 # Past the cap a new connection is closed at once (the client sees UNAVAILABLE and retries),
                 # and idle ones go away, before they use up the process's file descriptors.
                 ("grpc.max_allowed_incoming_connections", self._config.max_connections),
+                # Calls open at once on one connection (an idle EmbedStream costs a task): more wait at the client.
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.max_connection_idle_ms", int(self._config.idle_timeout_s * 1000)),
             ],
         )
