@@ -21,6 +21,9 @@ PRECISIONS = ("fp32", "fp16", "int8")
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 """The graph inputs a tokenizer can feed (`TextTokenizer.pad` builds exactly these)."""
 PADDING_SIDES = ("left", "right")
+LONGEST_MAX_LENGTH = 1 << 20
+"""More tokens than any embedding model reads: a larger max length is a typo (and texts of that length would
+be built to check it)."""
 
 
 def _refuse(message: str) -> ArtifactError:
@@ -43,6 +46,10 @@ def check_tokenizer(manifest: Manifest) -> None:
     """The tokenizer settings' sense (what needs `tokenizer.json` itself is checked when it is loaded)."""
     settings = manifest.tokenizer
     _at_least("tokenizer.max_length", settings.max_length, 1)
+    if settings.max_length > LONGEST_MAX_LENGTH:
+        raise _refuse(
+            f"tokenizer.max_length {settings.max_length} is more than any model reads (at most {LONGEST_MAX_LENGTH})"
+        )
     _at_least("tokenizer.pad_token_id", settings.pad_token_id, 0)
     if settings.padding_side not in PADDING_SIDES:
         raise _refuse(f"tokenizer.padding_side must be left or right, not {shorten(settings.padding_side)}")

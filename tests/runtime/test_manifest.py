@@ -146,6 +146,7 @@ def test_tampered_cpu_graph_is_refused(tiny_st_dir, tmp_path):
 NONSENSE = [
     (lambda d: d["tokenizer"].update(max_length=0), r"tokenizer\.max_length must be at least 1, not 0"),
     (lambda d: d["tokenizer"].update(max_length=-1), r"tokenizer\.max_length must be at least 1, not -1"),
+    (lambda d: d["tokenizer"].update(max_length=10**9), r"tokenizer\.max_length 1000000000 is more than any model"),
     (lambda d: d["tokenizer"].update(inputs=["foo"]), r"tokenizer\.inputs names 'foo'.*input_ids, attention_mask"),
     (lambda d: d["tokenizer"].update(inputs=["attention_mask"]), r"tokenizer\.inputs must include input_ids"),
     (lambda d: d["tokenizer"].update(padding_side="middle"), r"tokenizer\.padding_side must be left or right"),

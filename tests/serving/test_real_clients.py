@@ -137,3 +137,24 @@ def test_auto_truncate_cuts_long_texts_unless_the_request_says_otherwise(tiny_ar
 
     assert run(scenario(auto=False)) == ["input", "input", "ok"]  # as OpenAI's API: a 400 by default
     assert run(scenario(auto=True)) == ["ok", "input", "ok"]  # the server's default; the request's own wins
+
+
+def test_langchain_asks_for_truncation_per_request_through_model_kwargs(tiny_artifact):
+    """What docs/hardening.md tells LangChain users whose chunks run over the model's max length."""
+    model = GatedModel.open(tiny_artifact)
+    long = "word " * 200
+
+    async def scenario():
+        async with running([model], http_port=0) as server:
+            embeddings = OpenAIEmbeddings(
+                model="tiny-bert",
+                base_url=base_url(server),
+                api_key="unused",
+                check_embedding_ctx_length=False,
+                model_kwargs={"extra_body": {"truncate": True}},
+            )
+            return await asyncio.to_thread(embeddings.embed_documents, [long, "short"])
+
+    vectors = run(scenario())
+    want = Embedder.load(tiny_artifact).embed([long, "short"], truncate=True)
+    assert cosines(np.asarray(vectors, dtype=np.float32), want).min() >= 0.9999
