@@ -86,11 +86,20 @@ class OrtCpuChoice:
 
 @dataclass(frozen=True, kw_only=True)
 class Quantization:
-    """How the int8 graphs were quantised, and which matrix products were kept in fp32 and why."""
+    """How the int8 graphs were quantised, and which matrix products were kept in fp32 and why.
+
+    `method` says it in words. `reduce_range`: weights in -64..64, so that no x86 int8 kernel can
+    saturate (False in artifacts written before it, whose weights use -127..127). `smoothed`: how
+    many matrix-product inputs had their outlier channels moved into the weights, `smoothing_muls`
+    how many of those needed a Mul node of their own (the rest were folded into a norm's scale).
+    """
 
     method: str
     kept_fp32: tuple[str, ...] = ()
     reason: str = ""
+    reduce_range: bool = False
+    smoothed: int = 0
+    smoothing_muls: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
