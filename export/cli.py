@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer, sigterm_interrupts
+from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer, signals_interrupt
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS, Manifest, Parity
 
@@ -182,9 +182,9 @@ def _configure_output(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `mrl-export` and its subcommands; SIGTERM cleans up as Ctrl-C does."""
+    """Entry point of `mrl-export` and its subcommands; SIGINT and SIGTERM clean up as Ctrl-C does."""
     try:
-        with sigterm_interrupts():
+        with signals_interrupt():
             return _dispatch(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt as e:  # a temporary directory or file is all a run writes before it finishes
         print("mrl-export: interrupted; nothing half-written was left", file=sys.stderr)
