@@ -124,3 +124,21 @@ def test_int8_that_cannot_be_rescued_is_refused_with_advice_that_works(tmp_path)
     assert advised == "fp16"  # checked on this model during the refusal: and it does export
     m = load_manifest(export(model_dir, tmp_path / "advised", (16,), ("fp32", advised)))
     assert all(p.parity.passed for p in m.profiles)
+
+
+def test_a_manifest_from_before_smoothing_still_loads(gemma_artifact, tmp_path):
+    """Written when int8 meant full-range weights, unsmoothed: it loads, and says so."""
+    import json
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(gemma_artifact, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["quantization"] = {
+        "method": "dynamic: activations uint8 per tensor, weights int8 per channel",
+        "kept_fp32": ["node_linear_6"],
+        "reason": "all quantised: mean cosine 0.8668, min 0.4567 (fails); ...",
+    }
+    (copy / "manifest.json").write_text(json.dumps(data))
+    q = load_manifest(copy).quantization
+    assert q.kept_fp32 == ("node_linear_6",) and not q.reduce_range and q.smoothed == 0 and q.smoothing_muls == 0
