@@ -9,14 +9,17 @@ X / s have comparable ranges and W's rows take up the difference.
 
 alpha is chosen per input: each candidate is tried on rows of X sampled from the validation texts,
 quantised as ONNX Runtime would, and the one whose product errs least is kept (`choose_alpha`).
-X / s costs nothing where X is made by a per-channel scale read by these products only (a
-LayerNormalization's gamma and beta, the Mul by an RMSNorm's weight): s is folded into it. Elsewhere
+X / s costs nothing where whatever makes X scales its channels linearly and only these products
+read X (fold.py: a norm's gamma, a gated MLP's up projection, ...): s is folded in there. Elsewhere
 a Mul by 1/s is inserted, a pass over X, so only where it cuts the product's error by a quarter.
+The smoothed fp32 graph is checked to compute what the original does on one batch.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
+import tempfile
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
-from mrl.export import sensitivity
+from mrl.export import fold, sensitivity
+
+log = logging.getLogger(__name__)
 
 # The migration strengths tried per input; the one whose emulated int8 product errs least is kept.
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -99,82 +105,57 @@ def smooth(
     op_types: tuple[str, ...] = sensitivity.QUANTISED_OPS,
 ) -> Smoothed:
     """A copy of `model` (which holds its weights) in which every `op_types` input that smoothing helps is smoothed."""
-    model = copy.deepcopy(model)
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    users: dict[str, list[int]] = defaultdict(list)  # tensor name -> indices of the nodes that read it
-    producers: dict[str, int] = {}
+    smoothed = copy.deepcopy(model)
+    index = fold.GraphIndex(smoothed.graph)
     groups: dict[str, list[int]] = defaultdict(list)  # activation -> indices of the products that read it
-    for i, node in enumerate(graph.node):
-        for name in node.input:
-            users[name].append(i)
-        producers.update(dict.fromkeys(node.output, i))
-        if node.op_type in op_types and sensitivity.is_candidate(node, inits):
+    for i, node in enumerate(smoothed.graph.node):
+        if node.op_type in op_types and sensitivity.is_candidate(node, index.inits):
             groups[node.input[0]].append(i)
-    stats = sensitivity.activation_stats(model, list(groups), feeds, workdir)
+    stats = sensitivity.activation_stats(smoothed, list(groups), feeds, workdir)
     folded, inserts = 0, []
     for x, products in groups.items():
-        weights = [graph.node[i].input[1] for i in products]
+        weights = [smoothed.graph.node[i].input[1] for i in products]
         # A weight read by anything else (tied embeddings) cannot be rescaled for these products alone.
-        if any(len(users[w]) != 1 for w in weights):
+        if any(len(index.users[w]) != 1 for w in weights):
             continue
-        arrays = [numpy_helper.to_array(inits[w]) for w in weights]
+        arrays = [numpy_helper.to_array(index.inits[w]) for w in weights]
         w = np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
         alpha, error, plain = choose_alpha(stats[x], w)
-        readers = sorted(i for i in users[x] if graph.node[i].op_type not in SHAPE_OPS)
-        foldable = readers == sorted(products) and x in producers
-        if alpha is None or (not foldable and error > INSERT_GAIN * plain):
+        targets = fold.plan(index, x, products, w.shape[0])
+        if alpha is None or (targets is None and error > INSERT_GAIN * plain):
             continue
         s = smoothing_scale(stats[x].channel_max, np.max(np.abs(w), axis=1), alpha)
         for name, array in zip(weights, arrays, strict=True):
-            inits[name].CopyFrom(numpy_helper.from_array((array * s[:, None]).astype(array.dtype), name))
-        if foldable and _fold(graph, producers[x], x, users, s):
+            index.inits[name].CopyFrom(numpy_helper.from_array((array * s[:, None]).astype(array.dtype), name))
+        if targets is not None:
+            fold.apply(index, targets, s)
             folded += 1
         else:
             inserts.append((x, products, s))
     # Last, so that the node indices above stay valid while the graph is read.
     for x, products, s in sorted(inserts, key=lambda item: min(item[1]), reverse=True):
-        _insert_mul(graph, x, products, s)
-    return Smoothed(model=model, inputs=len(groups), folded=folded, inserted=len(inserts))
+        _insert_mul(smoothed.graph, x, products, s)
+    result = Smoothed(model=smoothed, inputs=len(groups), folded=folded, inserted=len(inserts))
+    if result.smoothed and not _same_function(model, smoothed, feeds[0], workdir):
+        # A fold that was wrong for this graph: better unsmoothed (and said so) than a model that computes otherwise.
+        log.warning("smoothing changed what the fp32 graph computes; int8 goes unsmoothed")
+        return Smoothed(model=model, inputs=len(groups), folded=0, inserted=0)
+    return result
 
 
-# Ops that read only a tensor's shape, which smoothing leaves alone.
-SHAPE_OPS = ("Shape", "Size")
-# Per norm op: the inputs that scale (and shift) its first output per channel.
-NORM_SCALES = {
-    "LayerNormalization": (1, 2),
-    "SimplifiedLayerNormalization": (1,),
-    "SkipLayerNormalization": (2, 3),
-    "SkipSimplifiedLayerNormalization": (2,),
-}
-
-
-def _fold(graph: onnx.GraphProto, at: int, x: str, users: dict[str, list[int]], s: np.ndarray) -> bool:
-    """Divide the per-channel scale (and shift) of node `at`, which makes `x`, by s; False where it has none."""
-    producer = graph.node[at]
-    inits = {t.name: t for t in graph.initializer}
-    if producer.op_type in NORM_SCALES and producer.output[0] == x:
-        scales = [producer.input[i] for i in NORM_SCALES[producer.op_type] if i < len(producer.input)]
-        scales = [name for name in scales if name]
-    elif producer.op_type == "Mul" and len([name for name in producer.input if name in inits]) == 1:
-        scales = [name for name in producer.input if name in inits]
-    else:
-        return False
-    if not scales or any(name not in inits for name in scales):
-        return False
-    arrays = [numpy_helper.to_array(inits[name]) for name in scales]
-    if any(a.size != len(s) or a.shape[-1:] != s.shape or a.dtype.kind != "f" for a in arrays):
-        return False  # a scalar or a whole tensor, not one value per channel
-    for name, array in zip(scales, arrays, strict=True):
-        scaled = numpy_helper.from_array((array / s.reshape(array.shape)).astype(array.dtype), name)
-        if len(users[name]) == 1:
-            inits[name].CopyFrom(scaled)
-        else:  # shared with other nodes (exporters merge equal constants): this node gets its own copy
-            scaled.name = f"{name}_smoothed_{at}"
-            graph.initializer.append(scaled)
-            for i, used in enumerate(producer.input):
-                if used == name:
-                    producer.input[i] = scaled.name
+def _same_function(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict[str, np.ndarray], workdir: Path) -> bool:
+    """Whether two fp32 graphs give the same outputs for one batch, to float rounding."""
+    outputs = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        for i, model in enumerate((a, b)):
+            path = f"{tmp}/{i}.onnx"
+            onnx.save_model(copy.deepcopy(model), path, save_as_external_data=True, location=f"{i}.data")
+            session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+            outputs.append(session.run(None, {k.name: feed[k.name] for k in session.get_inputs()}))
+    for want, got in zip(*outputs, strict=True):
+        want, got = np.asarray(want, dtype=np.float64), np.asarray(got, dtype=np.float64)
+        if np.abs(got - want).max() > 1e-3 * max(1.0, float(np.abs(want).max())):
+            return False
     return True
 
 
@@ -183,7 +164,6 @@ def _insert_mul(graph: onnx.GraphProto, x: str, products: list[int], s: np.ndarr
     scaled, inverse = f"{x}_smoothed", f"{x}_smoothing_scale"
     graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inverse))
     for i in products:
-        node = graph.node[i]
-        node.input[0] = scaled
+        graph.node[i].input[0] = scaled
     mul = onnx.helper.make_node("Mul", [x, inverse], [scaled], name=f"{x}_smooth")
     graph.node.insert(min(products), mul)

@@ -106,3 +106,85 @@ def test_the_smoothing_scale_balances_activation_and_weight_ranges():
     ratio = (x_max / s)[live] / (w_max * s)[live]
     np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)  # alpha 0.5: the same balance in every channel
     assert s[3] == s[1]  # a channel that is always zero keeps the common factor
+
+
+def _hot_columns(rng: np.random.Generator, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """A weight whose output channels HOT are ~100x the rest, and the weight that reads them ~100x smaller."""
+    boost = np.ones(cols, np.float32)
+    boost[HOT] = 100.0
+    make = rng.standard_normal((rows, cols)).astype(np.float32) * boost
+    read = (rng.standard_normal((cols, 8)) / boost[:, None]).astype(np.float32)
+    return make, read
+
+
+def _model(nodes, inits, outputs, opsets=(("", 17),)) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, WIDTH])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+
+
+def _assert_same(model: onnx.ModelProto, smoothed: onnx.ModelProto) -> None:
+    for feed in _feeds():
+        for want, got in zip(_run(model, feed), _run(smoothed, feed), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_gated_mlp_takes_the_scale_in_its_up_projection(tmp_path):
+    rng = np.random.default_rng(2)
+    up, down = _hot_columns(rng, WIDTH, WIDTH)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((WIDTH, WIDTH)).astype(np.float32), "gate_w"),
+        numpy_helper.from_array(up, "up_w"),
+        numpy_helper.from_array(down, "down_w"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "gate_w"], ["gate"]),
+        helper.make_node("Sigmoid", ["gate"], ["act"]),
+        helper.make_node("MatMul", ["x", "up_w"], ["up"]),
+        helper.make_node("Mul", ["act", "up"], ["hidden"]),
+        helper.make_node("MatMul", ["hidden", "down_w"], ["y"]),
+    ]
+    model = _model(nodes, inits, ["y"])
+    result = smooth.smooth(model, _feeds(), tmp_path)
+    assert result.folded == 1, result  # `hidden`, into up_w's columns (x, a graph input, may get a Mul)
+    assert not any(n.op_type == "Mul" and "hidden" in n.input for n in result.model.graph.node)
+    _assert_same(model, result.model)
+
+
+def test_fused_attention_takes_the_scale_in_its_value_weights(tmp_path):
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((WIDTH, 3 * WIDTH)).astype(np.float32) * 0.3
+    values, out = _hot_columns(rng, WIDTH, WIDTH)
+    qkv[:, 2 * WIDTH :] = values
+    inits = [
+        numpy_helper.from_array(qkv, "qkv_w"),
+        numpy_helper.from_array(rng.standard_normal(3 * WIDTH).astype(np.float32) * 0.1, "qkv_b"),
+        numpy_helper.from_array(out, "out_w"),
+    ]
+    nodes = [
+        helper.make_node("Attention", ["x", "qkv_w", "qkv_b"], ["context"], domain="com.microsoft", num_heads=2),
+        helper.make_node("MatMul", ["context", "out_w"], ["y"]),
+    ]
+    model = _model(nodes, inits, ["y"], opsets=(("", 17), ("com.microsoft", 1)))
+    result = smooth.smooth(model, _feeds(), tmp_path, op_types=("MatMul",))
+    assert (result.folded, result.inserted) == (1, 0), result
+    _assert_same(model, result.model)
+    weights = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    np.testing.assert_array_equal(weights["qkv_w"][:, : 2 * WIDTH], qkv[:, : 2 * WIDTH])  # Q and K untouched
+
+
+def test_a_fold_that_would_change_the_function_is_caught_and_smoothing_dropped(tmp_path, monkeypatch, caplog):
+    from mrl.export import fold
+
+    model = _graph()
+    wrong = fold.Target(node=0, init="beta")  # the LayerNorm's shift alone: its scale would stay
+
+    monkeypatch.setattr(fold, "plan", lambda index, x, products, width: [wrong] if x == "ln" else None)
+    result = smooth.smooth(model, _feeds(), tmp_path)
+    assert result.smoothed == 0 and result.model is model, result
+    assert "smoothing changed what the fp32 graph computes" in caplog.text
