@@ -7,7 +7,7 @@ import onnx
 import pytest
 from tinymodels import export, save_sentence_transformer
 
-from mrl.export import parity, precision, sensitivity, smooth
+from mrl.export import int8, parity, precision, sensitivity, smooth
 from mrl.export.errors import ParityError
 from mrl.export.profiles import int8_refusal
 from mrl.runtime import Embedder, load_manifest
@@ -144,3 +144,23 @@ def test_a_manifest_from_before_smoothing_still_loads(gemma_artifact, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(data))
     q = load_manifest(copy).quantization
     assert q.kept_fp32 == ("node_linear_6",) and not q.reduce_range and q.smoothed == 0 and q.smoothing_muls == 0
+
+
+def test_the_fp32_last_resort_keeps_the_worst_products_until_parity_holds(tiny_artifact, tmp_path):
+    """Driven by a check that passes once two products are float, the steps go 1, 2 and stop there."""
+    fp32_graph = onnx.load(str(tiny_artifact / "d32-fp32.onnx"))
+    m = load_manifest(tiny_artifact)
+    feeds = parity.batches(TextTokenizer.load(tiny_artifact, m.tokenizer), parity.validation_texts())
+    seen = []
+
+    def check(model: onnx.ModelProto) -> Parity:
+        weights = {t.name for t in model.graph.initializer}
+        floats = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        seen.append(len(floats))
+        return _parity(0.999 if len(floats) >= 2 else 0.9, 0.99, len(floats) >= 2)
+
+    result = int8.quantise(fp32_graph, tmp_path, check=check, feeds=feeds)
+    assert seen == [0, 1, 2] and len(result.kept_fp32) == 2, seen
+    assert result.parity.passed and "2 of 12 matrix products" in result.reason and "kept in fp32" in result.reason
+    ranked = [e.node for e in sensitivity.node_errors(result.smoothing.model, feeds, tmp_path)]
+    assert list(result.kept_fp32) == ranked[:2]  # the worst two
