@@ -150,8 +150,10 @@ def summary_table(manifest: Manifest, directory: Path) -> str:
     lines.append(f"\n{len(manifest.profiles)} profiles, {total:.1f} MB on disk")
     for choice in manifest.ort_cpu:
         lines.append(f"ONNX Runtime CPU, {choice.precision}: {choice.graph} graph ({choice.reason})")
-    if manifest.quantization is not None and manifest.quantization.kept_fp32:
-        lines.append(f"int8: {manifest.quantization.reason}")
+    if manifest.quantization is not None:
+        lines.append(f"int8: {manifest.quantization.method}")
+        if manifest.quantization.kept_fp32:
+            lines.append(f"int8: {manifest.quantization.reason}")
     return "\n".join(lines)
 
 
