@@ -146,11 +146,11 @@ def test_a_manifest_from_before_smoothing_still_loads(gemma_artifact, tmp_path):
     assert q.kept_fp32 == ("node_linear_6",) and not q.reduce_range and q.smoothed == 0 and q.smoothing_muls == 0
 
 
-def test_the_fp32_last_resort_keeps_the_worst_products_until_parity_holds(tiny_artifact, tmp_path):
+def test_the_fp32_last_resort_keeps_the_worst_products_until_parity_holds(gemma_artifact, tmp_path):
     """Driven by a check that passes once two products are float, the steps go 1, 2 and stop there."""
-    fp32_graph = onnx.load(str(tiny_artifact / "d32-fp32.onnx"))
-    m = load_manifest(tiny_artifact)
-    feeds = parity.batches(TextTokenizer.load(tiny_artifact, m.tokenizer), parity.validation_texts())
+    fp32_graph = onnx.load(str(gemma_artifact / "d64-fp32.onnx"))
+    tokenizer, texts, _ = _feeds_and_reference(gemma_artifact)
+    feeds = parity.batches(tokenizer, texts)
     seen = []
 
     def check(model: onnx.ModelProto) -> Parity:
@@ -161,6 +161,6 @@ def test_the_fp32_last_resort_keeps_the_worst_products_until_parity_holds(tiny_a
 
     result = int8.quantise(fp32_graph, tmp_path, check=check, feeds=feeds)
     assert seen == [0, 1, 2] and len(result.kept_fp32) == 2, seen
-    assert result.parity.passed and "2 of 12 matrix products" in result.reason and "kept in fp32" in result.reason
+    assert result.parity.passed and "2 of 28 matrix products" in result.reason and "kept in fp32" in result.reason
     ranked = [e.node for e in sensitivity.node_errors(result.smoothing.model, feeds, tmp_path)]
     assert list(result.kept_fp32) == ranked[:2]  # the worst two
