@@ -23,7 +23,7 @@ from mrl.runtime.errors import (
 )
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.plan import EmbedOptions, Output, OutputSpec, Plan
-from mrl.runtime.tokenize import Encoded, TextTokenizer
+from mrl.runtime.tokenize import DIRECTIONS, Encoded, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +112,19 @@ class Embedder:
         """Decide everything about a request, or raise the caller's first mistake.
 
         Checked in this order: layers (LayersError), each output's dims (DimsError), the prompt
-        (UnknownPromptError), each output's encoding (EncodingError).
+        (UnknownPromptError), the truncation direction, each output's encoding (EncodingError).
         """
         if not options.outputs or len(options.outputs) > MAX_OUTPUTS:
-            raise InvalidInputError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(options.outputs)}")
+            raise InvalidInputError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(options.outputs)}", "outputs")
         graph = self._graph(options.layers)
         dims = [self._dims(graph, spec.dims) for spec in options.outputs]
         prompt = self._prompt(options.prompt_name)
+        if options.truncation_direction not in DIRECTIONS:
+            raise InvalidInputError(
+                f"unknown truncation direction {shorten(options.truncation_direction)}; choose from "
+                f"{', '.join(DIRECTIONS)} (right keeps a text's start, left its end)",
+                "truncation_direction",
+            )
         outputs = tuple(
             Output(dims=d, encoding=spec.encoding, ranges=self._ranges_for(graph, spec.encoding, d))
             for d, spec in zip(dims, options.outputs, strict=True)
@@ -129,6 +135,7 @@ class Embedder:
             outputs=outputs,
             prompt=prompt,
             truncate=options.truncate,
+            truncation_direction=options.truncation_direction,
         )
 
     def _graph(self, layers: int | None) -> Profile:
@@ -224,7 +231,7 @@ class Embedder:
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
         prompted = [plan.prompt + t for t in texts] if plan.prompt else texts
-        return self.tokenizer.encode(prompted, truncate=plan.truncate)
+        return self.tokenizer.encode(prompted, truncate=plan.truncate, direction=plan.truncation_direction)
 
     def run(self, graph: Profile, encoded: Sequence[Encoded]) -> np.ndarray:
         """One forward pass of `graph` over tokenised texts: `[n, graph.dims]` float32 unit rows."""
