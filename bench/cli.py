@@ -26,6 +26,7 @@ examples:
   mrl-bench serve --target mrl=127.0.0.1:50051 --target triton=127.0.0.1:8001 --triton-model minilm \\
       --client-python .venv-triton/bin/python --concurrency 1,64   # mrl-serve and Triton, same run
   mrl-bench serve --target mrl=127.0.0.1:50051 --target http=127.0.0.1:8080 --concurrency 1,64   # gRPC and HTTP
+  mrl-bench serve --target 127.0.0.1:50051 --target '127.0.0.1:50051;outputs=64:ubinary,:int8'  # two outputs' cost
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
   mrl-bench engine artifacts/minilm-2d --layers 3,6 --dims 256 --batch-sizes 1,32   # layer-cut profiles' speed
   mrl-bench memory artifacts/minilm --precision fp32,int8   # RSS as 1, 2, 3, ... dims profiles are served
@@ -169,8 +170,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--target",
         action="append",
         required=True,
-        help="[KIND=]HOST:PORT, KIND mrl (mrl-serve's gRPC, the default), http (an OpenAI-compatible "
-        "/v1/embeddings, such as mrl-serve --http-port) or triton; repeatable: levels alternate between them. "
+        help="[KIND=]HOST:PORT[;outputs=DIMS:ENCODING,...], KIND mrl (mrl-serve's gRPC, the default), http (an "
+        "OpenAI-compatible /v1/embeddings, such as mrl-serve --http-port) or triton; with outputs (mrl, http), each "
+        "request asks for those outputs of one forward pass; repeatable: levels alternate between them. "
         "Nothing else is contacted",
     )
     s.add_argument(
