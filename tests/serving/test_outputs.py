@@ -9,6 +9,7 @@ import json
 import aiohttp
 import grpc
 import numpy as np
+import openai
 import pytest
 from serving_helpers import GatedModel, running, wait_until
 
@@ -168,3 +169,24 @@ def test_left_truncation_of_a_huge_text_tokenises_only_its_end_and_gives_the_sam
     (cut,) = tokenizer.encode([huge], truncate=True, direction="left")
     (whole,) = tokenizer.encode([LONG], truncate=True, direction="left")
     assert cut.ids == whole.ids and cut.truncated
+
+
+def test_the_openai_sdk_reads_outputs_from_model_extra_and_never_misreads_them_as_floats(tiny_artifact):
+    model = GatedModel.open(tiny_artifact)
+    asked = {"outputs": [{"dimensions": 8, "output_dtype": "ubinary"}, {"output_dtype": "int8"}]}
+
+    def calls(url):
+        client = openai.OpenAI(base_url=url, api_key="none")
+        as_floats = client.embeddings.create(model=model.name, input=TEXTS, encoding_format="float", extra_body=asked)
+        as_default = client.embeddings.create(model=model.name, input=TEXTS, extra_body=asked)  # SDK asks base64
+        return as_floats, as_default
+
+    async def scenario():
+        async with running([model], http_port=0) as server:
+            return await asyncio.to_thread(calls, f"http://127.0.0.1:{server.http_port}/v1")
+
+    as_floats, as_default = run(scenario())
+    codes, vectors = offline_outputs(tiny_artifact, TEXTS, [(8, "ubinary"), (None, "int8")])
+    got = [item.model_extra["embeddings"] for item in as_floats.data]
+    assert [g[0] for g in got] == codes.tolist() and [g[1] for g in got] == vectors.tolist()
+    assert all(item.embedding is None for item in as_default.data)  # nothing misread as float32
