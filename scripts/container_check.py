@@ -13,7 +13,8 @@
 4. `podman stop` under load (gRPC and HTTP callers that stop sending half a second later, as a load balancer
    would): every call answered, health NOT_SERVING while it drains, the container exits 0 before the stop
    timeout.
-5. The baked image (deploy/containers/model.Containerfile): serves with nothing mounted.
+5. The baked image (deploy/containers/model.Containerfile): serves with nothing mounted; with HTTP off, its
+   HEALTHCHECK asks gRPC health.
 Everything it starts is removed at the end, whatever happens.
 """
 
@@ -302,22 +303,32 @@ async def stop_under_load(c: Container, grpc_callers: int = 24, http_callers: in
     return {"in_flight_at_stop": most_at_stop, "calls": len(outcomes), "stop_seconds": round(took, 1)}
 
 
+def wait_healthy(name: str, timeout: float = 180) -> None:
+    """Poll the image's own HEALTHCHECK (`podman healthcheck run`) until it passes."""
+    deadline = time.monotonic() + timeout
+    while podman("healthcheck", "run", name, check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} never became healthy: {podman('logs', name, check=False).stderr[-3000:]}")
+        time.sleep(0.5)
+
+
 def check_baked(image: str, artifact: Path) -> None:
-    """Build the baked image from the artifact, serve from it with nothing mounted, embed once, stop it."""
+    """Build the baked image from the artifact; serve from it with nothing mounted and HTTP off (the
+    HEALTHCHECK then asks gRPC health); embed once; stop it."""
     baked = f"localhost/{PREFIX}-baked"
     podman(
         "build", "--format", "docker", "-f", str(Path("deploy/containers/model.Containerfile").resolve()),
         "--build-arg", f"IMAGE={image}", "-t", baked, str(artifact), timeout=600,
     )  # fmt: skip
     try:
-        c = start(baked, "baked", mount=None)
-        wait_serving(c)
+        c = start(baked, "baked", mount=None, env={"MRL_SERVE_HTTP_PORT": ""})
+        wait_healthy(c.name)
         with EmbedClient(f"127.0.0.1:{c.grpc}", timeout=60) as client:
             assert client.embed(TEXTS[:2], dims=128).shape == (2, 128)
         podman("stop", "-t", str(STOP_TIMEOUT_S), c.name)
         code = podman("inspect", "--format", "{{.State.ExitCode}}", c.name).stdout.strip()
         assert code == "0", f"the baked container exited {code}"
-        say("baked image: serves with nothing mounted, exits 0 on stop")
+        say("baked image: serves with nothing mounted; HEALTHCHECK over gRPC with HTTP off; exits 0 on stop")
     finally:
         podman("rm", "-f", f"{PREFIX}-baked", check=False)
         podman("rmi", "-f", baked, check=False)

@@ -17,7 +17,8 @@ STATE=build/container-check
 BASE=${MRL_CONTAINER_BASE:-localhost/mrl-debian-py:bookworm-slim}
 IMAGE=localhost/mrl-serve:cpu-check
 mkdir -p "$STATE"
-t() { local s=$SECONDS; "$@"; echo "[container-check] $1 ${2:-}: $((SECONDS - s)) s" >&2; }
+exec 3>&2  # timings go to the terminal even where a step's own output is redirected
+t() { local s=$SECONDS; "$@"; echo "[container-check] $1 ${2:-}: $((SECONDS - s)) s" >&3; }
 
 # 1. The engine. runc, not crun (crun fails on these hosts' hybrid cgroups); limits the host allows (root
 #    cannot raise nofile here, and podman's defaults ask for more). Our own config file, so /etc is untouched.

@@ -51,15 +51,17 @@ def kustomize(directory: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
-def render(setup: str) -> list[dict]:
-    """The manifests of one setup: an overlay, with components added by a kustomization of our own."""
+def render(setup: str, images: list[dict] | None = None) -> list[dict]:
+    """The manifests of one setup: an overlay, with components (and images) set by a kustomization of our own,
+    as a user's is in docs/deploy.md."""
     overlay, components = SETUPS[setup]
-    if not components:
+    if not components and not images:
         return kustomize(DEPLOY / overlay)
     with tempfile.TemporaryDirectory() as tmp:  # kustomize takes only relative paths to other directories
         kustomization = {
             "resources": [os.path.relpath(DEPLOY / overlay, tmp)],
             "components": [os.path.relpath(DEPLOY / "components" / c, tmp) for c in components],
+            "images": images or [],
         }
         Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
         return kustomize(Path(tmp))
@@ -100,10 +102,16 @@ def test_the_model_loader_validates_and_mounts_the_models_claim():
     for doc in docs:
         for version in VERSIONS:
             kubernetes_validate.validate(doc, version, strict=True)
-    (pod,) = docs
-    (volume,) = pod["spec"]["volumes"]
-    claim = one(render("cpu"), "PersistentVolumeClaim")["metadata"]["name"]
-    assert volume["persistentVolumeClaim"] == {"claimName": claim}  # writable, unlike the servers' mount
+    (volume,) = one(docs, "Pod")["spec"]["volumes"]
+    claim = one(render("cpu"), "PersistentVolumeClaim")
+    assert one(docs, "PersistentVolumeClaim") == claim  # the very claim the servers mount
+    assert volume["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}  # writable, unlike theirs
+
+
+def test_a_users_kustomization_names_its_image_over_an_overlay():
+    for setup, name in (("cpu+baked-model", "mrl-serve"), ("gpu", "mrl-serve"), ("triton", "mrl-triton")):
+        mine = [{"name": name, "newName": f"registry.example.com/team/{name}", "newTag": "mine"}]
+        assert server_container(render(setup, mine))["image"] == f"registry.example.com/team/{name}:mine", setup
 
 
 def test_a_bad_manifest_fails_validation():
