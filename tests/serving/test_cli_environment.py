@@ -116,7 +116,7 @@ def test_bad_values_are_one_line_errors_naming_the_variable(tiny_artifact, tmp_p
         ({"MRL_SERVE_BATCH_WORKERS": "0"}, "workers", "MRL_SERVE_BATCH_WORKERS=0"),
         ({"MRL_SERVE_MAX_INPUTS": "-1"}, "max_inputs_per_request", "MRL_SERVE_MAX_INPUTS=-1"),
         ({"MRL_SERVE_METRICS_PORT": "70000"}, "metrics_port", "MRL_SERVE_METRICS_PORT=70000"),
-        ({"MRL_SERVE_INTRA_OP_THREADS": "-2"}, "--intra-op-threads", "MRL_SERVE_INTRA_OP_THREADS=-2"),
+        ({"MRL_SERVE_INTRA_OP_THREADS": "-2"}, "intra_op_threads", "MRL_SERVE_INTRA_OP_THREADS=-2"),
         ({"MRL_SERVE_TLS_CERT": str(tmp_path / "c.pem")}, "--tls-key", "MRL_SERVE_TLS_CERT="),
         ({"MRL_SERVE_AUTH_TOKEN_FILE": str(tmp_path / "nope")}, "cannot read", "MRL_SERVE_AUTH_TOKEN_FILE="),
     ]
