@@ -203,8 +203,8 @@ def environment_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, 
     (a bad value is a usage error naming the variable); unknown MRL_SERVE_* variables are warned about."""
     found: dict[str, tuple[str, object]] = {}
     known = set()
-    for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
+    for action in parser._actions:  # argparse has no public list of its arguments
+        if action.default == argparse.SUPPRESS:  # --help
             continue
         name = environment_name(action.option_strings[0] if action.option_strings else action.dest)
         known.add(name)
@@ -224,7 +224,7 @@ def _environment_value(parser: argparse.ArgumentParser, action: argparse.Action,
         if raw.lower() in _TRUE + _FALSE:
             return raw.lower() in _TRUE
         parser.error(f"{name}={raw!r} (for {flag}) must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
-    if isinstance(action, argparse._AppendAction) or action.nargs == "*":
+    if isinstance(action.default, list) or action.nargs == "*":  # --precision (repeatable), the artifacts
         return re.split(r"[\s,]+" if action.option_strings else r"\s+", raw)
     try:
         value = raw if action.type is None else action.type(raw)
