@@ -132,7 +132,6 @@ class EmbedCore:
         for model in self.models.values():
             model.hurry()
             self.metrics.ready.labels(model.name).set(0)
-            self.metrics.verified.labels(model.name).set_function(lambda m=model: float(m.verified))
         await self._announce("", False)
         for name in self.models:
             await self._announce(name, False)
