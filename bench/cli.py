@@ -325,7 +325,8 @@ def _run_engine(args: argparse.Namespace, progress: Callable[[str], None]) -> tu
 
 
 def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
-    from mrl.bench.serve import ServeConfig, offline_throughput, sweep_with_offline
+    from mrl.bench.load import ServeConfig
+    from mrl.bench.serve import offline_throughput, sweep_with_offline
     from mrl.bench.serve_report import offline_note, serve_table
     from mrl.bench.targets import client_pythons, target_specs
     from mrl.bench.texts import passage_sentences, read_lines

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mrl.runtime.embedder import Embedder
+from mrl.runtime import Embedder, EmbedOptions
 from mrl.runtime.errors import BackendUnavailableError
 
 BASELINE = "pytorch"
@@ -103,8 +103,8 @@ class EmbedderRunner:
         self.variant = " ".join(filter(None, [tag, variant.name if variant else ""]))
         self.embedder = Embedder.load(artifact, backend, precision=precision, **options)
         # Its own depth only (other depths are other runners), and the one graph every dims runs on there.
-        graph = self.embedder.profile_for(self.embedder.resolve_dims(None, layers), layers)
-        self.embedder.run_encoded(self.embedder.tokenizer.encode(["warm-up"]), [graph.dims], profile=graph)
+        graph = self.embedder.plan(EmbedOptions(layers=layers)).graph
+        self.embedder.run(graph, self.embedder.tokenizer.encode(["warm-up"]))
         self.backend = self.embedder.backend_name
         self.precision = precision
         self.layers = layers

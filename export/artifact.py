@@ -21,7 +21,7 @@ from mrl.export.calibrate import CalibrationTexts, calibrate
 from mrl.export.errors import ExportError
 from mrl.export.layers import LAYER_LOSSES, reference_embeddings
 from mrl.export.profiles import Builder
-from mrl.export.source import SourceModel
+from mrl.export.source_model import SourceModel
 from mrl.runtime.errors import DimsError, LayersError
 from mrl.runtime.manifest import (
     PRECISIONS,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from mrl.export.errors import ExportError
+from mrl.runtime import truncate_normalize
 from mrl.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from mrl.runtime.embedder import truncate_normalize
 from mrl.runtime.manifest import Parity
 from mrl.runtime.tokenize import TextTokenizer
 

@@ -140,15 +140,11 @@ class Span:
 class ShapeRange:
     """What TensorRT calls an optimization profile: the batch and sequence spans one engine serves.
 
-    Never called a profile here: in this project a profile is dims x precision.
+    Never called a profile here: in this project a profile is dims x precision (x layers kept).
     """
 
     batch: Span
     seq: Span
-
-    def fits(self, batch: int, seq: int) -> bool:
-        """Whether a [batch, seq] input lies inside this range."""
-        return self.batch.min <= batch <= self.batch.max and self.seq.min <= seq <= self.seq.max
 
     def __str__(self) -> str:
         return f"batch {self.batch} x seq {self.seq}"

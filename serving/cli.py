@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 from pathlib import Path
@@ -169,32 +168,9 @@ def split_named(value: str) -> tuple[str | None, str]:
     return (name, rest) if sep and name and "/" not in name else (None, value)
 
 
-def cpu_cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def intra_op_threads(requested: int | None, cores: int, workers: int) -> int:
-    """ONNX Runtime threads per batch: as asked, else the cores shared out among the batches that run at once.
-
-    Two single-threaded batches beat one two-threaded batch on a 2-core server: the event loop's work then
-    slows one batch a little instead of stalling both threads of a parallel kernel.
-    """
-    if requested is not None:
-        if requested < 0:
-            raise ValueError(f"--intra-op-threads must be 0 (ONNX Runtime's default) or more, not {requested}")
-        return requested
-    return max(1, cores // max(1, workers))
-
-
 def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
     """One ModelSpec per artifact argument, with its precision."""
     precisions = dict(split_named(v) for v in args.precision)
-    cores = cpu_cores()
-    threads = intra_op_threads(args.intra_op_threads, cores, args.batch_workers)
     specs = []
     for value in args.artifacts:
         name, directory = split_named(value)
@@ -205,9 +181,9 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 name=name,
                 precision=precision,
                 backend=args.backend,
-                intra_op_threads=threads,
-                spinning=args.batch_workers == 1 if args.intra_op_spinning is None else args.intra_op_spinning,
-                lone_batch_threads=cores if args.lone_batch_threads is None else args.lone_batch_threads,
+                intra_op_threads=args.intra_op_threads,  # unset flags: the library's defaults (ModelSpec)
+                spinning=args.intra_op_spinning,
+                lone_batch_threads=args.lone_batch_threads,
                 verify=not args.no_verify,
             )
         )
@@ -300,11 +276,6 @@ def main(argv: list[str] | None = None) -> int:
         specs = model_specs(args)
         models = [ServedModel.load(spec, config.batcher) for spec in specs]
         check_names(models)
-        log.info(
-            "each model runs up to %d batches at once, %d ONNX Runtime threads each",
-            config.batcher.workers,
-            specs[0].intra_op_threads,
-        )
         asyncio.run(serve(models, config, metrics))
     except (MrlError, ValueError, OSError) as e:
         print(f"mrl-serve: error: {e}", file=sys.stderr)

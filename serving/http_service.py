@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from mrl.runtime.errors import shorten
 from mrl.serving.auth import token_matches
 from mrl.serving.config import ServerConfig
-from mrl.serving.core import EmbedCore, EmbedQuery
+from mrl.serving.core import EmbedCore, EmbedQuery, deadline_after
 from mrl.serving.errors import ErrorKind, RequestExpiredError, RequestTooLargeError
 from mrl.serving.model import EmbedResult, ServedModel
 from mrl.serving.openai_protocol import (
@@ -64,6 +64,13 @@ def request_timeout(value: str | None) -> float | None:
 
 class HttpFrontEnd:
     """An aiohttp server over the core: OpenAI embeddings and models, health, optional metrics, auth, TLS."""
+
+    name = TRANSPORT
+
+    @staticmethod
+    def wanted(config: ServerConfig) -> bool:
+        """When an HTTP port is configured."""
+        return config.http_port is not None
 
     def __init__(self, core: EmbedCore, config: ServerConfig) -> None:
         self._core = core
@@ -118,8 +125,7 @@ class HttpFrontEnd:
                     f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
                 ) from None
             timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
-            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-            parsed = parse_embeddings_request(body, deadline=deadline)
+            parsed = parse_embeddings_request(body, deadline=deadline_after(timeout))
             model, result = await self._embed(parsed.query, timeout)
         except Exception as e:
             return json_reply(*error_response(e))
@@ -173,8 +179,9 @@ class HttpFrontEnd:
         log.info("OpenAI-compatible HTTP on %s://%s:%d", "https" if context else "http", host, self.port)
         return self.port
 
-    async def stop(self) -> None:
-        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop)."""
+    async def stop(self, grace: float) -> None:
+        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop);
+        handlers still running get aiohttp's `shutdown_timeout`, set at start, rather than `grace`."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

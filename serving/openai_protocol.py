@@ -12,8 +12,9 @@ from typing import Any
 
 import orjson
 
-from mrl.runtime.encodings import ENCODINGS
+from mrl.runtime.encodings import ENCODINGS, little_endian
 from mrl.runtime.errors import ECHO_CHARS, shorten
+from mrl.runtime.plan import EmbedOptions, OutputSpec
 from mrl.serving.core import EmbedQuery
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.model import EmbedResult, ModelInfo
@@ -33,6 +34,15 @@ FORMATS = ("float", "base64", *(e for e in ENCODINGS if e != "float32"))
 """encoding_format: OpenAI's float and base64, and the encodings as JSON numbers."""
 DTYPES = ("float", *ENCODINGS)
 """output_dtype: what base64 (or JSON numbers) hold; "float" is float32."""
+PARAMS = {
+    "dims": "dimensions",
+    "layers": "layers",
+    "encoding": "output_dtype",
+    "prompt_name": "prompt_name",
+    "inputs": "input",
+    "model": "model",
+}
+"""The body's field for each `EmbedOptions` field an error names (`InvalidInputError.field`)."""
 EXAMPLE = '{"input": ["a text"], "dimensions": 256}'
 OWNER = "mrl-toolkit"
 
@@ -105,13 +115,11 @@ def parse_input(value: Any) -> list[str]:
 
 
 def parse_count(value: Any, name: str, example: int) -> int | None:
-    """A whole number of at least 1 (OpenAI's `dimensions`, our `layers`), or absent."""
+    """A whole number (OpenAI's `dimensions`, our `layers`), or absent; the model's plan checks its range."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"{name} must be a whole number like {example}, not {shorten(value)}", name)
-    if value < 1:
-        raise ProtocolError(f"{name} must be at least 1, not {value}", name)
     return value
 
 
@@ -161,25 +169,23 @@ def parse_embeddings_request(body: bytes, *, deadline: float | None = None) -> E
         _optional(data, "encoding_format", str, "a string"), _optional(data, "output_dtype", str, "a string")
     )
     _optional(data, "user", str, "a string")  # accepted and ignored, as OpenAI's end-user id
-    query = EmbedQuery(
-        texts=texts,
-        model=_optional(data, "model", str, "a string") or "",
-        dims=parse_count(data.get("dimensions"), "dimensions", 256),
+    options = EmbedOptions(
+        outputs=(OutputSpec(dims=parse_count(data.get("dimensions"), "dimensions", 256), encoding=encoding),),
         layers=parse_count(data.get("layers"), "layers", 3),
         prompt_name=_optional(data, "prompt_name", str, "a string"),
         truncate=bool(_optional(data, "truncate", bool, "true or false")),
-        deadline=deadline,
-        encoding=encoding,
+    )
+    query = EmbedQuery(
+        texts=texts, model=_optional(data, "model", str, "a string") or "", options=options, deadline=deadline
     )
     return EmbeddingsRequest(query=query, base64=as_base64)
 
 
 def embeddings_response(result: EmbedResult, model: str, *, as_base64: bool) -> bytes:
     """OpenAI's embeddings response as JSON bytes, with the dims, layers and output_dtype used as extra fields."""
-    rows = result.vectors
+    (output,), (rows,) = result.plan.outputs, result.vectors
     if as_base64:
-        little = rows.astype(rows.dtype.newbyteorder("<"), copy=False)
-        values: Sequence[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
+        values: Sequence[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian(rows)]
     else:
         values = list(rows)  # numpy rows: orjson writes them without a Python float per value
     data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
@@ -188,9 +194,9 @@ def embeddings_response(result: EmbedResult, model: str, *, as_base64: bool) -> 
         "data": data,
         "model": model,
         "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
-        "dimensions": result.dims,
-        "layers": result.layers,
-        "output_dtype": result.encoding,
+        "dimensions": output.dims,
+        "layers": result.plan.layers,
+        "output_dtype": output.encoding,
     }
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
@@ -242,5 +248,7 @@ def error_reply(kind: ErrorKind, message: str, param: str | None = None) -> tupl
 
 
 def error_response(error: BaseException) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) for an error raised while handling a request."""
-    return error_reply(classify(error), public_message(error), getattr(error, "param", None))
+    """(status, headers, body) for an error raised while handling a request; `param` names the body's field at
+    fault, whether the protocol or the model's plan found it."""
+    param = getattr(error, "param", None) or PARAMS.get(getattr(error, "field", None) or "")
+    return error_reply(classify(error), public_message(error), param)

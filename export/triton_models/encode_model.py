@@ -84,7 +84,7 @@ class TritonPythonModel:
 
     def initialize(self, args: dict[str, str]) -> None:
         """Load the profile's graph with mrl.runtime (files checked against their sha256) and warm it up."""
-        from mrl.runtime.backends import create_backend, resolve_backend
+        from mrl.runtime.backends import capabilities, create_backend, resolve_backend
         from mrl.runtime.manifest import load_manifest
 
         config = json.loads(args["model_config"])
@@ -96,7 +96,7 @@ class TritonPythonModel:
         wanted = parameters.get("backend", "auto")
         name = resolve_backend("onnxruntime-cpu" if wanted == "auto" and on_cpu else wanted, directory, manifest)
         options: dict[str, Any] = {}
-        if name.startswith("onnxruntime"):
+        if capabilities(name).threads:
             threads = parameters.get("intra_op_threads") or max(1, (os.cpu_count() or 1) // cpu_instances(config))
             options["intra_op_threads"] = int(threads)
         if not on_cpu:

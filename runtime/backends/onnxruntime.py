@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mrl.runtime.backends.engines import cache_key, default_shape_ranges, envelope, weights_sha256
 from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu
+from mrl.runtime.engines import cache_key, default_shape_ranges, envelope, weights_sha256
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, InvalidInputError
 from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile, ShapeRange
 
@@ -252,6 +252,8 @@ class OnnxRuntimeBackend:
         if disabled_optimizers is None:
             disabled_optimizers = cpu_disabled_optimizers(requested)
         self._session = open_session(graph, options, requested, strict, disabled_optimizers)
+        self.session_options = options
+        """The options the session was opened with (threads, spinning, ...)."""
         self.providers = self._session.get_providers()
         self.graph = Path(graph)
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"

@@ -26,8 +26,8 @@ from types import ModuleType
 import numpy as np
 
 from mrl.runtime.backends.cudamem import DeviceStream, StagedBuffer
-from mrl.runtime.backends.engines import Chunk, explain_missing, find_engine, numpy_dtype, pad_feed, plan_chunks
 from mrl.runtime.backends.gpu import cuda_check, cuda_runtime, current_gpu, install_hint
+from mrl.runtime.engines import Chunk, explain_missing, find_engine, numpy_dtype, pad_feed, plan_chunks
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, IntegrityError
 from mrl.runtime.manifest import OUTPUT_NAME, Engine, Manifest, Profile, TokenizerSettings, sha256_file
 

@@ -17,8 +17,9 @@ from bench_servers import serve
 
 from mrl.bench.cli import main as bench_main
 from mrl.bench.drivers import spec_from_json, spec_to_json
+from mrl.bench.load import ServeConfig
 from mrl.bench.report import load_report
-from mrl.bench.serve import ServeConfig, sweep
+from mrl.bench.serve import sweep
 from mrl.bench.targets import HttpTarget, TargetError, TargetSpec, error_message, openai_vectors, target_specs
 from mrl.runtime.errors import InvalidInputError
 from mrl.serving.client import EmbedClient

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from triton_helpers import call, require_triton, tritonserver
 
-from mrl.export.triton import TritonOptions, write_repository
+from mrl.export.triton import write_repository
 from mrl.export.triton_config import Batching
+from mrl.export.triton_plan import TritonOptions
 from mrl.runtime import Embedder
 
 pytestmark = pytest.mark.slow

@@ -78,7 +78,7 @@ def test_every_bad_request_gets_an_openai_error_that_says_what_to_fix(tiny_artif
     assert replies[len(BAD_REQUESTS)][1]["Allow"] == "POST"
     assert good[0] == 200 and len(good[2]["data"][0]["embedding"]) == 32
     # Only the last, good request (cut to 48 tokens) reached the model.
-    assert [[j.encoded.truncated for j in b] for b in model.batches] == [[True]], "a bad request reached the model"
+    assert [[e.truncated for e in b] for b in model.batches] == [[True]], "a bad request reached the model"
 
 
 def test_http_and_grpc_requests_are_batched_together(tiny_artifact):
@@ -108,7 +108,7 @@ def test_http_and_grpc_requests_are_batched_together(tiny_artifact):
 
     grpc_vectors, status, reply, counts = run(scenario())
     grpc_ids, http_ids = model.ids("sent over grpc"), model.ids("sent over http")
-    shared = [b for b in model.batches if {tuple(j.encoded.ids) for j in b} == {grpc_ids, http_ids}]
+    shared = [b for b in model.batches if {tuple(e.ids) for e in b} == {grpc_ids, http_ids}]
     assert shared, "the HTTP and the gRPC request never shared a batch"
     offline = Embedder.load(tiny_artifact)
     http_vectors = np.array([d["embedding"] for d in reply["data"]], dtype=np.float32)
