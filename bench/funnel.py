@@ -210,21 +210,32 @@ SUMMARY_KEYS = (
 )  # fmt: skip
 
 
-def summary(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """The keys of a design the report's recommendation keeps, and its label."""
+SHARED = ("labelled_recall_at_10", "mrr_at_10")  # labelled metrics also given as a share of the full-width float's
+
+
+def summary(row: Mapping[str, Any] | None, full: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The keys of a design the report's recommendation keeps, its label, and its labelled quality as a share of
+    the `full` design's."""
     if row is None:
         return None
-    return {"label": label(row), **{k: row[k] for k in SUMMARY_KEYS if k in row}}
+    out = {"label": label(row), **{k: row[k] for k in SUMMARY_KEYS if k in row}}
+    if full is not None:
+        out["share_of_full"] = {m: row[m] / full[m] for m in SHARED if row.get(m) is not None and full.get(m)}
+    return out
 
 
-def recommend(designs: Sequence[Mapping[str, Any]], target: float, labelled_floor: float | None) -> dict[str, Any]:
+def recommend(designs: Sequence[Mapping[str, Any]], target: float, full: Mapping[str, Any] | None) -> dict[str, Any]:
     """The cheapest design, single-stage or funnel, keeping recall@10 >= target against the full-width neighbours,
-    and the cheapest keeping labelled recall@10 >= `labelled_floor` (target x the full-width float's)."""
-    labelled = labelled_floor is not None
+    and the cheapest keeping labelled recall@10 >= target x the `full` (full-width float) design's; the front."""
+    floor = (
+        None if full is None or full.get("labelled_recall_at_10") is None else target * full["labelled_recall_at_10"]
+    )
+    metric = "recall_at_10" if floor is None else "labelled_recall_at_10"
     return {
         "target_recall_at_10": target,
-        "design": summary(cheapest(designs, "recall_at_10", target)),
-        "labelled_floor": labelled_floor,
-        "labelled_design": summary(cheapest(designs, "labelled_recall_at_10", labelled_floor)) if labelled else None,
-        "front": [summary(d) for d in pareto_front(designs, "labelled_recall_at_10" if labelled else "recall_at_10")],
+        "full": summary(full),
+        "design": summary(cheapest(designs, "recall_at_10", target), full),
+        "labelled_floor": floor,
+        "labelled_design": None if floor is None else summary(cheapest(designs, metric, floor), full),
+        "front": [summary(d, full) for d in pareto_front(designs, metric)],
     }

@@ -77,6 +77,15 @@ def cost(row: dict[str, Any]) -> tuple[float, int]:
     return (row.get("layer_share", 1.0) if flops_per_text is None else flops_per_text, row["bytes_per_vector"])
 
 
+def full_width_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row quality is measured against: float32 vectors, full depth, fp32 where there is one, widest dims."""
+    return max(
+        (r for r in rows if r["encoding"] == "float32"),
+        key=lambda r: (r.get("full_depth", True), r["precision"] == "fp32", r["dims"]),
+        default=None,
+    )
+
+
 def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
     """Smallest dims meeting the target per variant, the fewest bytes, and the fewest FLOPs and bytes overall.
 
@@ -85,11 +94,7 @@ def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
     i.e. keeps that share of the best quality this artifact reaches on the user's own pairs.
     """
     variants = list(dict.fromkeys(variant(r) for r in rows))
-    full = max(
-        (r for r in rows if r["encoding"] == "float32"),
-        key=lambda r: (r.get("full_depth", True), r["precision"] == "fp32", r["dims"]),
-        default=None,
-    )
+    full = full_width_row(rows)
     labelled_floor = None
     if full is not None and "labelled_recall_at_10" in full:
         labelled_floor = target * full["labelled_recall_at_10"]
@@ -219,8 +224,8 @@ def _with_designs(
         funnel_rows = search_cost.with_costs(funnel_rows, costs, config.k)
         extra["search_cost"] = costs.as_json()
     extra["funnels"] = funnel_rows
-    floor = extra["recommendation"]["labelled_floor"]
-    extra["design_recommendation"] = funnel.recommend([*rows, *funnel_rows], config.target_recall, floor)
+    designs = [*rows, *funnel_rows]
+    extra["design_recommendation"] = funnel.recommend(designs, config.target_recall, full_width_row(rows))
     return rows, extra
 
 

@@ -106,13 +106,23 @@ def funnel_table(rows: Sequence[Mapping[str, Any]], n_vectors: int | None) -> st
 
 def front_table(front: Sequence[Mapping[str, Any]], metric: str, n_vectors: int | None) -> str:
     """The Pareto front (design summaries: RAM bytes against quality) as a Markdown table, fewest bytes first."""
-    headers = ["design", "RAM B/vector", "apart B/vector", metric.replace("_at_", "@").replace("_", " ")]
+    labelled = metric == "labelled_recall_at_10"
+    headers = ["design", "RAM B/vector", "apart B/vector", "recall@10 vs full"]
+    headers += ["recall@10 (pairs)", "MRR@10 (pairs)", "share of full recall@10", "share of full MRR@10"] * labelled
     headers += [f"ms/query at {n_vectors:,}", "ms/query at 10M (extrapolated)"] if n_vectors else []
     body = []
     for d in front:
-        cells = [d["label"], d["ram_bytes_per_vector"], d.get("disk_bytes_per_vector", 0), f"{d[metric]:.3f}"]
+        cells = [d["label"], d["ram_bytes_per_vector"], d.get("disk_bytes_per_vector", 0), f"{d['recall_at_10']:.3f}"]
+        if labelled:
+            share = d.get("share_of_full") or {}
+            cells += [f"{d['labelled_recall_at_10']:.3f}", f"{d['mrr_at_10']:.3f}"]
+            cells += [_share(share.get("labelled_recall_at_10")), _share(share.get("mrr_at_10"))]
         body.append(cells + ([_ms(d.get("query_ms")), _ms(d.get("query_ms_10m"))] if n_vectors else []))
     return markdown_table(headers, body)
+
+
+def _share(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1%}"
 
 
 def design_text(d: Mapping[str, Any], metric: str, n_vectors: int | None) -> str:
@@ -124,7 +134,9 @@ def design_text(d: Mapping[str, Any], metric: str, n_vectors: int | None) -> str
         cost = f", {d['query_ms']:.3g} ms/query at {n_vectors:,} vectors"
         cost += f", ~{d['query_ms_10m']:.3g} ms at 10M (extrapolated)"
     name = metric.replace("labelled_", "labelled ").replace("_at_", "@")
-    return f"{d['label']} ({d['ram_bytes_per_vector']:,} B/vector in RAM{where}{cost}; {name} {d[metric]:.3f})"
+    share = (d.get("share_of_full") or {}).get(metric)
+    kept = "" if share is None else f" = {share:.1%} of the full-width float's"
+    return f"{d['label']} ({d['ram_bytes_per_vector']:,} B/vector in RAM{where}{cost}; {name} {d[metric]:.3f}{kept})"
 
 
 def design_lines(rec: Mapping[str, Any], reference: str, n_vectors: int | None) -> list[str]:

@@ -138,10 +138,13 @@ def test_cheapest_by_ram_then_query_cost_then_bytes_apart():
 def test_recommend_single_or_funnel():
     single = design("float32", 1536, 0.83, kind="single", labelled_recall_at_10=0.83)
     tiny_funnel = design("ubinary", 8, 0.97, labelled_recall_at_10=0.75)
-    rec = funnel.recommend([single, tiny_funnel], 0.95, labelled_floor=0.95 * 0.83)
+    rec = funnel.recommend([single, tiny_funnel], 0.95, full=single)
+    assert rec["labelled_floor"] == pytest.approx(0.95 * 0.83)
     assert rec["design"]["label"] == "fp32 8-d ubinary top 50 -> 64-d float32"  # 0.97 >= 0.95, in 8 bytes
     assert rec["labelled_design"]["label"] == "fp32 1536-d float32"  # the funnel keeps 0.75 < 0.7885 on the pairs
     assert [d["label"] for d in rec["front"]] == [rec["design"]["label"], "fp32 1536-d float32"]
+    assert rec["design"]["share_of_full"]["labelled_recall_at_10"] == pytest.approx(0.75 / 0.83)
+    assert funnel.recommend([single, tiny_funnel], 0.95, full=None)["labelled_design"] is None
 
 
 def test_hamming_and_dot_by_hand():
