@@ -9,6 +9,7 @@ ratios between designs measured here are what the trade-off uses.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mrl.bench import retrieval
+from mrl.bench import memory, retrieval
 from mrl.runtime import encodings
 
 SCAN_CHUNK = 65_536  # rows scored at once: temporaries stay cache-sized
@@ -117,6 +118,7 @@ class SearchCosts:
     repeats: int
     scan_ms: dict[Key, float]
     rescore_ms: dict[Key, float]
+    other_load_cores: float | None = None  # cores other processes used while it was measured
 
     def as_json(self) -> dict[str, object]:
         """The measurements as the report stores them."""
@@ -128,6 +130,7 @@ class SearchCosts:
             "n_vectors": self.n_vectors,
             "repeats": self.repeats,
             "kernel": "numpy, one query at a time, one core",
+            "other_load_cores": self.other_load_cores,
             "scan": listed(self.scan_ms),
             "rescore": listed(self.rescore_ms),
         }
@@ -172,13 +175,19 @@ def measure(
     scans, rescores = set(scans), set(rescores)
     scan_ms: dict[Key, float] = {}
     rescore_ms: dict[Key, float] = {}
+    before = memory.cpu_snapshot()
     for encoding, dims in sorted({(e, d) for e, d, _ in scans | rescores}):
         progress(f"timing search over {n_vectors:,} synthetic {dims}-d {encoding} codes")
         ks = tuple(sorted(k for e, d, k in wanted if (e, d) == (encoding, dims)) for wanted in (scans, rescores))
         timed = _time_codes(encoding, dims, ks, n_vectors, repeats, final_k)
         scan_ms.update(timed[0])
         rescore_ms.update(timed[1])
-    return SearchCosts(n_vectors=n_vectors, repeats=repeats, scan_ms=scan_ms, rescore_ms=rescore_ms)
+    busy = memory.other_load(before, memory.cpu_snapshot(), os.cpu_count() or 1)
+    if busy is not None and busy > 0.25:
+        progress(f"other processes used {busy:.2f} cores while search was timed: its ms/query are skewed")
+    return SearchCosts(
+        n_vectors=n_vectors, repeats=repeats, scan_ms=scan_ms, rescore_ms=rescore_ms, other_load_cores=busy
+    )
 
 
 def _stages(design: Mapping[str, Any], final_k: int) -> tuple[Key, Key | None]:

@@ -13,6 +13,10 @@ def tradeoff_text(rows: Sequence[dict[str, Any]], extra: Mapping[str, Any]) -> s
     n_vectors = (extra.get("search_cost") or {}).get("n_vectors")
     parts = [tradeoff_table(rows), "", *recommendation_lines(extra["recommendation"], extra["reference"])]
     designs = extra.get("design_recommendation")
+    cost = extra.get("search_cost")
+    if cost:
+        parts += ["", f"Search cost: exact search of one query, {cost['kernel']}, over {cost['n_vectors']:,} synthetic"
+                  f" codes; other load {cost['other_load_cores'] or 0:.2f} cores"]  # fmt: skip
     if extra.get("funnels"):
         parts += ["", "Funnels: shortlist in RAM, re-scored by the float query against vectors stored apart", ""]
         parts.append(funnel_table(extra["funnels"], n_vectors))
