@@ -201,24 +201,28 @@ def _stages(design: Mapping[str, Any], final_k: int) -> tuple[Key, Key | None]:
 
 
 def needs(designs: Iterable[Mapping[str, Any]], final_k: int) -> tuple[set[Key], set[Key]]:
-    """The scans and re-scores to time for these designs."""
-    scans, rescores = set(), set()
+    """The scans and re-scores to time for these designs: one scan per set of codes, its top-k selection at the
+    largest k any design takes from it (so designs sharing codes share one measurement and differ only by what
+    their re-score costs), and one re-score per (encoding, dims, k)."""
+    widest: dict[tuple[str, int], int] = {}
+    rescores = set()
     for d in designs:
-        scan_key, rescore_key = _stages(d, final_k)
-        scans.add(scan_key)
+        (encoding, dims, k), rescore_key = _stages(d, final_k)
+        widest[(encoding, dims)] = max(k, widest.get((encoding, dims), 0))
         if rescore_key is not None:
             rescores.add(rescore_key)
-    return scans, rescores
+    return {(e, n, k) for (e, n), k in widest.items()}, rescores
 
 
 def with_costs(designs: Iterable[Mapping[str, Any]], costs: SearchCosts, final_k: int) -> list[dict[str, Any]]:
     """The designs with `query_ms` at the measured size, `query_ms_10m` extrapolated to 10M vectors, and the
     bytes a funnel reads per query for its re-score."""
+    scans = {(e, n): ms for (e, n, _), ms in costs.scan_ms.items()}
     out = []
     for d in designs:
         scan_key, rescore_key = _stages(d, final_k)
         rescore_ms = 0.0 if rescore_key is None else costs.rescore_ms[rescore_key]
-        scan_ms = costs.scan_ms[scan_key]
+        scan_ms = scans[scan_key[:2]]
         extra: dict[str, Any] = {
             "query_ms": scan_ms + rescore_ms,
             "query_ms_10m": query_ms(scan_ms, rescore_ms, costs.n_vectors, TEN_MILLION),

@@ -189,19 +189,22 @@ def test_rescore_one_matches_the_batched_rescore(encoding):
 def test_query_cost_model_scales_the_scan_only():
     assert search_cost.query_ms(2.0, 0.1, 1_000_000, 10_000_000) == pytest.approx(20.1)
     costs = search_cost.SearchCosts(
-        n_vectors=1000, repeats=1, scan_ms={("ubinary", 64, 100): 0.5, ("int8", 64, 10): 2.0},
-        rescore_ms={("float32", 384, 100): 0.25},
+        n_vectors=1000, repeats=1, scan_ms={("ubinary", 64, 200): 0.5, ("int8", 64, 10): 2.0},
+        rescore_ms={("float32", 384, 100): 0.25, ("float32", 384, 200): 0.5},
     )  # fmt: skip
-    single = {"design": "single", "encoding": "int8", "dims": 64}
+    single = {"design": "single", "encoding": "ubinary", "dims": 64}
     shaped = design("ubinary", 8, 0.9) | {"shortlist_dims": 64, "k": 100, "rescore_dims": 384}
-    assert search_cost.needs([single, shaped], 10) == (
-        {("int8", 64, 10), ("ubinary", 64, 100)}, {("float32", 384, 100)},
+    wider = shaped | {"k": 200}
+    int8 = {"design": "single", "encoding": "int8", "dims": 64}
+    # One scan per set of codes, its selection timed at the largest k taken from it; one re-score per k.
+    assert search_cost.needs([single, shaped, wider, int8], 10) == (
+        {("ubinary", 64, 200), ("int8", 64, 10)}, {("float32", 384, 100), ("float32", 384, 200)},
     )  # fmt: skip
-    out = search_cost.with_costs([single, shaped], costs, 10)
-    assert out[0]["query_ms"] == 2.0 and out[0]["query_ms_10m"] == pytest.approx(20_000.0)
-    assert out[1]["query_ms"] == 0.75 and out[1]["query_ms_10m"] == pytest.approx(5000.25)
-    assert out[1]["rescore_read_bytes_per_query"] == 100 * 1536
-    assert "query_ms" not in single  # the inputs are left as they were
+    out = search_cost.with_costs([single, shaped, wider, int8], costs, 10)
+    assert [d["query_ms"] for d in out] == [0.5, 0.75, 1.0, 2.0]
+    assert out[1]["query_ms_10m"] == pytest.approx(5000.25) and out[3]["query_ms_10m"] == pytest.approx(20_000.0)
+    assert out[1]["rescore_read_bytes_per_query"] == 100 * 1536 and "rescore_read_bytes_per_query" not in out[0]
+    assert shaped["query_ms"] == 1.0 and "query_ms_10m" not in shaped  # the inputs are left as they were
 
 
 def test_measure_times_every_stage_on_synthetic_codes():
