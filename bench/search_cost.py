@@ -19,6 +19,7 @@ import numpy as np
 
 from mrl.bench import memory, retrieval
 from mrl.runtime import encodings
+from mrl.runtime.errors import InvalidInputError
 
 SCAN_CHUNK = 65_536  # rows scored at once: temporaries stay cache-sized
 TEN_MILLION = 10_000_000
@@ -166,6 +167,20 @@ def _time_codes(
     return scans, rescores
 
 
+def check_memory(codes: set[tuple[str, int]], n_vectors: int) -> None:
+    """Refuse a corpus size whose widest synthetic codes would not fit in the memory available now."""
+    widest = max((encodings.bytes_per_vector(e, d) for e, d in codes), default=0) * n_vectors
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return  # no way to tell on this platform: let numpy try
+    if widest > free:
+        raise InvalidInputError(
+            f"timing search over {n_vectors:,} vectors needs {widest / 2**30:.1f} GiB for the widest codes and "
+            f"{free / 2**30:.1f} GiB is free; lower --cost-vectors"
+        )
+
+
 def measure(
     scans: Iterable[Key], rescores: Iterable[Key], *, n_vectors: int, repeats: int = 10, final_k: int = 10,
     progress: Callable[[str], None] = lambda _: None,
@@ -173,6 +188,7 @@ def measure(
     """Time `scan` for each (encoding, dims, k), and `rescore_one` of k vectors down to the best `final_k`, on
     `n_vectors` synthetic codes; one set of codes at a time (the largest is n_vectors x the widest row)."""
     scans, rescores = set(scans), set(rescores)
+    check_memory({(e, d) for e, d, _ in scans | rescores}, n_vectors)
     scan_ms: dict[Key, float] = {}
     rescore_ms: dict[Key, float] = {}
     before = memory.cpu_snapshot()

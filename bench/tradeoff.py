@@ -156,6 +156,9 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
     query_rows = retrieval.sample_indices(len(docs), config.max_queries)
     reference_precision = "fp32" if "fp32" in manifest.precisions else manifest.precisions[0]
     full = max(manifest.dims)
+    if config.cost_vectors:  # before any embedding: a size that cannot fit fails now, not after minutes of work
+        every = (*config.encodings, *config.rescore_encodings) if config.shortlist_sizes else config.encodings
+        search_cost.check_memory({(e, full) for e in every}, config.cost_vectors)
     extra: dict[str, Any] = {
         "n_documents": len(docs),
         "duplicates_removed": len(config.corpus) - len(docs),

@@ -226,6 +226,28 @@ def test_measure_times_every_stage_on_synthetic_codes():
         assert codes.dtype == encodings.dtype_of(encoding) and codes.shape == (5, encodings.width(encoding, 24))
 
 
+def test_measure_refuses_more_codes_than_memory_holds():
+    with pytest.raises(InvalidInputError, match="lower --cost-vectors"):
+        search_cost.measure({("float32", 384, 10)}, set(), n_vectors=10**12)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--cost-vectors", str(10**12)], "lower --cost-vectors"),  # refused before any embedding
+        (["--shortlist-sizes", "5"], "must exceed k=10"),
+        (["--rescore-encodings", "int4"], "unknown encoding"),
+    ],
+)
+def test_bad_funnel_flags_are_one_line_exit_2(tiny_artifact, tmp_path, capsys, flags, message):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"document {i}" for i in range(30)))
+    argv = ["tradeoff", str(tiny_artifact), "--corpus", str(corpus), "--out", str(tmp_path / "t.json"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and not (tmp_path / "t.json").exists()
+
+
 def test_config_rejects_shortlists_no_larger_than_k(tiny_artifact):
     docs = tuple(f"doc {i}" for i in range(30))
     with pytest.raises(InvalidInputError, match="shortlist sizes must exceed k=10"):
