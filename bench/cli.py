@@ -240,6 +240,28 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
         "--max-queries", type=int, default=1000, help="corpus documents used as label-free queries (default 1000)"
     )
     t.add_argument("--batch-size", type=int, default=32, help="default 32")
+    t.add_argument(
+        "--shortlist-encodings",
+        type=_names,
+        default=("ubinary", "int8"),
+        help="funnels: encodings of the shortlist index kept in RAM (default %(default)s)",
+    )
+    t.add_argument(
+        "--shortlist-sizes", type=_ints, default=(50, 100, 200), help="funnels: shortlist sizes k (default 50,100,200)"
+    )
+    t.add_argument(
+        "--rescore-encodings",
+        type=_names,
+        default=("float32", "int8", "ubinary"),
+        help="funnels: encodings of the vectors that re-score the shortlist (default %(default)s)",
+    )
+    t.add_argument("--no-funnels", action="store_true", help="single-stage designs only")
+    t.add_argument(
+        "--cost-vectors",
+        type=int,
+        default=1_000_000,
+        help="synthetic codes each design's ms/query is measured on (default 1000000; 0: not measured)",
+    )
     t.add_argument("--plot", type=Path, help="PNG path (default: the --out path with .png)")
     t.add_argument("--no-plot", action="store_true", help="write no plot")
     _common(t, "mrl-bench-tradeoff.json")
@@ -379,7 +401,8 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
 
 def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
     from mrl.bench.texts import read_lines, read_pairs
-    from mrl.bench.tradeoff import TradeoffConfig, recommendation_lines, run_tradeoff, tradeoff_table
+    from mrl.bench.tradeoff import TradeoffConfig, run_tradeoff
+    from mrl.bench.tradeoff_report import tradeoff_text
 
     config = TradeoffConfig(
         artifact=args.artifact,
@@ -392,22 +415,27 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
         target_recall=args.target_recall,
         batch_size=args.batch_size,
         threads=args.threads,
+        shortlist_encodings=args.shortlist_encodings,
+        shortlist_sizes=() if args.no_funnels else args.shortlist_sizes,
+        rescore_encodings=args.rescore_encodings,
+        cost_vectors=args.cost_vectors,
     )
     rows, extra = run_tradeoff(config, progress)
     if not args.no_plot:
-        from mrl.bench.plot import plot_quality_speed, plot_tradeoff
+        from mrl.bench.plot import plot_designs, plot_quality_speed, plot_tradeoff
 
         path = args.plot or args.out.with_suffix(".png")
         title = f"{args.artifact.name}: {extra['n_documents']} documents from {args.corpus.name}"
         extra["plot"] = str(plot_tradeoff(rows, path, target=args.target_recall, title=title))
         speed = path.with_name(f"{path.stem}-speed{path.suffix}")
         extra["plot_speed"] = str(plot_quality_speed(rows, speed, title=f"{title}: quality against speed"))
-        progress(f"plots written to {path} and {speed}")
-    lines = ["", *recommendation_lines(extra["recommendation"], extra["reference"])]
+        designs = path.with_name(f"{path.stem}-designs{path.suffix}")
+        extra["plot_designs"] = str(
+            plot_designs([*rows, *extra["funnels"]], extra["design_recommendation"], designs, title=title)
+        )
+        progress(f"plots written to {path}, {speed} and {designs}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_table(
-        rows
-    ) + "\n".join(lines)
+    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_text(rows, extra)
 
 
 def _run_memory(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
