@@ -171,3 +171,12 @@ def test_the_torch_backend_is_checked_too(tiny_artifact, tmp_path):
     disagree(artifact)
     with pytest.raises(AcceptanceError, match=r"on torch \["):
         Embedder.load(artifact, "torch", device="cpu")
+
+
+def test_more_dims_than_one_plan_takes_are_all_checked(tiny_st_dir, tmp_path):
+    """Nine dims at one depth: more outputs than one request plan allows (8), so they are cut in two plans."""
+    artifact = export(tiny_st_dir, tmp_path / "nine", (2, *range(4, 33, 4)))
+    embedder = Embedder.load(artifact)
+    verdict = check(embedder)
+    embedder.close()
+    assert sorted(c.dims for c in verdict.checks) == [2, 4, 8, 12, 16, 20, 24, 28, 32] and verdict.passed
