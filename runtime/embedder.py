@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mrl.runtime import encodings
+from mrl.runtime.acceptance import require as require_acceptance
 from mrl.runtime.backends import Backend, capabilities, create_backend, resolve_backend
 from mrl.runtime.errors import (
     BackendUnavailableError,
@@ -76,9 +77,14 @@ class Embedder:
         *,
         precision: str | None = None,
         verify: bool = True,
+        acceptance: bool = True,
         **backend_options: Any,
     ) -> Embedder:
-        """Open an artifact directory; `precision` defaults to the first the manifest lists."""
+        """Open an artifact directory; `precision` defaults to the first the manifest lists.
+
+        `verify` checks every file's sha256; `acceptance` runs the artifact's acceptance test on this machine's
+        backend and raises AcceptanceError where a served profile falls below its thresholds.
+        """
         directory = Path(artifact_dir)
         manifest = load_manifest(directory, verify=verify)
         if not manifest.profiles:
@@ -89,7 +95,7 @@ class Embedder:
         tokenizer = TextTokenizer.load(directory, manifest.tokenizer)
         name = resolve_backend(backend, directory, manifest)
         log.info("backend %s for %s (asked for %s)", name, directory, backend)
-        return cls(
+        embedder = cls(
             directory,
             manifest,
             tokenizer,
@@ -97,6 +103,13 @@ class Embedder:
             precision=precision,
             backend_options=backend_options,
         )
+        if acceptance:
+            try:
+                require_acceptance(embedder, anyway="Embedder.load(..., acceptance=False) loads it anyway")
+            except BaseException:
+                embedder.close()
+                raise
+        return embedder
 
     @property
     def layers_served(self) -> list[int | None]:

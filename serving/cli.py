@@ -137,6 +137,12 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None)
         help="let ONNX Runtime's idle threads spin for work (default: only with one batch worker)",
     )
     model.add_argument("--no-verify", action="store_true", help="skip the sha256 check of artifact files at start")
+    model.add_argument(
+        "--serve-unverified",
+        action="store_true",
+        help="serve a model even where its artifact's acceptance test fails on this machine (logged as a WARNING, "
+        "mrl_model_verified 0)",
+    )
     batch = p.add_argument_group("batching")
     defaults = BatcherConfig()
     batch.add_argument(
@@ -273,6 +279,7 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 spinning=args.intra_op_spinning,
                 lone_batch_threads=args.lone_batch_threads,
                 verify=not args.no_verify,
+                serve_unverified=args.serve_unverified,
             )
         )
     named = {s.name for s in specs}

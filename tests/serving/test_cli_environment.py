@@ -36,6 +36,7 @@ SAMPLES = {
     "--lone-batch-threads": ("0", 0),
     "--intra-op-spinning": ("off", False),
     "--no-verify": ("1", True),
+    "--serve-unverified": ("yes", True),
     "--max-batch-tokens": ("8192", 8192),
     "--max-batch-size": ("16", 16),
     "--max-padding": ("1", 1.0),
