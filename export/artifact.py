@@ -334,4 +334,6 @@ def _reference(source: SourceModel, texts: list[str], layers: int | None) -> np.
         return onnx_reference(source, texts)
     if layers is not None:
         return reference_embeddings(source.st_model, texts, layers)
-    return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
+    # prompt="": the graph runs see the texts as they are, so the reference must too (sentence-transformers would
+    # prepend a model's default prompt; the runtime prepends prompts itself, outside the graph).
+    return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False, prompt="")
