@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from mrl.bench.load import Outcome, ServeConfig, run_level
 from mrl.bench.targets import TargetSpec, open_target
 from mrl.runtime.errors import InvalidInputError
 
@@ -53,7 +54,8 @@ def spec_to_json(spec: TargetSpec) -> dict[str, Any]:
 def spec_from_json(data: dict[str, Any]) -> TargetSpec:
     """The inverse of `spec_to_json`."""
     roots = data.get("root_certificates")
-    return TargetSpec(**{**data, "root_certificates": base64.b64decode(roots) if roots else None})
+    outputs = tuple((d, e) for d, e in data.get("outputs", ()))  # JSON made the pairs lists
+    return TargetSpec(**{**data, "root_certificates": base64.b64decode(roots) if roots else None, "outputs": outputs})
 
 
 class LocalDriver:
@@ -74,7 +76,6 @@ class LocalDriver:
         self, concurrency: int, mix: tuple[int, ...] | None, layers_mix: tuple[int, ...] | None = None
     ) -> list[Any]:
         """One level, here."""
-        from mrl.bench.serve import run_level
 
         return await run_level(self._target, self._config, concurrency, mix, layers_mix)
 
@@ -126,7 +127,6 @@ class WorkerDriver:
         self, concurrency: int, mix: tuple[int, ...] | None, layers_mix: tuple[int, ...] | None = None
     ) -> list[Any]:
         """One level, in the worker; its outcomes back."""
-        from mrl.bench.serve import Outcome
 
         ask = {"concurrency": concurrency, "mix": None if mix is None else list(mix)}
         answer = await self._ask({**ask, "layers_mix": None if layers_mix is None else list(layers_mix)})
@@ -173,7 +173,6 @@ def process_tree(pids: Sequence[int]) -> tuple[int, ...]:
 
 async def _serve_worker() -> None:
     """The worker's side: a setup line, then one line per level; outcomes back as one line each."""
-    from mrl.bench.serve import ServeConfig, run_level
 
     loop = asyncio.get_running_loop()
     read = sys.stdin.readline

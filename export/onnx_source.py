@@ -10,7 +10,7 @@ import onnx
 
 from mrl.export.errors import ExportError
 from mrl.export.graph import pool_token_states, use_as_pooled
-from mrl.export.source import SourceModel, hash_model_dir, trained_dims_from_card
+from mrl.export.source_model import SourceModel, hash_model_dir, trained_dims_from_card
 from mrl.runtime.manifest import TokenizerSettings
 from mrl.runtime.tokenize import TextTokenizer
 

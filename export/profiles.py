@@ -12,7 +12,7 @@ import onnx
 
 from mrl.export import graph, int8, ortopt, parity, precision
 from mrl.export.errors import ExportError, ParityError
-from mrl.export.source import SourceModel
+from mrl.export.source_model import SourceModel
 from mrl.runtime.manifest import OrtCpuChoice, OrtCpuGraph, Parity, Profile, Quantization, sha256_file
 from mrl.runtime.tokenize import TextTokenizer
 

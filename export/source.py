@@ -2,49 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mrl.export.errors import ExportError
 from mrl.export.layers import total_layers, trained_layers_from_card
+from mrl.export.onnx_source import load_onnx_source
+from mrl.export.source_model import SourceModel, hash_model_dir, trained_dims_from_card
 
 POOLINGS = ("mean", "cls", "max", "lasttoken", "weightedmean", "mean_sqrt_len_tokens")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".onnx_data", ".data")
-
-
-@dataclass(kw_only=True)
-class SourceModel:
-    """A model ready to export: where it came from, and either a torch pipeline or an ONNX encoder."""
-
-    kind: str  # "sentence-transformers", "transformers" or "onnx"
-    name: str
-    path: Path
-    sha256: str
-    pooling: str
-    max_length: int
-    full_dims: int
-    inputs: tuple[str, ...]
-    tokenizer_json: str  # the tokenizers library's serialised tokenizer
-    padding_side: str
-    pad_token_id: int
-    pad_token: str
-    trained_dims: tuple[int, ...] | None = None
-    total_layers: int | None = None  # the encoder's layers, where its config says
-    trained_layers: tuple[int, ...] | None = None  # depths it was trained to be cut at (AdaptiveLayerLoss)
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt: str | None = None
-    st_model: Any = None  # the SentenceTransformer (torch routes)
-    onnx_file: Path | None = None  # the encoder graph (onnx route)
-
-    def manifest_source(self) -> dict[str, Any]:
-        """The `source` entry of the manifest."""
-        return {"kind": self.kind, "name": self.name, "path": str(self.path), "sha256": self.sha256}
 
 
 def resolve_model_path(model: str) -> Path:
@@ -90,29 +60,6 @@ def _cached_model_id(model_id: str) -> Path:
         ) from None
 
 
-def hash_model_dir(path: Path) -> str:
-    """sha256 over the weight and config files of a model directory, in name order."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.suffix == ".json"))
-    for p in files:
-        digest.update(str(p.relative_to(path)).encode())
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def trained_dims_from_card(path: Path) -> tuple[int, ...] | None:
-    """The Matryoshka dims a sentence-transformers model card records (`"matryoshka_dims": [...]`)."""
-    card = path / "README.md"
-    if not card.is_file():
-        return None
-    match = re.search(r'"matryoshka_dims"\s*:\s*\[([\d,\s]+)\]', card.read_text(errors="replace"))
-    if not match:
-        return None
-    return tuple(sorted({int(d) for d in match.group(1).split(",") if d.strip()}, reverse=True))
-
-
 def load_source(
     model: str,
     *,
@@ -126,8 +73,6 @@ def load_source(
     if pooling is not None and pooling not in POOLINGS:
         raise ExportError(f"unknown pooling {pooling!r}; choose one of: {', '.join(POOLINGS)}")
     if any(path.glob("*.onnx")) and not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        from mrl.export.onnx_source import load_onnx_source
-
         source = load_onnx_source(path, pooling=pooling, max_length=max_length)
     elif (path / "modules.json").is_file():
         source = _load_sentence_transformer(path, pooling=pooling, max_length=max_length)

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer
-from mrl.export.triton import TritonOptions, write_repository
+from mrl.export.triton import write_repository
 from mrl.export.triton_config import ENCODERS, Batching
+from mrl.export.triton_plan import TritonOptions
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS
 

@@ -3,11 +3,13 @@
 Never imports torch or transformers: a serving image needs numpy, tokenizers and onnxruntime only.
 """
 
-from mrl.runtime.embedder import Embedder, choose_profile, truncate_normalize
+from mrl.runtime.embedder import Embedder
 from mrl.runtime.errors import (
+    AcceptanceError,
     ArtifactError,
     BackendUnavailableError,
     DimsError,
+    EncodingError,
     InputTooLongError,
     IntegrityError,
     InvalidInputError,
@@ -18,12 +20,16 @@ from mrl.runtime.errors import (
     UnknownPromptError,
 )
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
+from mrl.runtime.plan import EmbedOptions, Output, OutputSpec, Plan, truncate_normalize
 
 __all__ = [
+    "AcceptanceError",
     "ArtifactError",
     "BackendUnavailableError",
     "DimsError",
+    "EmbedOptions",
     "Embedder",
+    "EncodingError",
     "InputTooLongError",
     "IntegrityError",
     "InvalidInputError",
@@ -31,10 +37,12 @@ __all__ = [
     "Manifest",
     "MrlError",
     "NotFoundError",
+    "Output",
+    "OutputSpec",
+    "Plan",
     "Profile",
     "SchemaVersionError",
     "UnknownPromptError",
-    "choose_profile",
     "load_manifest",
     "truncate_normalize",
 ]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mrl.runtime import encodings
-from mrl.runtime.backends import Backend, create_backend, resolve_backend
+from mrl.runtime.acceptance import require as require_acceptance
+from mrl.runtime.backends import Backend, capabilities, create_backend, resolve_backend
 from mrl.runtime.errors import (
     BackendUnavailableError,
     DimsError,
@@ -23,44 +23,14 @@ from mrl.runtime.errors import (
     shorten,
 )
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
-from mrl.runtime.tokenize import Encoded, TextTokenizer
+from mrl.runtime.plan import EmbedOptions, Output, OutputSpec, Plan
+from mrl.runtime.tokenize import DIRECTIONS, Encoded, TextTokenizer
 
 log = logging.getLogger(__name__)
 
-
-def choose_profile(profiles: Sequence[Profile], dims: int, layers: int | None = None) -> Profile:
-    """The profile running `layers` (None: full depth) with exactly `dims`, else the smallest larger one."""
-    if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
-        raise DimsError(f"dims must be an integer, not {shorten(dims)}")
-    if dims < 1:
-        raise DimsError(f"dims must be at least 1, not {dims}")
-    at_depth = [p for p in profiles if p.layers == layers]
-    if not at_depth:
-        raise LayersError(f"no profile runs {'all' if layers is None else layers} layers")
-    larger = sorted((p for p in at_depth if p.dims >= dims), key=lambda p: p.dims)
-    if not larger:
-        served = sorted({p.dims for p in at_depth})
-        raise DimsError(f"dims {dims} is above the largest profile ({max(served)}); served dims: {served}")
-    return larger[0]
-
-
-def truncate_normalize(vectors: np.ndarray, dims: int) -> np.ndarray:
-    """Keep the first `dims` components and scale each row to unit L2 norm."""
-    cut = np.ascontiguousarray(vectors[:, :dims], dtype=np.float32)
-    norms = np.linalg.norm(cut, axis=1, keepdims=True)
-    return cut / np.maximum(norms, 1e-12)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PreparedBatch:
-    """Tokenised texts ready to run, with the token count for usage reporting."""
-
-    encoded: list[Encoded]
-
-    @property
-    def n_tokens(self) -> int:
-        """Tokens in the batch before padding."""
-        return sum(e.n_tokens for e in self.encoded)
+DEFAULT_OPTIONS = EmbedOptions()
+MAX_OUTPUTS = 8
+"""Outputs one request may ask for: each costs a cut, a normalisation and an encoding of every row."""
 
 
 class Embedder:
@@ -82,13 +52,19 @@ class Embedder:
         self.backend_name = backend
         self.precision = precision
         self.profiles = [p for p in manifest.profiles if p.precision == precision]
-        if backend == "torch":  # it runs the source model, which cannot stop early: full-depth profiles only
+        if not capabilities(backend).cut_depths:
             self.profiles = [p for p in self.profiles if p.layers is None]
             if not self.profiles:
                 raise BackendUnavailableError(
-                    f"every {precision} profile of {directory} keeps fewer layers than the model has, and the torch "
-                    "backend runs the source model at full depth only: use an onnxruntime or tensorrt backend"
+                    f"every {precision} profile of {directory} keeps fewer layers than the model has, and the "
+                    f"{backend} backend runs the source model at full depth only: use an onnxruntime or tensorrt "
+                    "backend"
                 )
+        self.graphs: dict[int | None, Profile] = {}
+        """The graph each depth runs, by `Profile.layers` (None: full depth): its widest profile, which every
+        dims at that depth is cut from (one copy of the weights in memory per depth)."""
+        for p in sorted(self.profiles, key=lambda p: p.dims):
+            self.graphs[p.layers] = p
         self._backend_options = backend_options
         self._backends: dict[str, Backend] = {}
         self._ranges: dict[str, np.ndarray] = {}
@@ -101,9 +77,14 @@ class Embedder:
         *,
         precision: str | None = None,
         verify: bool = True,
+        acceptance: bool = True,
         **backend_options: Any,
     ) -> Embedder:
-        """Open an artifact directory; `precision` defaults to the first the manifest lists."""
+        """Open an artifact directory; `precision` defaults to the first the manifest lists.
+
+        `verify` checks every file's sha256; `acceptance` runs the artifact's acceptance test on this machine's
+        backend and raises AcceptanceError where a served profile falls below its thresholds.
+        """
         directory = Path(artifact_dir)
         manifest = load_manifest(directory, verify=verify)
         if not manifest.profiles:
@@ -114,7 +95,7 @@ class Embedder:
         tokenizer = TextTokenizer.load(directory, manifest.tokenizer)
         name = resolve_backend(backend, directory, manifest)
         log.info("backend %s for %s (asked for %s)", name, directory, backend)
-        return cls(
+        embedder = cls(
             directory,
             manifest,
             tokenizer,
@@ -122,54 +103,101 @@ class Embedder:
             precision=precision,
             backend_options=backend_options,
         )
-
-    @property
-    def default_layers(self) -> int | None:
-        """The depth a request that names no layers gets: full depth (None) where served, else the deepest."""
-        depths = {p.layers for p in self.profiles}
-        return None if None in depths else max(depths)
+        if acceptance:
+            try:
+                require_acceptance(embedder, anyway="Embedder.load(..., acceptance=False) loads it anyway")
+            except BaseException:
+                embedder.close()
+                raise
+        return embedder
 
     @property
     def layers_served(self) -> list[int | None]:
-        """The depths this precision's profiles run, shallowest first (full depth as the model's total)."""
-        return sorted({self.manifest.depth(p) for p in self.profiles}, key=lambda n: float("inf") if n is None else n)
-
-    @property
-    def default_dims(self) -> int:
-        """The largest dims at the default depth: what a request that names neither dims nor layers gets."""
-        return self.resolve_dims(None)
+        """The encoder layers each served depth runs, fewest first (None: full depth, count not recorded)."""
+        return sorted({self.manifest.depth(p) for p in self.graphs.values()}, key=_fewest_first)
 
     @property
     def providers(self) -> list[str]:
         """What the loaded backends really run on (e.g. onnxruntime's providers)."""
         return sorted({p for b in self._backends.values() for p in b.providers})
 
-    def resolve_layers(self, layers: int | None) -> int | None:
-        """The `Profile.layers` a request runs (None: full depth); `layers` None means the default; else LayersError."""
+    def plan(self, options: EmbedOptions = DEFAULT_OPTIONS) -> Plan:
+        """Decide everything about a request, or raise the caller's first mistake.
+
+        Checked in this order: layers (LayersError), each output's dims (DimsError), the prompt
+        (UnknownPromptError), the truncation direction, each output's encoding (EncodingError).
+        """
+        if not options.outputs or len(options.outputs) > MAX_OUTPUTS:
+            raise InvalidInputError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(options.outputs)}", "outputs")
+        graph = self._graph(options.layers)
+        dims = [self._dims(graph, spec.dims) for spec in options.outputs]
+        prompt = self._prompt(options.prompt_name)
+        if options.truncation_direction not in DIRECTIONS:
+            raise InvalidInputError(
+                f"unknown truncation direction {shorten(options.truncation_direction)}; choose from "
+                f"{', '.join(DIRECTIONS)} (right keeps a text's start, left its end)",
+                "truncation_direction",
+            )
+        outputs = tuple(
+            Output(dims=d, encoding=spec.encoding, ranges=self._ranges_for(graph, spec.encoding, d))
+            for d, spec in zip(dims, options.outputs, strict=True)
+        )
+        return Plan(
+            graph=graph,
+            layers=self.manifest.depth(graph),
+            outputs=outputs,
+            prompt=prompt,
+            truncate=options.truncate,
+            truncation_direction=options.truncation_direction,
+        )
+
+    def _graph(self, layers: int | None) -> Profile:
+        """The graph a request for `layers` encoder layers runs (None: the default depth); else LayersError."""
         if layers is None:
-            return self.default_layers
+            # Full depth where served, else the deepest: what a request that names no depth gets.
+            return self.graphs[None] if None in self.graphs else self.graphs[max(self.graphs)]  # type: ignore[type-var]
         if isinstance(layers, bool) or not isinstance(layers, (int, np.integer)) or layers < 1:
             raise LayersError(f"layers must be a whole number of at least 1, not {shorten(layers)}")
-        depth = None if layers == self.manifest.total_layers else int(layers)
-        if depth not in {p.layers for p in self.profiles}:
+        # The one place a count of layers meets `Profile.layers`, where None spells the full depth.
+        key = None if layers == self.manifest.total_layers else int(layers)
+        if key not in self.graphs:
             raise LayersError(f"layers {layers} is not served; {self._served_text()}")
-        return depth
+        return self.graphs[key]
 
     def _served_text(self) -> str:
         total = self.manifest.total_layers
         if total is None:
             return "this artifact runs its full depth only (export with --layers for profiles that keep fewer)"
         served = ", ".join(str(n) for n in self.layers_served)
-        torch = " (the torch backend runs full depth only)" if self.backend_name == "torch" else ""
-        return f"served layers: {served} (the model has {total}){torch}"
+        full_only = (
+            ""
+            if capabilities(self.backend_name).cut_depths
+            else f" (the {self.backend_name} backend runs full depth only)"
+        )
+        return f"served layers: {served} (the model has {total}){full_only}"
 
-    def resolve_dims(self, dims: int | None, layers: int | None = None) -> int:
-        """The dims a request gets at its depth: `dims` if a profile covers it, None the largest; else DimsError."""
-        depth = self.resolve_layers(layers)
+    def _dims(self, graph: Profile, dims: int | None) -> int:
+        """The dims an output gets from `graph` (None: all of them); else DimsError."""
         if dims is None:
-            return max(p.dims for p in self.profiles if p.layers == depth)
-        choose_profile(self.profiles, dims, depth)
+            return graph.dims
+        if isinstance(dims, bool) or not isinstance(dims, (int, np.integer)):
+            raise DimsError(f"dims must be an integer, not {shorten(dims)}")
+        if dims < 1:
+            raise DimsError(f"dims must be at least 1, not {dims}")
+        if dims > graph.dims:
+            served = sorted(p.dims for p in self.profiles if p.layers == graph.layers)
+            raise DimsError(f"dims {dims} is above the largest profile ({graph.dims}); served dims: {served}")
         return int(dims)
+
+    def _prompt(self, prompt_name: str | None) -> str:
+        """The text a prompt name prepends (None: the model's default prompt; no prompt: "")."""
+        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
+        if name is None:
+            return ""
+        if name not in self.manifest.prompts:
+            known = ", ".join(sorted(self.manifest.prompts)) or "none"
+            raise UnknownPromptError(f"unknown prompt name {shorten(name)}; this model's prompts: {known}")
+        return self.manifest.prompts[name]
 
     @property
     def encodings(self) -> list[str]:
@@ -178,21 +206,21 @@ class Embedder:
         calibrated = calibration is not None and any(p.name in calibration.ranges for p in self.profiles)
         return [e for e in encodings.ENCODINGS if calibrated or e not in encodings.CALIBRATED]
 
-    def ranges_for(self, encoding: str, dims: int, layers: int | None = None) -> np.ndarray | None:
-        """The per-dimension ranges `encoding` needs at `dims` and depth `layers` (None: it needs none);
+    def _ranges_for(self, graph: Profile, encoding: str, dims: int) -> np.ndarray | None:
+        """The per-dimension ranges `encoding` needs at `dims` on `graph`'s depth (None: it needs none);
         EncodingError if the artifact has none."""
         if encodings.check_encoding(encoding) not in encodings.CALIBRATED:
             return None
         calibration = self.manifest.calibration
         ranges = {} if calibration is None else calibration.ranges
-        depth = self.resolve_layers(layers)
-        profile = next((p for p in self.profiles if p.dims == dims and p.layers == depth), None)
-        calibrated = sorted(p.dims for p in self.profiles if p.name in ranges and p.layers == depth)
+        at_depth = [p for p in self.profiles if p.layers == graph.layers]
+        calibrated = sorted(p.dims for p in at_depth if p.name in ranges)
         if not calibrated:
             raise EncodingError(
                 f"{encoding} needs per-dimension value ranges and this model's artifact has none: add them "
                 "with `mrl-export calibrate ARTIFACT --texts FILE` (typical texts, one a line)"
             )
+        profile = next((p for p in at_depth if p.dims == dims), None)
         if profile is None or profile.name not in ranges:
             raise EncodingError(
                 f"{encoding} ranges are calibrated per profile and dims {dims} has none: ask for dims "
@@ -203,72 +231,35 @@ class Embedder:
             self._ranges[profile.name] = np.array([found.min, found.max], dtype=np.float32)
         return self._ranges[profile.name]
 
-    def profile_for(self, dims: int, layers: int | None = None) -> Profile:
-        """The profile whose graph computes `dims` at that depth: the widest there, for every dims it covers.
+    def backend_for(self, graph: Profile) -> Backend:
+        """The backend that runs a profile's graph, created on first use."""
+        if graph.name not in self._backends:
+            backend = create_backend(self.backend_name, self.directory, self.manifest, graph, **self._backend_options)
+            log.info("profile %s runs on %s %s", graph.name, backend.name, backend.providers)
+            self._backends[graph.name] = backend
+        return self._backends[graph.name]
 
-        Running one graph per precision and depth keeps one copy of the weights in memory; narrower dims
-        are sliced from it and re-normalised, which matches their own graphs (BENCHMARKS.md: weights
-        shared across sessions still cost more RAM per added profile, or speed).
-        """
-        depth = self.resolve_layers(layers)
-        choose_profile(self.profiles, dims, depth)  # refuses dims no profile covers at this depth
-        return max((p for p in self.profiles if p.layers == depth), key=lambda p: p.dims)
-
-    def backend_for(self, profile: Profile) -> Backend:
-        """The backend for a profile, created on first use."""
-        if profile.name not in self._backends:
-            backend = create_backend(self.backend_name, self.directory, self.manifest, profile, **self._backend_options)
-            log.info("profile %s runs on %s %s", profile.name, backend.name, backend.providers)
-            self._backends[profile.name] = backend
-        return self._backends[profile.name]
-
-    def prompt_text(self, prompt_name: str | None) -> str:
-        """The text a prompt name prepends (None: the model's default prompt; no prompt: "")."""
-        name = prompt_name if prompt_name is not None else self.manifest.default_prompt
-        if name is None:
-            return ""
-        if name not in self.manifest.prompts:
-            known = ", ".join(sorted(self.manifest.prompts)) or "none"
-            raise UnknownPromptError(f"unknown prompt name {shorten(name)}; this model's prompts: {known}")
-        return self.manifest.prompts[name]
-
-    def apply_prompt(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
-        """Prepend the named prompt's text (None: the model's default prompt, if any)."""
+    def tokenize(self, plan: Plan, texts: Sequence[str]) -> list[Encoded]:
+        """Prepend the plan's prompt and tokenise, raising on inputs the model cannot take."""
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
-        prefix = self.prompt_text(prompt_name)
-        return [prefix + t for t in texts] if prefix else list(texts)
+        prompted = [plan.prompt + t for t in texts] if plan.prompt else texts
+        return self.tokenizer.encode(prompted, truncate=plan.truncate, direction=plan.truncation_direction)
 
-    def prepare(self, texts: Sequence[str], prompt_name: str | None = None, *, truncate: bool = False) -> PreparedBatch:
-        """Apply the prompt and tokenise, raising on inputs the model cannot take."""
-        return PreparedBatch(encoded=self.tokenizer.encode(self.apply_prompt(texts, prompt_name), truncate=truncate))
+    def run(self, graph: Profile, encoded: Sequence[Encoded]) -> np.ndarray:
+        """One forward pass of `graph` over tokenised texts: `[n, graph.dims]` float32 unit rows."""
+        return self.backend_for(graph).run(self.tokenizer.pad(encoded))
 
-    def run_encoded(
-        self,
-        encoded: Sequence[Encoded],
-        dims: Sequence[int],
-        layers: int | None = None,
-        *,
-        profile: Profile | None = None,
-    ) -> list[np.ndarray]:
-        """Run tokenised texts as one forward pass at one depth; row i comes back as a unit vector of `dims[i]`.
-
-        Texts that want different dims share the pass: `profile` (default: the smallest covering the widest
-        dims asked for, at depth `layers`) runs, and the rest are sliced from it and re-normalised (a
-        truncated unit vector is not a unit vector). Texts that want different depths cannot share one.
-        """
-        if len(dims) != len(encoded):
-            raise ValueError(f"{len(encoded)} texts but {len(dims)} dims")
-        profile = profile or self.profile_for(max(dims), layers)
-        if profile.dims < max(dims):
-            raise DimsError(f"profile {profile.name} has {profile.dims} dims, fewer than the {max(dims)} asked for")
-        out = self.backend_for(profile).run(self.tokenizer.pad(encoded))
-        rows: list[np.ndarray] = list(out)
-        for want in set(dims) - {profile.dims}:
-            index = [i for i, d in enumerate(dims) if d == want]
-            for i, row in zip(index, truncate_normalize(out[index], want), strict=True):
-                rows[i] = row
-        return rows
+    def run_plan(self, plan: Plan, texts: Sequence[str], *, batch_size: int = 32) -> tuple[np.ndarray, ...]:
+        """Embed texts as `plan` says: each output's `[len(texts), width]` rows in input order."""
+        encoded = self.tokenize(plan, texts)
+        rows = np.empty((len(encoded), plan.graph.dims), dtype=np.float32)
+        # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
+        order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            rows[batch] = self.run(plan.graph, [encoded[i] for i in batch])
+        return plan.finish(rows)
 
     def embed(
         self,
@@ -287,26 +278,26 @@ class Embedder:
         Texts longer than the model's max length raise InputTooLongError unless `truncate` cuts them.
         `encoding` is one of `mrl.runtime.encodings.ENCODINGS` (binary ones hold ceil(dims / 8) bytes a row).
         """
-        depth = self.resolve_layers(layers)  # before any work
-        want = self.resolve_dims(dims, depth)
-        ranges = self.ranges_for(encoding, want, depth)
-        encoded = self.prepare(texts, prompt_name, truncate=truncate).encoded
-        result = np.empty((len(encoded), want), dtype=np.float32)
-        # Sorting by length before cutting into batches keeps padding, and so wasted compute, small.
-        order = sorted(range(len(encoded)), key=lambda i: encoded[i].n_tokens)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            result[rows] = self.run_encoded([encoded[i] for i in rows], [want] * len(rows), depth)
-        return encodings.encode(result, encoding, ranges)
+        options = EmbedOptions(
+            outputs=(OutputSpec(dims=dims, encoding=encoding),),
+            layers=layers,
+            prompt_name=prompt_name,
+            truncate=truncate,
+        )
+        (vectors,) = self.run_plan(self.plan(options), texts, batch_size=batch_size)
+        return vectors
 
     def warmup(self) -> None:
-        """Load and run the graph every dims runs on, once per depth."""
-        for depth in dict.fromkeys(p.layers for p in self.profiles):
-            widest = max((p for p in self.profiles if p.layers == depth), key=lambda p: p.dims)
-            self.run_encoded(self.tokenizer.encode(["warm-up"]), [widest.dims], profile=widest)
+        """Load and run once the graph each depth runs."""
+        for graph in self.graphs.values():
+            self.run(graph, self.tokenizer.encode(["warm-up"]))
 
     def close(self) -> None:
         """Release every backend."""
         for backend in self._backends.values():
             backend.close()
         self._backends.clear()
+
+
+def _fewest_first(layers: int | None) -> float:
+    return float("inf") if layers is None else layers

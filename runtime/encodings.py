@@ -92,3 +92,15 @@ def unpack_bits(codes: np.ndarray, encoding: str, dims: int) -> np.ndarray:
     codes = np.asarray(codes)
     raw = codes.view(np.uint8) ^ 0x80 if encoding == "binary" else codes.view(np.uint8)
     return np.unpackbits(raw, axis=1, count=dims)
+
+
+def little_endian(vectors: np.ndarray) -> np.ndarray:
+    """`vectors` in little-endian byte order, the order every wire format here uses (a copy only where the
+    machine is big-endian)."""
+    return vectors.astype(vectors.dtype.newbyteorder("<"), copy=False)
+
+
+def from_little_endian(data: bytes, encoding: str, rows: int) -> np.ndarray:
+    """`rows` encoded vectors from their little-endian bytes, in the machine's byte order."""
+    dtype = dtype_of(encoding).newbyteorder("<")
+    return np.frombuffer(data, dtype=dtype).reshape(rows, -1).astype(dtype.newbyteorder("="))

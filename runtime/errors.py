@@ -22,25 +22,43 @@ class MrlError(Exception):
 class InvalidInputError(MrlError, ValueError):
     """The caller asked for something the model cannot do (bad dims, unknown prompt, ...)."""
 
+    field: str | None = None
+    """The request option at fault, by its `EmbedOptions` name (front ends map it to their own field names)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        if field is not None:
+            self.field = field
+
 
 class DimsError(InvalidInputError):
     """Requested dims outside what the model or artifact offers."""
+
+    field = "dims"
 
 
 class LayersError(InvalidInputError):
     """A requested depth (number of encoder layers) that no profile of the artifact runs."""
 
+    field = "layers"
+
 
 class UnknownPromptError(InvalidInputError):
     """A prompt name the model does not define."""
+
+    field = "prompt_name"
 
 
 class InputTooLongError(InvalidInputError):
     """A text longer than the model's max length while truncation is off."""
 
+    field = "inputs"
+
 
 class EncodingError(InvalidInputError):
     """An output encoding that is unknown, or that this artifact cannot produce (int8 without calibration)."""
+
+    field = "encoding"
 
 
 class NotFoundError(MrlError, LookupError):
@@ -57,6 +75,11 @@ class IntegrityError(ArtifactError):
 
 class SchemaVersionError(ArtifactError):
     """A manifest written by a newer toolkit than this one."""
+
+
+class AcceptanceError(MrlError):
+    """An artifact whose acceptance test fails on this machine: its backend computes other vectors than the
+    export checked (another CPU's int8 kernels, a GPU, another onnxruntime)."""
 
 
 class BackendUnavailableError(MrlError):

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError, shorten
+from mrl.runtime.machine import Machine
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Parity:
     mean_cosine: float
     threshold: str
     passed: bool
+    machine: Machine | None = None
+    """Where the candidate ran (None in artifacts written before machines were recorded)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,15 +152,11 @@ class Span:
 class ShapeRange:
     """What TensorRT calls an optimization profile: the batch and sequence spans one engine serves.
 
-    Never called a profile here: in this project a profile is dims x precision.
+    Never called a profile here: in this project a profile is dims x precision (x layers kept).
     """
 
     batch: Span
     seq: Span
-
-    def fits(self, batch: int, seq: int) -> bool:
-        """Whether a [batch, seq] input lies inside this range."""
-        return self.batch.min <= batch <= self.batch.max and self.seq.min <= seq <= self.seq.max
 
     def __str__(self) -> str:
         return f"batch {self.batch} x seq {self.seq}"
@@ -213,6 +212,15 @@ class Calibration:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AcceptanceFile:
+    """The artifact's acceptance test: validation texts, the source model's vectors and the thresholds
+    (`mrl.runtime.acceptance`), which every load runs on the machine that serves."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything `manifest.json` records about an artifact."""
 
@@ -232,6 +240,7 @@ class Manifest:
     trained_layers: tuple[int, ...] | None = None  # depths the model was trained to be cut at
     ort_cpu: tuple[OrtCpuChoice, ...] = ()
     quantization: Quantization | None = None
+    acceptance: AcceptanceFile | None = None  # None: exported without validation, or before acceptance tests
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -350,6 +359,7 @@ def check_consistent(manifest: Manifest) -> None:
     files += [p.weights for p in manifest.profiles if p.weights] + [e.file for e in manifest.engines]
     cpu_graphs = [p.ort_cpu for p in manifest.profiles if p.ort_cpu is not None]
     files += [g.file for g in cpu_graphs] + [g.weights for g in cpu_graphs if g.weights]
+    files += [manifest.acceptance.file] if manifest.acceptance else []
     for name in files:
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or not name:
@@ -409,8 +419,8 @@ def load_manifest(directory: Path | str, verify: bool = True) -> Manifest:
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Raise IntegrityError unless every file the manifest lists (tokenizer, graphs, weights, engines) matches
-    its recorded sha256."""
+    """Raise IntegrityError unless every file the manifest lists (tokenizer, graphs, weights, engines, acceptance
+    test) matches its recorded sha256."""
     listed = [(manifest.tokenizer.file, manifest.tokenizer.sha256)] if manifest.tokenizer.sha256 else []
     if not manifest.tokenizer.sha256:
         log.warning(
@@ -422,6 +432,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     listed += [(p.ort_cpu.file, p.ort_cpu.sha256) for p in manifest.profiles if p.ort_cpu is not None]
     listed += [(w.file, w.sha256) for w in manifest.weights]
     listed += [(e.file, e.sha256) for e in manifest.engines]
+    listed += [(manifest.acceptance.file, manifest.acceptance.sha256)] if manifest.acceptance else []
     for name, expected in listed:
         path = directory / name
         if not path.is_file():

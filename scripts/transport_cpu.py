@@ -25,7 +25,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from mrl.bench.serve import ServeConfig, run_level
+from mrl.bench.load import ServeConfig, run_level
 from mrl.bench.targets import TargetSpec, open_target
 from mrl.bench.texts import read_lines
 

@@ -1,8 +1,8 @@
 """A dynamic batcher over a plain function: token-budget batches of similar length, run off the event loop.
 
-It knows nothing of models: it queues payloads with a token count and a group, calls `fn(payloads) -> results`
-in an executor and hands each caller its own result (or error). Jobs of different groups never share a batch
-(a model uses the group for work that cannot share one forward pass).
+It knows nothing of models: it queues payloads with a token count and a group, calls
+`fn(group, payloads) -> results` in an executor and hands each caller its own result (or error). Jobs of
+different groups never share a batch (a model groups its jobs by the graph they run).
 """
 
 from __future__ import annotations
@@ -25,18 +25,19 @@ from mrl.serving.selection import Plan, admits, plan_batch
 
 log = logging.getLogger(__name__)
 
+G = TypeVar("G", bound=Hashable)
 P = TypeVar("P")
 R = TypeVar("R")
 
 
 @dataclass(frozen=True, kw_only=True)
-class Job(Generic[P]):
+class Job(Generic[G, P]):
     """One unit of work to batch: a payload, what it costs in tokens, and the group whose batches it may join."""
 
     payload: P
     tokens: int
-    group: Hashable = None
-    """Jobs of different groups never share a batch."""
+    group: G = None  # type: ignore[assignment]  # one group for all, unless the caller sorts jobs into groups
+    """Jobs of different groups never share a batch; the batch function is told the group it runs."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +68,7 @@ class BatchStats:
 
 @dataclass(eq=False, kw_only=True)
 class _Item:
-    job: Job[Any]
+    job: Job[Any, Any]
     seq: int
     enqueued: float
     deadline: float | None
@@ -96,7 +97,7 @@ class _Outcome:
     run_seconds: float = 0.0
 
 
-class Batcher(Generic[P, R]):
+class Batcher(Generic[G, P, R]):
     """Queues jobs and runs them in batches through `fn` in `executor`, up to `config.workers` batches at once.
 
     A batch holds jobs of one group only (`Job.group`), formed around the oldest job of any group.
@@ -107,11 +108,11 @@ class Batcher(Generic[P, R]):
 
     def __init__(
         self,
-        fn: Callable[[list[P]], Sequence[R]],
+        fn: Callable[[G, list[P]], Sequence[R]],
         config: BatcherConfig,
         executor: Executor,
         *,
-        fn_alone: Callable[[list[P]], Sequence[R]] | None = None,
+        fn_alone: Callable[[G, list[P]], Sequence[R]] | None = None,
         on_batch: Callable[[BatchStats], None] | None = None,
         name: str = "batcher",
     ) -> None:
@@ -163,7 +164,7 @@ class Batcher(Generic[P, R]):
                 f"the queue is full ({self._queued_tokens} of {capacity} tokens waiting): retry with backoff"
             )
 
-    def submit(self, jobs: Sequence[Job[P]], *, deadline: float | None = None) -> list[asyncio.Future[JobResult[R]]]:
+    def submit(self, jobs: Sequence[Job[G, P]], *, deadline: float | None = None) -> list[asyncio.Future[JobResult[R]]]:
         """Queue all of `jobs` or none: one future per job. `deadline` is in `loop.time()` seconds."""
         if self._closing or self._task is None:
             raise NotReadyError(f"{self._name} is not running (starting up or shutting down): retry shortly")
@@ -319,7 +320,8 @@ class Batcher(Generic[P, R]):
         for item in live:
             item.started = now
         fn = self._fn_alone if alone and self._fn_alone is not None else self._fn
-        outcome = await loop.run_in_executor(self._executor, self._execute, fn, [i.job.payload for i in live])
+        group = live[0].job.group
+        outcome = await loop.run_in_executor(self._executor, self._execute, fn, group, [i.job.payload for i in live])
         longest = max(i.job.tokens for i in live)
         batch = next(self._batches)
         failed = abandoned = 0
@@ -359,11 +361,11 @@ class Batcher(Generic[P, R]):
                 )
             )
 
-    def _execute(self, fn: Callable[[list[P]], Sequence[R]], payloads: list[P]) -> _Outcome:
+    def _execute(self, fn: Callable[[G, list[P]], Sequence[R]], group: G, payloads: list[P]) -> _Outcome:
         """Runs in the executor: the whole batch, or on failure each job alone so one bad job fails only itself."""
         start = time.perf_counter()
         try:
-            values = list(fn(payloads))
+            values = list(fn(group, payloads))
             if len(values) != len(payloads):
                 raise RuntimeError(f"batch function returned {len(values)} results for {len(payloads)} jobs")
             return _Outcome(values=values, errors=[None] * len(values), run_seconds=time.perf_counter() - start)
@@ -375,7 +377,7 @@ class Batcher(Generic[P, R]):
         outcome = _Outcome()
         for payload in payloads:
             try:
-                (value,) = fn([payload])
+                (value,) = fn(group, [payload])
                 outcome.values.append(value)
                 outcome.errors.append(None)
             except Exception as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -69,27 +69,39 @@ class ModelSpec:
     backend: str = "auto"
     verify: bool = True
     """Check every file's sha256 against the manifest when loading."""
-    intra_op_threads: int = 0
-    """ONNX Runtime threads per inference (0: its default, one per core)."""
-    spinning: bool = True
-    """Whether ONNX Runtime's idle threads spin for work (off when batches share the cores)."""
-    lone_batch_threads: int = 0
-    """Threads for a batch that has the machine to itself (a session of its own, on the widest profile of the
-    batch's depth, spinning while it runs); 0: lone batches run like any other."""
+    serve_unverified: bool = False
+    """Serve even where the artifact's acceptance test fails on this machine (a WARNING and mrl_model_verified 0)."""
+    intra_op_threads: int | None = None
+    """Threads per inference (0: ONNX Runtime's default, one per core; None: the cores shared out among the
+    batches that run at once, cores // workers, at least 1)."""
+    spinning: bool | None = None
+    """Whether ONNX Runtime's idle threads spin for work (None: only when one batch runs at a time, since
+    spinning threads take the cores from the batches beside them)."""
+    lone_batch_threads: int | None = None
+    """Threads for a batch that has the machine to itself (a session of its own, on the graph of the batch's
+    depth, spinning while it runs); 0: lone batches run like any other; None: every core."""
 
     def __post_init__(self) -> None:
         if self.name is not None and (not self.name or any(c.isspace() for c in self.name)):
             raise ValueError(f"model name {self.name!r} must be non-empty and without spaces, like 'minilm'")
-        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int):
-            raise ValueError(f"intra_op_threads must be an integer, not {self.intra_op_threads!r}")
-        if isinstance(self.lone_batch_threads, bool) or not isinstance(self.lone_batch_threads, int):
-            raise ValueError(f"lone_batch_threads must be an integer, not {self.lone_batch_threads!r}")
-        if self.lone_batch_threads < 0:
-            raise ValueError(f"lone_batch_threads must be 0 (off) or more, not {self.lone_batch_threads}")
-        if self.intra_op_threads < 0:
-            raise ValueError(
-                f"intra_op_threads must be 0 (ONNX Runtime's default) or more, not {self.intra_op_threads}"
-            )
+        for name, off in (("intra_op_threads", "ONNX Runtime's default"), ("lone_batch_threads", "off")):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, not {value!r}")
+            if value < 0:
+                raise ValueError(f"{name} must be 0 ({off}) or more, not {value}")
+
+    def with_defaults(self, workers: int, cores: int) -> ModelSpec:
+        """This spec with every thread setting it leaves unset decided for `workers` batches on `cores` cores."""
+        shared = max(1, cores // max(1, workers))
+        return replace(
+            self,
+            intra_op_threads=shared if self.intra_op_threads is None else self.intra_op_threads,
+            spinning=workers == 1 if self.spinning is None else self.spinning,
+            lone_batch_threads=cores if self.lone_batch_threads is None else self.lone_batch_threads,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,8 @@
 """The transport-neutral serving core: models by name, request limits, lifecycle, readiness, request metrics.
 
 Front ends (gRPC in `grpc_service.py`, OpenAI-compatible HTTP in `http_service.py`) parse their wire
-format into an `EmbedQuery`, await `EmbedCore.embed`, and translate the result, or the error's
-`ErrorKind`, back into their own format. Requests from every front end share each model's batcher.
+format into an `EmbedQuery` (with their protocol modules), await `EmbedCore.embed`, and translate the result,
+or the error's `ErrorKind`, back into their own format. Requests from every front end share each model's batcher.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mrl.runtime.errors import InvalidInputError, NotFoundError, shorten
+from mrl.runtime.plan import EmbedOptions
 from mrl.serving.config import RequestLimits
 from mrl.serving.errors import ErrorKind, classify
 from mrl.serving.metrics import ServerMetrics
@@ -44,17 +45,15 @@ class EmbedQuery:
     texts: Sequence[str]
     model: str = ""
     """Empty: the only model, when one is served."""
-    dims: int | None = None
-    """None: the model's default (its largest profile at the depth asked for)."""
-    layers: int | None = None
-    """Encoder layers to run; None: the model's default depth (its full depth where served)."""
-    prompt_name: str | None = None
-    """None: the model's default prompt, if any."""
-    truncate: bool = False
+    options: EmbedOptions = field(default_factory=EmbedOptions)
+    """What to compute: outputs (dims, encoding), layers, prompt and truncation; the model plans it."""
     deadline: float | None = None
     """When the caller stops waiting, in the event loop's `time()` seconds; None: never."""
-    encoding: str = "float32"
-    """One of `mrl.runtime.encodings.ENCODINGS`; checked before tokenising."""
+
+
+def deadline_after(seconds: float | None) -> float | None:
+    """The event loop's time `seconds` from now (None: no deadline), as `EmbedQuery.deadline` takes it."""
+    return None if seconds is None else asyncio.get_running_loop().time() + seconds
 
 
 ReadinessListener = Callable[[str, bool], Awaitable[None]]
@@ -104,6 +103,7 @@ class EmbedCore:
         """Start every model's batcher (from the event loop); requests are refused until `warmup` ends."""
         for model in self.models.values():
             self.metrics.ready.labels(model.name).set(0)
+            self.metrics.verified.labels(model.name).set_function(lambda m=model: float(m.verified))
             model.batcher.on_batch = self.metrics.batch_observer(model.name)
             self.metrics.track_queue(
                 model.name, lambda m=model: m.batcher.queued_jobs, lambda m=model: m.batcher.queued_tokens
@@ -161,7 +161,7 @@ class EmbedCore:
         if not name:
             if len(self.models) == 1:
                 return next(iter(self.models.values()))
-            raise InvalidInputError(f"this server serves several models ({', '.join(self.models)}): set model")
+            raise InvalidInputError(f"this server serves several models ({', '.join(self.models)}): set model", "model")
         model = self.models.get(name)
         if model is None:
             raise NotFoundError(f"no model named {shorten(name)}; this server serves: {', '.join(self.models)}")
@@ -176,7 +176,8 @@ class EmbedCore:
         limit = self.limits.max_inputs_per_request
         if len(query.texts) > limit:
             raise InvalidInputError(
-                f"{len(query.texts)} inputs in one request; this server takes at most {limit}: split the request"
+                f"{len(query.texts)} inputs in one request; this server takes at most {limit}: split the request",
+                "inputs",
             )
 
     async def embed(self, query: EmbedQuery, transport: str) -> tuple[ServedModel, EmbedResult]:
@@ -191,15 +192,7 @@ class EmbedCore:
             self._in_flight += 1
             self._started += 1
             try:
-                result = await model.embed(
-                    query.texts,
-                    dims=query.dims,
-                    layers=query.layers,
-                    prompt_name=query.prompt_name,
-                    truncate=query.truncate,
-                    deadline=query.deadline,
-                    encoding=query.encoding,
-                )
+                result = await model.embed(query.texts, query.options, query.deadline)
             finally:
                 self._in_flight -= 1
                 self.metrics.in_flight.labels(label).dec()

@@ -1,7 +1,7 @@
 """Serving's own errors, and what kind of failure each toolkit error is, for every transport to translate.
 
-The core classifies an error once (`classify`); each front end owns one small table from `ErrorKind` to
-its own status (gRPC codes in `grpc_service.py`, HTTP statuses in `http_service.py`).
+The core classifies an error once (`classify`); each front end's protocol module owns one small table from
+`ErrorKind` to its own status (gRPC codes in `grpc_protocol.py`, HTTP statuses in `openai_protocol.py`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""The OpenAI-compatible HTTP front end: aiohttp on the server's own event loop (the one grpc.aio runs on),
-so HTTP and gRPC requests share each model's batches.
+"""The HTTP front end: aiohttp on the server's own event loop (the one grpc.aio runs on), so HTTP and gRPC
+requests share each model's batches.
 
-Thin on purpose: read the body, let `openai_protocol` parse it into an `EmbedQuery`, call the core, write
-the result or the error back. Routes: POST /v1/embeddings, GET /v1/models[/NAME], GET /health and, when
-asked, GET /metrics.
+Thin on purpose: read the body, let a protocol module parse it into an `EmbedQuery` (`openai_protocol` for
+OpenAI's API, `cohere_protocol` for Cohere's), call the core, write the result or the error back. Routes:
+POST /v1/embeddings, POST /v2/embed, GET /v1/models[/NAME], GET /health and, when asked, GET /metrics.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mrl.runtime.errors import shorten
+from mrl.serving import cohere_protocol as cohere
 from mrl.serving.auth import token_matches
 from mrl.serving.config import ServerConfig
-from mrl.serving.core import EmbedCore, EmbedQuery
+from mrl.serving.core import EmbedCore, EmbedQuery, deadline_after
 from mrl.serving.errors import ErrorKind, RequestExpiredError, RequestTooLargeError
 from mrl.serving.model import EmbedResult, ServedModel
 from mrl.serving.openai_protocol import (
@@ -38,9 +39,10 @@ log = logging.getLogger(__name__)
 TRANSPORT = "http"
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Probes and scrapers need no token, as on gRPC's health service."""
+COHERE_PATH = "/v2/embed"
 TIMEOUT_HEADER = "X-Request-Timeout"
 """Seconds the caller will wait; past them the request is dropped and answered 504 (gRPC has its deadline)."""
-ROUTES = "POST /v1/embeddings, GET /v1/models, GET /v1/models/NAME, GET /health"
+ROUTES = "POST /v1/embeddings, POST /v2/embed, GET /v1/models, GET /v1/models/NAME, GET /health"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -65,6 +67,13 @@ def request_timeout(value: str | None) -> float | None:
 class HttpFrontEnd:
     """An aiohttp server over the core: OpenAI embeddings and models, health, optional metrics, auth, TLS."""
 
+    name = TRANSPORT
+
+    @staticmethod
+    def wanted(config: ServerConfig) -> bool:
+        """When an HTTP port is configured."""
+        return config.http_port is not None
+
     def __init__(self, core: EmbedCore, config: ServerConfig) -> None:
         self._core = core
         self._config = config
@@ -76,6 +85,7 @@ class HttpFrontEnd:
         """The aiohttp application: routes, auth and JSON errors for everything."""
         app = web.Application(client_max_size=self._config.limits.max_message_bytes, middlewares=[self._guard])
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post(COHERE_PATH, self.cohere_embed)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name}", self.model)
         app.router.add_get("/health", self.health)
@@ -85,12 +95,14 @@ class HttpFrontEnd:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Bearer-token check, and OpenAI-shaped JSON for routing errors (404, 405) too."""
+        """Bearer-token check, and JSON for routing errors (404, 405) too: Cohere's shape on its route,
+        OpenAI's everywhere else."""
         if not self._authorized(request):
             route = request.match_info.route.resource
             self._core.metrics.auth_denied.labels(route.canonical if route else "(unknown)").inc()
             message = "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"
-            return json_reply(*error_reply(ErrorKind.UNAUTHENTICATED, message))
+            reply = cohere.error_reply if request.path == COHERE_PATH else error_reply
+            return json_reply(*reply(ErrorKind.UNAUTHENTICATED, message))
         try:
             return await handler(request)
         except web.HTTPMethodNotAllowed as e:
@@ -107,23 +119,38 @@ class HttpFrontEnd:
             return True
         return token_matches((("authorization", request.headers.get("Authorization", "")),), token)
 
-    async def embeddings(self, request: web.Request) -> web.Response:
-        """POST /v1/embeddings."""
+    async def _body(self, request: web.Request) -> tuple[bytes, float | None]:
+        """The request's body and its timeout (X-Request-Timeout, in seconds; None: none)."""
         try:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                limit = self._config.limits.max_message_bytes
-                raise RequestTooLargeError(
-                    f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
-                ) from None
-            timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
-            deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-            parsed = parse_embeddings_request(body, deadline=deadline)
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = self._config.limits.max_message_bytes
+            raise RequestTooLargeError(
+                f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
+            ) from None
+        return body, request_timeout(request.headers.get(TIMEOUT_HEADER))
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """POST /v1/embeddings (OpenAI's API)."""
+        try:
+            body, timeout = await self._body(request)
+            parsed = parse_embeddings_request(body, deadline=deadline_after(timeout))
             model, result = await self._embed(parsed.query, timeout)
         except Exception as e:
             return json_reply(*error_response(e))
-        return json_reply(200, {}, embeddings_response(result, model.name, as_base64=parsed.base64))
+        body = embeddings_response(result, model.name, as_base64=parsed.base64, several=parsed.several)
+        return json_reply(200, {}, body)
+
+    async def cohere_embed(self, request: web.Request) -> web.Response:
+        """POST /v2/embed (Cohere's API): every embedding type asked for from one forward pass."""
+        try:
+            body, timeout = await self._body(request)
+            parsed = cohere.parse_request(body, deadline=deadline_after(timeout))
+            prompts = self._core.resolve(parsed.query.model).embedder.manifest.prompts
+            _, result = await self._embed(cohere.with_prompt(parsed, prompts), timeout)
+        except Exception as e:
+            return json_reply(*cohere.error_response(e))
+        return json_reply(200, {}, cohere.response_body(parsed, result))
 
     async def _embed(self, query: EmbedQuery, timeout: float | None) -> tuple[ServedModel, EmbedResult]:
         """The core's answer, bounded by the caller's timeout."""
@@ -173,8 +200,9 @@ class HttpFrontEnd:
         log.info("OpenAI-compatible HTTP on %s://%s:%d", "https" if context else "http", host, self.port)
         return self.port
 
-    async def stop(self) -> None:
-        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop)."""
+    async def stop(self, grace: float) -> None:
+        """Stop listening and close the connections (the server drains the core first: see EmbedServer.stop);
+        handlers still running get aiohttp's `shutdown_timeout`, set at start, rather than `grace`."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 
 from mrl.runtime import Embedder
-from mrl.runtime.backends import resolve_backend
-from mrl.runtime.encodings import encode
+from mrl.runtime.backends import capabilities, resolve_backend
 from mrl.runtime.errors import InvalidInputError
-from mrl.runtime.manifest import load_manifest
+from mrl.runtime.manifest import Profile, load_manifest
+from mrl.runtime.plan import EmbedOptions, Plan
 from mrl.runtime.tokenize import Encoded
 from mrl.serving.batcher import Batcher, Job, JobResult
 from mrl.serving.config import BatcherConfig, ModelSpec
 from mrl.serving.errors import NotReadyError
-from mrl.serving.process import lower_thread_priority
+from mrl.serving.process import cpu_cores, lower_thread_priority
+from mrl.serving.verify import check_acceptance
 
 log = logging.getLogger(__name__)
 
@@ -36,25 +37,13 @@ many characters (at most max length) until it is tokenised and counted exactly."
 
 
 @dataclass(frozen=True, kw_only=True)
-class TextJob:
-    """One tokenised text, the dims its caller asked for and the depth it runs at."""
-
-    encoded: Encoded
-    dims: int
-    layers: int | None = None
-    """The `Profile.layers` it runs (None: full depth): texts of different depths never share a batch."""
-
-
-@dataclass(frozen=True, kw_only=True)
 class EmbedResult:
-    """A request's embeddings with its usage and timing."""
+    """A request's embeddings, one array per output of its plan, with its usage and timing."""
 
-    vectors: np.ndarray
-    """`[n, width]` values of `encoding` (width: dims, or ceil(dims / 8) for the binary encodings)."""
-    dims: int
-    layers: int | None
-    """The encoder layers that ran (None: full depth of a model whose artifact does not record its depth)."""
-    encoding: str
+    plan: Plan
+    vectors: tuple[np.ndarray, ...]
+    """Per output of `plan.outputs`: `[n, width]` values of its encoding (width: dims, or ceil(dims / 8) for the
+    binary encodings)."""
     input_tokens: int
     queue_seconds: float
     inference_seconds: float
@@ -95,43 +84,52 @@ class ModelInfo:
 
 
 def backend_options(spec: ModelSpec, backend: str) -> dict[str, Any]:
-    """The thread settings of `spec` that `backend` takes (TensorRT takes none)."""
+    """The thread settings of `spec` that `backend` takes."""
+    can = capabilities(backend)
     options: dict[str, Any] = {}
-    if spec.intra_op_threads and (backend.startswith("onnxruntime") or backend == "torch"):
+    if spec.intra_op_threads and can.threads:
         options["intra_op_threads"] = spec.intra_op_threads
-    if backend.startswith("onnxruntime"):
+    if can.spinning:
         options["spinning"] = spec.spinning
     return options
 
 
-def batch_depth(jobs: Sequence[TextJob]) -> int | None:
-    """The one depth a batch runs at (the batcher groups jobs by depth, so a mix is a bug)."""
-    depths = {j.layers for j in jobs}
-    if len(depths) != 1:
-        raise RuntimeError(f"a batch mixes depths {sorted(depths, key=str)}: one forward pass runs one depth")
-    return depths.pop()
-
-
-def run_jobs(embedder: Embedder, jobs: list[TextJob]) -> list[np.ndarray]:
-    """Run texts of one depth wanting different dims as one batch (the runtime slices and re-normalises per row)."""
-    return embedder.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], batch_depth(jobs))
+def check_texts(texts: Sequence[str]) -> None:
+    """Refuse a request with no texts, or an empty one (it would embed to nothing meaningful)."""
+    if not texts:
+        raise InvalidInputError("inputs is empty: send at least one text", "inputs")
+    for i, text in enumerate(texts):
+        if not text:
+            raise InvalidInputError(f"input {i} is an empty string: send non-empty texts", "inputs")
 
 
 class ServedModel:
     """An Embedder with its own batcher and inference threads, addressed by `name`.
 
     `lone`, when given, is the same artifact opened with more threads: a batch that has the machine to itself
-    runs on it (on the widest profile of the batch's depth, so it holds one session per depth), while batches
-    side by side run on `embedder`.
+    runs on it (one session per depth), while batches side by side run on `embedder`.
     """
 
-    def __init__(self, name: str, embedder: Embedder, config: BatcherConfig, lone: Embedder | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        embedder: Embedder,
+        config: BatcherConfig,
+        lone: Embedder | None = None,
+        *,
+        serve_unverified: bool = False,
+    ) -> None:
         self.name = name
         self.embedder = embedder
         self.config = config
         self.ready = False
+        self.serve_unverified = serve_unverified
+        """Serve even where the artifact's acceptance test fails on this machine (logged as a warning)."""
+        self.verified = False
+        """Whether the acceptance test ran at warm-up and every served profile passed it."""
         self._closed = False
-        self._lone = lone
+        self.lone = lone
+        """The same artifact opened with every core, for a batch that has the machine to itself (None: none)."""
         # Inference threads of this model only: a slow model never holds up another's batches.
         # Niced: ONNX Runtime's own threads, created from these during warm-up, inherit the nice value.
         self._executor = ThreadPoolExecutor(
@@ -140,7 +138,8 @@ class ServedModel:
             initializer=lower_thread_priority,
             initargs=(config.worker_niceness,),
         )
-        self.batcher: Batcher[TextJob, np.ndarray] = Batcher(
+        # A job is one tokenised text; its group is the graph it runs, so texts of one batch share a forward pass.
+        self.batcher: Batcher[Profile, Encoded, np.ndarray] = Batcher(
             self.run_batch,
             config,
             self._executor,
@@ -151,37 +150,47 @@ class ServedModel:
     @classmethod
     def load(cls, spec: ModelSpec, config: BatcherConfig) -> ServedModel:
         """Open an artifact as described by `spec` (blocking: reads and verifies files)."""
+        spec = spec.with_defaults(config.workers, cpu_cores())
         manifest = load_manifest(spec.artifact_dir, verify=False)  # to resolve "auto"; verified when loaded
         backend = resolve_backend(spec.backend, Path(spec.artifact_dir), manifest, spec.precision)
-        embedder = Embedder.load(
+        embedder = Embedder.load(  # its acceptance test runs at warm-up, in the niced inference thread
             spec.artifact_dir,
             backend,
             precision=spec.precision,
             verify=spec.verify,
+            acceptance=False,
             **backend_options(spec, backend),
         )
         lone = None
-        if spec.lone_batch_threads and backend == "onnxruntime-cpu" and config.workers > 1:
+        if spec.lone_batch_threads and capabilities(backend).lone_sessions and config.workers > 1:
             wide = dataclasses.replace(spec, intra_op_threads=spec.lone_batch_threads, spinning=True)
             # Its threads stop spinning when a run returns: left spinning, they took the cores from the next
             # request's handling and from a lone batch of another depth (another session) that came next.
             options = {**backend_options(wide, backend), "stop_spinning": True}
-            lone = Embedder.load(  # already verified above
-                spec.artifact_dir, backend, precision=spec.precision, verify=False, **options
+            lone = Embedder.load(  # already verified above; the same graphs and kernels, on more threads
+                spec.artifact_dir, backend, precision=spec.precision, verify=False, acceptance=False, **options
             )
-        return cls(spec.name or embedder.manifest.name, embedder, config, lone)
+        name = spec.name or embedder.manifest.name
+        log.info(
+            "model %s: up to %d batches at once, %s threads each%s",
+            name,
+            config.workers,
+            spec.intra_op_threads or "ONNX Runtime's default",
+            f"; a batch alone runs on {spec.lone_batch_threads}" if lone is not None else "",
+        )
+        return cls(name, embedder, config, lone, serve_unverified=spec.serve_unverified)
 
     def info(self) -> ModelInfo:
         """What this model offers: dims, profiles, prompts, limits, readiness."""
         embedder, manifest = self.embedder, self.embedder.manifest
-        default_layers = embedder.default_layers
+        default = embedder.plan()
         return ModelInfo(
             name=self.name,
             full_dims=manifest.full_dims,
-            default_dims=embedder.default_dims,
+            default_dims=default.outputs[0].dims,
             trained_dims=tuple(manifest.trained_dims or ()),
             layers=tuple(n for n in embedder.layers_served if n is not None),
-            default_layers=manifest.total_layers if default_layers is None else default_layers,
+            default_layers=default.layers,
             total_layers=manifest.total_layers,
             trained_layers=tuple(manifest.trained_layers or ()),
             profiles=tuple(
@@ -196,37 +205,35 @@ class ServedModel:
             encodings=tuple(embedder.encodings),
         )
 
-    def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
-        """The batcher's function (runs in an inference thread)."""
-        return run_jobs(self.embedder, jobs)
+    def run_batch(self, graph: Profile, encoded: list[Encoded]) -> np.ndarray:
+        """The batcher's function (in an inference thread): one forward pass of `graph` over the batch's texts."""
+        return self.embedder.run(graph, encoded)
 
-    def run_lone_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
-        """The batcher's function for a batch that has the machine to itself: every core, one session per depth."""
-        assert self._lone is not None
-        depth = batch_depth(jobs)
-        widest = self._lone.profile_for(self._lone.resolve_dims(None, depth), depth)
-        return self._lone.run_encoded([j.encoded for j in jobs], [j.dims for j in jobs], depth, profile=widest)
+    def run_lone_batch(self, graph: Profile, encoded: list[Encoded]) -> np.ndarray:
+        """The batcher's function for a batch that has the machine to itself: every core, one session per graph."""
+        assert self.lone is not None
+        return self.lone.run(graph, encoded)
 
     def start(self) -> None:
         """Start the batcher (from the event loop); requests are refused until `warmup` finishes."""
         self.batcher.start()
 
     async def warmup(self) -> None:
-        """Load every profile and run a full-size batch once, off the event loop; then mark ready."""
+        """Load every depth's graph and run a full-size batch once, off the event loop; then mark ready."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._warmup)
         self.ready = True
         log.info("model %s is warm (%s, %s)", self.name, self.embedder.precision, ", ".join(self.embedder.providers))
 
     def _warmup(self) -> None:
+        self.verified = check_acceptance(self.name, self.embedder, self.serve_unverified)
         self.embedder.warmup()
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)
-        for depth in {p.layers for p in self.embedder.profiles}:
-            jobs = [TextJob(encoded=e, dims=self.embedder.resolve_dims(None, depth), layers=depth) for e in encoded]
-            run_jobs(self.embedder, jobs)
-            if self._lone is not None:
-                self.run_lone_batch(jobs)
+        for graph in self.embedder.graphs.values():
+            self.embedder.run(graph, encoded)
+            if self.lone is not None:
+                self.lone.run(graph, encoded)
 
     def hurry(self) -> None:
         """Run queued texts at once from now on, without waiting for fuller batches (the server is draining)."""
@@ -238,8 +245,8 @@ class ServedModel:
         await self.batcher.close()
         self._executor.shutdown(wait=True)
         self.embedder.close()
-        if self._lone is not None:
-            self._lone.close()
+        if self.lone is not None:
+            self.lone.close()
 
     def check_ready(self) -> None:
         """Raise NotReadyError unless the model takes requests."""
@@ -247,54 +254,29 @@ class ServedModel:
             state = "shutting down" if self._closed else "warming up"
             raise NotReadyError(f"model {self.name!r} is {state}: retry shortly, or wait for its health SERVING")
 
-    def validate(
-        self,
-        texts: Sequence[str],
-        dims: int | None,
-        prompt_name: str | None,
-        layers: int | None = None,
-        encoding: str = "float32",
-    ) -> tuple[int | None, int, np.ndarray | None]:
-        """Check all that needs no tokenising, queue room last; returns the depth, dims and encoding ranges."""
-        if not texts:
-            raise InvalidInputError("inputs is empty: send at least one text")
-        for i, text in enumerate(texts):
-            if not text:
-                raise InvalidInputError(f"input {i} is an empty string: send non-empty texts")
-        depth = self.embedder.resolve_layers(layers)  # LayersError, naming the depths served
-        want = self.embedder.resolve_dims(dims, depth)  # DimsError for 0, or above the largest profile at that depth
-        prefix = self.embedder.prompt_text(prompt_name)  # UnknownPromptError
-        ranges = self.embedder.ranges_for(encoding, want, depth)  # EncodingError
+    def plan(self, texts: Sequence[str], options: EmbedOptions) -> Plan:
+        """The request's plan, after every check that needs no tokenising; the queue's room last."""
+        check_texts(texts)
+        plan = self.embedder.plan(options)
         longest = self.embedder.tokenizer.max_length
-        estimate = sum(min(longest, 1 + (len(prefix) + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
+        prefix = len(plan.prompt)
+        estimate = sum(min(longest, 1 + (prefix + len(t)) // CHARS_PER_TOKEN_ESTIMATE) for t in texts)
         self.batcher.check_room(estimate)  # QueueFullError before any tokenising
-        return depth, want, ranges
+        return plan
 
-    async def tokenize(self, texts: Sequence[str], prompt_name: str | None, truncate: bool) -> list[Encoded]:
-        """Apply the prompt and tokenise (raises InputTooLongError), off the event loop when large."""
+    async def tokenize(self, plan: Plan, texts: Sequence[str]) -> list[Encoded]:
+        """The plan's prompt applied and the texts tokenised (raises InputTooLongError), off the event loop when
+        large."""
         if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:
-            return self.embedder.prepare(texts, prompt_name, truncate=truncate).encoded
-        prepared = await asyncio.to_thread(self.embedder.prepare, texts, prompt_name, truncate=truncate)
-        return prepared.encoded
+            return self.embedder.tokenize(plan, texts)
+        return await asyncio.to_thread(self.embedder.tokenize, plan, texts)
 
-    async def embed(
-        self,
-        texts: Sequence[str],
-        *,
-        dims: int | None = None,
-        layers: int | None = None,
-        prompt_name: str | None = None,
-        truncate: bool = False,
-        deadline: float | None = None,
-        encoding: str = "float32",
-    ) -> EmbedResult:
-        """Validate, tokenise, batch with others' texts of the same depth; this request's embeddings, encoded."""
+    async def embed(self, texts: Sequence[str], options: EmbedOptions, deadline: float | None = None) -> EmbedResult:
+        """Plan, tokenise, batch with others' texts that run the same graph; this request's outputs."""
         self.check_ready()
-        depth, want, ranges = self.validate(texts, dims, prompt_name, layers, encoding)
-        encoded = await self.tokenize(texts, prompt_name, truncate)
-        jobs = [
-            Job(payload=TextJob(encoded=e, dims=want, layers=depth), tokens=e.n_tokens, group=depth) for e in encoded
-        ]
+        plan = self.plan(texts, options)
+        encoded = await self.tokenize(plan, texts)
+        jobs = [Job(payload=e, tokens=e.n_tokens, group=plan.graph) for e in encoded]
         futures = self.batcher.submit(jobs, deadline=deadline)
         try:
             results: list[JobResult[np.ndarray]] = await asyncio.gather(*futures)
@@ -304,12 +286,9 @@ class ServedModel:
             for f in futures:
                 if not f.cancel() and not f.cancelled():
                     f.exception()
-        vectors = encode(np.stack([r.value for r in results]), encoding, ranges)
         return EmbedResult(
-            vectors=vectors,
-            dims=want,
-            layers=depth if depth is not None else self.embedder.manifest.total_layers,
-            encoding=encoding,
+            plan=plan,
+            vectors=plan.finish(np.stack([r.value for r in results])),
             input_tokens=sum(j.tokens for j in jobs),
             queue_seconds=max(r.queue_seconds for r in results),
             inference_seconds=sum({r.batch: r.run_seconds for r in results}.values()),

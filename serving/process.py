@@ -10,6 +10,15 @@ import threading
 
 log = logging.getLogger(__name__)
 
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 LARGE_ALLOCATION_BYTES = 256 * 1024
 

@@ -1,10 +1,16 @@
-"""The server's lifecycle: one core, its front ends and the metrics endpoint; listen, warm up, serve, drain."""
+"""The server's lifecycle: one core and its front ends (doors); listen, warm up, serve, drain.
+
+A front end is registered once in FRONT_ENDS: a class that says whether the configuration wants it, and
+that starts listening and stops. A new door (KServe's open inference protocol, say) is a module of its own
+and one line here.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 from mrl.serving.config import ServerConfig
 from mrl.serving.core import EmbedCore
@@ -21,15 +27,42 @@ STREAM_GRACE_S = 0.2
 """What streams left open at the end of a drain (health Watch, idle EmbedStream) get before being ended."""
 
 
+class FrontEnd(Protocol):
+    """A door into the core: a listener speaking one wire protocol."""
+
+    name: str
+    port: int | None
+    """The port bound (None before `start`)."""
+
+    async def start(self) -> int:
+        """Listen, reporting not-ready until the core is warm; returns the bound port."""
+        ...
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening; what is still open gets `grace` seconds (the core has drained by then)."""
+        ...
+
+
+class FrontEndClass(Protocol):
+    """How a front end is registered: whether a configuration wants it, and how it is made."""
+
+    def __call__(self, core: EmbedCore, config: ServerConfig) -> FrontEnd: ...
+
+    def wanted(self, config: ServerConfig) -> bool: ...
+
+
+FRONT_ENDS: tuple[FrontEndClass, ...] = (GrpcFrontEnd, HttpFrontEnd)  # type: ignore[assignment]
+"""Every door the server can open, in start order."""
+
+
 class EmbedServer:
-    """Served models behind a gRPC front end and, when configured, an OpenAI-compatible HTTP one; with metrics."""
+    """Served models behind the front ends the configuration asks for, with metrics."""
 
     def __init__(self, models: Sequence[ServedModel], config: ServerConfig, metrics: ServerMetrics) -> None:
         self.core = EmbedCore(models, config.limits, metrics)
         self.config = config
         self.metrics = metrics
-        self.grpc = GrpcFrontEnd(self.core, config)
-        self.http = None if config.http_port is None else HttpFrontEnd(self.core, config)
+        self.front_ends: list[FrontEnd] = [door(self.core, config) for door in FRONT_ENDS if door.wanted(config)]
         self.metrics_port: int | None = None
 
     @property
@@ -37,26 +70,27 @@ class EmbedServer:
         """Served models by name."""
         return self.core.models
 
+    def _port(self, name: str) -> int | None:
+        return next((door.port for door in self.front_ends if door.name == name), None)
+
     @property
     def port(self) -> int | None:
         """The gRPC port bound (None before `start`)."""
-        return self.grpc.port
+        return self._port(GrpcFrontEnd.name)
 
     @property
     def http_port(self) -> int | None:
         """The HTTP port bound (None before `start`, or without HTTP)."""
-        return None if self.http is None else self.http.port
+        return self._port(HttpFrontEnd.name)
 
-    async def start(self) -> int:
-        """Start the batchers and listen; every front end says not-ready until `warmup`. Returns the gRPC port."""
+    async def start(self) -> None:
+        """Start the batchers and every front end; each says not-ready until `warmup`."""
         self.core.start()
         if self.config.metrics_port is not None:
             host = self.config.metrics_host or self.config.host
             self.metrics_port = self.metrics.serve(host, self.config.metrics_port)
-        port = await self.grpc.start()
-        if self.http is not None:
-            await self.http.start()
-        return port
+        for door in self.front_ends:
+            await door.start()
 
     async def warmup(self) -> None:
         """Warm every model; front ends report ready as each model, then the server, is warm."""
@@ -70,12 +104,7 @@ class EmbedServer:
         log.info("shutting down: health says NOT_SERVING; serving calls until none is in flight (grace %.0f s)", grace)
         if not await self.core.wait_idle(DRAIN_QUIET_S, grace):
             log.warning("calls still in flight after the %.0f s grace: cancelling them", grace)
-        stopping = [self.grpc.stop(STREAM_GRACE_S)] + ([] if self.http is None else [self.http.stop()])
-        await asyncio.gather(*stopping)
+        await asyncio.gather(*(door.stop(STREAM_GRACE_S) for door in self.front_ends))
         await self.core.close()
         self.metrics.stop()
         log.info("stopped")
-
-    async def wait_for_termination(self) -> None:
-        """Wait until the server stops."""
-        await self.grpc.wait_for_termination()

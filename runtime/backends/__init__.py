@@ -15,8 +15,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mrl.runtime.backends.engines import find_engine
 from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu, install_hint, own_distribution
+from mrl.runtime.engines import find_engine
 from mrl.runtime.errors import BackendUnavailableError, NotFoundError
 from mrl.runtime.manifest import Manifest, Profile
 
@@ -43,17 +43,59 @@ class Backend(Protocol):
         ...
 
 
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a backend can do, for its callers to ask instead of switching on backend names."""
+
+    threads: bool
+    """Takes `intra_op_threads`: how many CPU threads one run may use."""
+    spinning: bool
+    """Takes `spinning` and `stop_spinning`: whether its idle threads spin waiting for work."""
+    lone_sessions: bool
+    """A batch that has the machine to itself runs faster on a second session that uses every core
+    (measured for ONNX Runtime on the CPU, BENCHMARKS.md; a GPU backend has no cores to gain)."""
+    cut_depths: bool
+    """Runs the graphs of profiles that keep fewer encoder layers (the torch backend runs the source model,
+    which cannot stop early)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Entry:
+    module: str
+    factory: str
+    needs: str
+    """What provides what it imports: an extra of this install, or for ONNX Runtime's GPU providers the
+    mrl-toolkit-gpu distribution."""
+    capabilities: Capabilities
+
+
 _ORT = "mrl.runtime.backends.onnxruntime"
-# name -> (module, factory function, what provides what it imports: an extra of this install, or for
-# ONNX Runtime's GPU providers the mrl-toolkit-gpu distribution). Every factory accepts
-# `intra_op_threads`, so callers may pass it whatever "auto" resolves to.
-_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": (_ORT, "create", ""),
-    "onnxruntime-cpu": (_ORT, "create_cpu", ""),
-    "onnxruntime-cuda": (_ORT, "create_cuda", "mrl-toolkit-gpu"),
-    "onnxruntime-tensorrt": (_ORT, "create_tensorrt", "mrl-toolkit-gpu[tensorrt]"),
-    "tensorrt": ("mrl.runtime.backends.tensorrt", "create", "tensorrt"),
-    "torch": ("mrl.runtime.backends.torch", "create", "export"),
+_ORT_GPU = Capabilities(threads=True, spinning=True, lone_sessions=False, cut_depths=True)
+# Every factory accepts `intra_op_threads` (GPU ones ignore it), so callers may pass it whatever "auto" resolves to.
+_REGISTRY: dict[str, _Entry] = {
+    "onnxruntime": _Entry(module=_ORT, factory="create", needs="", capabilities=_ORT_GPU),
+    "onnxruntime-cpu": _Entry(
+        module=_ORT,
+        factory="create_cpu",
+        needs="",
+        capabilities=Capabilities(threads=True, spinning=True, lone_sessions=True, cut_depths=True),
+    ),
+    "onnxruntime-cuda": _Entry(module=_ORT, factory="create_cuda", needs="mrl-toolkit-gpu", capabilities=_ORT_GPU),
+    "onnxruntime-tensorrt": _Entry(
+        module=_ORT, factory="create_tensorrt", needs="mrl-toolkit-gpu[tensorrt]", capabilities=_ORT_GPU
+    ),
+    "tensorrt": _Entry(
+        module="mrl.runtime.backends.tensorrt",
+        factory="create",
+        needs="tensorrt",
+        capabilities=Capabilities(threads=False, spinning=False, lone_sessions=False, cut_depths=True),
+    ),
+    "torch": _Entry(
+        module="mrl.runtime.backends.torch",
+        factory="create",
+        needs="export",
+        capabilities=Capabilities(threads=True, spinning=False, lone_sessions=False, cut_depths=False),
+    ),
 }
 
 
@@ -62,9 +104,16 @@ def backend_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def capabilities(name: str) -> Capabilities:
+    """What backend `name` (not "auto": resolve it first) can do."""
+    if name not in _REGISTRY:
+        raise NotFoundError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}")
+    return _REGISTRY[name].capabilities
+
+
 def pip_extra(name: str) -> str:
     """The pip requirement that provides backend `name` (`mrl-toolkit[tensorrt]`, `mrl-toolkit-gpu`, ...)."""
-    needs = _REGISTRY[name][2]
+    needs = _REGISTRY[name].needs
     if needs.startswith("mrl-toolkit"):
         return needs
     return f"{own_distribution()}[{needs}]" if needs else own_distribution()
@@ -143,11 +192,11 @@ def create_backend(name: str, directory: Path, manifest: Manifest, profile: Prof
     """Create the backend called `name` for one profile of the artifact in `directory`."""
     if name not in _REGISTRY:
         raise NotFoundError(f"unknown backend {name!r}; choose one of: auto, {', '.join(_REGISTRY)}")
-    module_name, factory, _ = _REGISTRY[name]
+    entry = _REGISTRY[name]
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(entry.module)
     except ImportError as e:
         raise BackendUnavailableError(
             f"backend {name!r} needs a package that is not installed ({e.name}): pip install '{pip_extra(name)}'"
         ) from None
-    return getattr(module, factory)(directory, manifest, profile, **options)
+    return getattr(module, entry.factory)(directory, manifest, profile, **options)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from mrl.runtime.backends.engines import cache_key, default_shape_ranges, envelope, weights_sha256
 from mrl.runtime.backends.gpu import ORT_GPU_INSTALL, GpuInfo, detect_gpu
+from mrl.runtime.engines import cache_key, default_shape_ranges, envelope, weights_sha256
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, InvalidInputError
 from mrl.runtime.manifest import OUTPUT_NAME, Manifest, Profile, ShapeRange
 
@@ -244,7 +244,7 @@ class OnnxRuntimeBackend:
         if unknown:
             raise BackendUnavailableError(
                 f"onnxruntime here has no {', '.join(map(_provider_name, unknown))}; it has "
-                f"{', '.join(ort.get_available_providers())}{_wheels_note()}. For GPUs: {ORT_GPU_INSTALL}"
+                f"{', '.join(ort.get_available_providers())}{wheels_note()}. For GPUs: {ORT_GPU_INSTALL}"
             )
         wanted = [_provider_name(p) for p in requested]
         if any(p in GPU_PROVIDERS for p in wanted):
@@ -252,12 +252,14 @@ class OnnxRuntimeBackend:
         if disabled_optimizers is None:
             disabled_optimizers = cpu_disabled_optimizers(requested)
         self._session = open_session(graph, options, requested, strict, disabled_optimizers)
+        self.session_options = options
+        """The options the session was opened with (threads, spinning, ...)."""
         self.providers = self._session.get_providers()
         self.graph = Path(graph)
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
         problems = fallback_problems(requested, self.providers, self._session.get_provider_options())
         if problems:
-            message = f"onnxruntime did not start the providers as asked ({'; '.join(problems)}){_wheels_note()}"
+            message = f"onnxruntime did not start the providers as asked ({'; '.join(problems)}){wheels_note()}"
             if strict:  # an explicit device was asked for: running elsewhere or otherwise would hide it
                 raise BackendUnavailableError(
                     f"{message}. Check the GPU and driver; for the GPU runtime: {ORT_GPU_INSTALL}"
@@ -374,7 +376,8 @@ def installed_onnxruntime_wheels() -> list[str]:
     return found
 
 
-def _wheels_note() -> str:
+def wheels_note() -> str:
+    """What to append to a provider error when both onnxruntime wheels are installed ("" when one is)."""
     wheels = installed_onnxruntime_wheels()
     if len(wheels) < 2:
         return ""

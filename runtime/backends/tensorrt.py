@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from mrl.runtime.backends.cudamem import DeviceStream, StagedBuffer
-from mrl.runtime.backends.engines import Chunk, explain_missing, find_engine, numpy_dtype, pad_feed, plan_chunks
 from mrl.runtime.backends.gpu import cuda_check, cuda_runtime, current_gpu, install_hint
+from mrl.runtime.engines import Chunk, explain_missing, find_engine, numpy_dtype, pad_feed, plan_chunks
 from mrl.runtime.errors import ArtifactError, BackendUnavailableError, IntegrityError
-from mrl.runtime.manifest import OUTPUT_NAME, Engine, Manifest, Profile, TokenizerSettings, sha256_file
+from mrl.runtime.manifest import OUTPUT_NAME, Engine, Manifest, Profile, ShapeRange, TokenizerSettings, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +48,55 @@ def import_tensorrt() -> ModuleType:
     return tensorrt
 
 
+@dataclass(frozen=True, kw_only=True)
+class EngineIO:
+    """An engine's tensors as the backend feeds and reads them."""
+
+    inputs: tuple[str, ...]
+    dtypes: dict[str, np.dtype]
+    """Per tensor (inputs and the output): the type the installed TensorRT gives it (token ids INT64 from 10 on)."""
+    dims: int
+    """Width of the output rows."""
+    ranges: tuple[ShapeRange, ...]
+    pad_id: int
+
+
 class TensorRtBackend:
     """One deserialised engine, one execution context, one CUDA stream."""
 
     name = "tensorrt"
     device = "cuda"
 
-    def __init__(self, path: Path, engine: Engine, tokenizer: TokenizerSettings, device_id: int = 0) -> None:
+    def __init__(
+        self,
+        context: Any,
+        io: EngineIO,
+        stream: DeviceStream,
+        cudart: ModuleType,
+        *,
+        providers: list[str],
+        keep: tuple[Any, ...] = (),
+    ) -> None:
+        self._context = context
+        self._keep = keep
+        """What the context needs alive (TensorRT's logger, runtime and engine), released on close."""
+        self._io = stream
+        self.ranges = io.ranges
+        self.dims = io.dims
+        self._inputs = list(io.inputs)
+        self._dtypes = io.dtypes
+        self._pad_id = io.pad_id
+        most_tokens = max(r.batch.max * r.seq.max for r in self.ranges)
+        most_rows = max(r.batch.max for r in self.ranges)
+        self._buffers = {n: StagedBuffer(cudart, most_tokens * self._dtypes[n].itemsize) for n in self._inputs}
+        self._buffers[OUTPUT_NAME] = StagedBuffer(cudart, most_rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize)
+        self._active: int | None = None
+        self._lock = threading.Lock()  # one context and one set of buffers: one batch at a time
+        self.providers = providers
+
+    @classmethod
+    def load(cls, path: Path, engine: Engine, tokenizer: TokenizerSettings, device_id: int = 0) -> TensorRtBackend:
+        """Deserialise a built engine onto `device_id`, checking its bytes and its tensors against the manifest."""
         trt = import_tensorrt()
         cudart = cuda_runtime()
         cuda_check(cudart, cudart.cudaSetDevice(device_id), "cudaSetDevice")  # the engine loads onto it
@@ -60,33 +104,33 @@ class TensorRtBackend:
             raise IntegrityError(
                 f"{path} does not match its sha256 in the manifest: rebuild with mrl-export build-engine"
             )
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if self._engine is None:
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        built = runtime.deserialize_cuda_engine(path.read_bytes())
+        if built is None:
             raise ArtifactError(f"TensorRT {trt.__version__} cannot load {path}: rebuild with mrl-export build-engine")
-        self.ranges = engine.shape_ranges
-        built = self._engine.num_optimization_profiles
-        if built != len(self.ranges):
-            raise ArtifactError(f"{path} has {built} shape ranges, the manifest lists {len(self.ranges)}")
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        self._inputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        if OUTPUT_NAME not in names or set(self._inputs) != set(tokenizer.inputs):
+        if built.num_optimization_profiles != len(engine.shape_ranges):
+            raise ArtifactError(
+                f"{path} has {built.num_optimization_profiles} shape ranges, the manifest lists "
+                f"{len(engine.shape_ranges)}"
+            )
+        names = [built.get_tensor_name(i) for i in range(built.num_io_tensors)]
+        inputs = tuple(n for n in names if built.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        if OUTPUT_NAME not in names or set(inputs) != set(tokenizer.inputs):
             feeds = list(tokenizer.inputs)
             raise ArtifactError(f"{path} has tensors {names}; the artifact feeds {feeds} and reads {OUTPUT_NAME}")
-        # The installed TensorRT decides the integer type of the token inputs (INT64 from 10 on).
-        self._dtypes = {n: np.dtype(numpy_dtype(self._engine.get_tensor_dtype(n))) for n in names}
-        self.dims = int(tuple(self._engine.get_tensor_shape(OUTPUT_NAME))[-1])
-        self._pad_id = tokenizer.pad_token_id
-        self._context = self._engine.create_execution_context()
-        self._io = DeviceStream(cudart, device_id)
-        most_tokens = max(r.batch.max * r.seq.max for r in self.ranges)
-        most_rows = max(r.batch.max for r in self.ranges)
-        self._buffers = {n: StagedBuffer(cudart, most_tokens * self._dtypes[n].itemsize) for n in self._inputs}
-        self._buffers[OUTPUT_NAME] = StagedBuffer(cudart, most_rows * self.dims * self._dtypes[OUTPUT_NAME].itemsize)
-        self._active: int | None = None
-        self._lock = threading.Lock()  # one context and one set of buffers: one batch at a time
-        self.providers = [f"TensorRT {trt.__version__} on CUDA device {device_id}"]
+        io = EngineIO(
+            inputs=inputs,
+            dtypes={n: np.dtype(numpy_dtype(built.get_tensor_dtype(n))) for n in names},
+            dims=int(tuple(built.get_tensor_shape(OUTPUT_NAME))[-1]),
+            ranges=engine.shape_ranges,
+            pad_id=tokenizer.pad_token_id,
+        )
+        context = built.create_execution_context()
+        providers = [f"TensorRT {trt.__version__} on CUDA device {device_id}"]
+        return cls(
+            context, io, DeviceStream(cudart, device_id), cudart, providers=providers, keep=(logger, runtime, built)
+        )
 
     def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """Embed one padded batch; returns float32 `[batch, dims]`."""
@@ -139,7 +183,7 @@ class TensorRtBackend:
         self._buffers = {}
         if io is not None:
             io.close()
-        self._context = self._engine = None
+        self._context, self._keep = None, ()
 
 
 def create(
@@ -155,4 +199,4 @@ def create(
     if engine is None:
         raise BackendUnavailableError(explain_missing(manifest, profile, gpu, trt.__version__))
     log.info("profile %s: engine %s (%s)", profile.name, engine.file, ", ".join(str(r) for r in engine.shape_ranges))
-    return TensorRtBackend(Path(directory) / engine.file, engine, manifest.tokenizer, device_id)
+    return TensorRtBackend.load(Path(directory) / engine.file, engine, manifest.tokenizer, device_id)

@@ -84,7 +84,8 @@ class TorchBackend:
                 torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
                 _SHARED[self._key] = [model.to(dtype=torch_dtype).eval(), 0]
             _SHARED[self._key][1] += 1
-            self._model = _SHARED[self._key][0]
+            self.model = _SHARED[self._key][0]
+            """The source model: one copy shared by the backends of every profile (same path, device, dtype)."""
         self._device = device
         self.device = "cuda" if device.startswith("cuda") else "cpu"
         self.providers = [f"torch {torch.__version__} {device} {dtype}"]
@@ -94,7 +95,7 @@ class TorchBackend:
         torch = self._torch
         with torch.inference_mode():
             features = {k: torch.from_numpy(np.ascontiguousarray(v)).to(self._device) for k, v in feed.items()}
-            pooled = self._model(features)["sentence_embedding"][:, : self.dims].float()
+            pooled = self.model(features)["sentence_embedding"][:, : self.dims].float()
             unit = torch.nn.functional.normalize(pooled, p=2.0, dim=1, eps=1e-12)
             return unit.cpu().numpy()
 
@@ -111,7 +112,7 @@ class TorchBackend:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del _SHARED[self._key]
-        self._model = None
+        self.model = None
 
 
 def create(

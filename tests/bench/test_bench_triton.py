@@ -11,11 +11,13 @@ from triton_helpers import PYTHON, require_triton, tritonserver
 
 from mrl.bench.cli import main as bench_main
 from mrl.bench.drivers import spec_from_json, spec_to_json
-from mrl.bench.serve import ServeConfig, sweep
+from mrl.bench.load import ServeConfig
+from mrl.bench.serve import sweep
 from mrl.bench.serve_report import add_comparisons, serve_table
 from mrl.bench.targets import TargetSpec, client_pythons, default_triton_dims, split_target, target_specs
-from mrl.export.triton import TritonOptions, write_repository
+from mrl.export.triton import write_repository
 from mrl.export.triton_config import Batching
+from mrl.export.triton_plan import TritonOptions
 from mrl.runtime.errors import InvalidInputError
 
 TEXTS = ("the river runs past the mill", "a small library on the square", "the first train leaves at six")

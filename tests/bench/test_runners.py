@@ -3,15 +3,12 @@ and the baseline's own device memory."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
-import numpy as np
 import pytest
 
 import mrl.runtime.embedder as embedder_module
 from mrl.bench import serve, tradeoff
 from mrl.bench.engine import engine_table
-from mrl.bench.runners import EmbedderRunner, SentenceTransformerRunner
+from mrl.bench.runners import DevicePeak, EmbedderRunner
 from mrl.runtime.embedder import Embedder
 
 
@@ -56,17 +53,17 @@ def test_serve_offline_rate_passes_threads_to_auto(tiny_artifact, monkeypatch):
 
 
 class GpuLikeBackend:
-    """A backend that says it runs on CUDA, as the tensorrt and torch-on-CUDA backends do."""
+    """A backend that says it runs on CUDA, as the tensorrt and torch-on-CUDA backends do (computing on the CPU,
+    so the artifact's acceptance test passes)."""
 
     name, device = "tensorrt", "cuda"
 
-    def __init__(self, profile):
-        self.dims = profile.dims
+    def __init__(self, real):
+        self._real = real
         self.providers = ["TensorRT 10.16.1 on CUDA device 0"]
 
     def run(self, feed):
-        rows = np.ones((len(feed["input_ids"]), self.dims), dtype=np.float32)
-        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+        return self._real.run(feed)
 
     def warmup(self):
         pass
@@ -76,8 +73,11 @@ class GpuLikeBackend:
 
 
 def test_rows_say_cuda_where_the_backend_runs_on_cuda_even_when_auto_chose_it(tiny_artifact, monkeypatch):
+    real = embedder_module.create_backend
     monkeypatch.setattr(
-        embedder_module, "create_backend", lambda name, d, m, profile, **options: GpuLikeBackend(profile)
+        embedder_module,
+        "create_backend",
+        lambda name, d, m, profile, **options: GpuLikeBackend(real("onnxruntime-cpu", d, m, profile, **options)),
     )
     runner = EmbedderRunner(tiny_artifact, "auto", "fp32", threads=1)
     assert runner.device == "cuda"
@@ -89,25 +89,9 @@ def test_rows_say_cuda_where_the_backend_runs_on_cuda_even_when_auto_chose_it(ti
     assert "| onnxruntime-cpu (cuda) |" in engine_table([row]).replace("  ", " ")
 
 
-class FakeCudaTorch:
-    """torch.cuda's memory counters, driven by the test."""
-
-    def __init__(self):
-        self.allocated = self.peak = 0
-        self.cuda = SimpleNamespace(
-            memory_allocated=lambda: self.allocated,
-            max_memory_allocated=lambda: self.peak,
-            reset_peak_memory_stats=lambda: setattr(self, "peak", self.allocated),
-        )
-
-
 @pytest.mark.parametrize("others_mib", [0, 300])
 def test_the_baselines_device_peak_leaves_out_the_other_models_on_the_gpu(others_mib):
-    torch = FakeCudaTorch()
-    runner = SentenceTransformerRunner.__new__(SentenceTransformerRunner)
-    runner._torch, runner.device = torch, "cuda"
-    runner._own_bytes, runner._others_bytes = 100 * 2**20, 0  # its weights, as measured at load
-    torch.allocated = (100 + others_mib) * 2**20  # the fp32 and the fp16 baseline are both loaded
-    runner.reset_device_peak()
-    torch.peak = torch.allocated + 150 * 2**20  # activations while it runs
-    assert runner.device_peak_mib() == pytest.approx(250)
+    peak = DevicePeak(own_bytes=100 * 2**20)  # its weights, as measured at load
+    peak.open_window((100 + others_mib) * 2**20)  # the fp32 and the fp16 baseline are both loaded
+    device_peak = (100 + others_mib + 150) * 2**20  # activations while it runs
+    assert peak.mib(device_peak) == pytest.approx(250)

@@ -4,18 +4,8 @@ import asyncio
 
 import pytest
 
-from mrl.bench.serve import (
-    MAX_REQUESTS,
-    Outcome,
-    ServeConfig,
-    bracketing_offline,
-    dims_for,
-    level_row,
-    measurement_window,
-    offline_throughput,
-    round_orders,
-    sweep,
-)
+from mrl.bench.load import MAX_REQUESTS, Outcome, ServeConfig, dims_for
+from mrl.bench.serve import bracketing_offline, level_row, measurement_window, offline_throughput, round_orders, sweep
 from mrl.bench.serve_report import add_comparisons, serve_table
 from mrl.bench.targets import TargetSpec, check_target
 from mrl.runtime.errors import InvalidInputError

@@ -6,7 +6,8 @@ from collections import Counter
 
 import pytest
 
-from mrl.bench.serve import Outcome, ServeConfig, dims_for, layers_for, level_row, sweep
+from mrl.bench.load import Outcome, ServeConfig, dims_for, layers_for
+from mrl.bench.serve import level_row, sweep
 from mrl.bench.serve_report import add_comparisons, serve_table
 from mrl.bench.targets import TargetSpec
 from mrl.runtime.errors import InvalidInputError

@@ -26,8 +26,8 @@ from mrl.export.engine import (
     timing_cache_path,
 )
 from mrl.export.errors import ExportError
-from mrl.runtime.backends.engines import cache_key
 from mrl.runtime.backends.gpu import GpuInfo
+from mrl.runtime.engines import cache_key
 from mrl.runtime.errors import InvalidInputError, NotFoundError
 from mrl.runtime.manifest import Engine, ShapeRange, Span, load_manifest, sha256_file
 

@@ -53,9 +53,9 @@ def test_cpu_runs_the_fused_graph_and_matches_the_portable_one(fused_artifact):
     fused = Embedder.load(fused_artifact, "onnxruntime-cpu")
     portable = Embedder.load(fused_artifact, "onnxruntime-cpu", graph="portable")
     np.testing.assert_allclose(fused.embed(TEXTS, dims=16), portable.embed(TEXTS, dims=16), atol=1e-5)
-    backend = fused.backend_for(fused.profile_for(16))
+    backend = fused.backend_for(fused.plan().graph)
     assert backend.graph.name == "d32-fp32.ort-cpu.onnx"
-    assert portable.backend_for(portable.profile_for(16)).graph.name == "d32-fp32.onnx"
+    assert portable.backend_for(portable.plan().graph).graph.name == "d32-fp32.onnx"
     fused.close()
     portable.close()
 

@@ -23,9 +23,10 @@ from triton_helpers import in_triton_env, require_triton
 
 from mrl.export.cli import main as export_main
 from mrl.export.errors import ExportError
-from mrl.export.triton import TritonOptions, plan_repository, write_repository
+from mrl.export.triton import write_repository
 from mrl.export.triton_config import Batching
-from mrl.runtime import Embedder
+from mrl.export.triton_plan import TritonOptions, plan_repository
+from mrl.runtime import Embedder, EmbedOptions
 from mrl.runtime.manifest import Engine, ShapeRange, Span, load_manifest, sha256_file
 
 MODELS = Path(__file__).resolve().parents[2] / "export" / "triton_models"
@@ -110,7 +111,7 @@ def test_repository_files_reproduce_the_embedder(ort_repo, tiny_artifact):
     for prompt in ("", "query"):
         encodings = encoder.encode(TEXTS, prompt, truncate=False)
         ids = [e.ids for e in encodings]
-        assert ids == [e.ids for e in embedder.prepare(TEXTS, prompt or None).encoded]
+        assert ids == [e.ids for e in embedder.tokenize(embedder.plan(EmbedOptions(prompt_name=prompt or None)), TEXTS)]
         feed = encoder.pad(encodings, max(len(i) for i in ids) + 3)  # extra padding must not matter
         (got,) = session.run(None, feed)
         want = embedder.embed(TEXTS, dims=8, prompt_name=prompt or None)
@@ -127,7 +128,8 @@ def test_tokenizer_model_refuses_what_the_runtime_refuses(ort_repo, tiny_artifac
     with pytest.raises(module.RequestError, match="longer than the model's max"):
         encoder.encode([huge], "", truncate=False)
     cut = encoder.encode([huge, long], "query", truncate=True)
-    want = Embedder.load(tiny_artifact).prepare([huge, long], "query", truncate=True).encoded
+    embedder = Embedder.load(tiny_artifact)
+    want = embedder.tokenize(embedder.plan(EmbedOptions(prompt_name="query", truncate=True)), [huge, long])
     assert [e.ids for e in cut] == [e.ids for e in want]
     with pytest.raises(module.RequestError, match="unknown prompt_name 'nope'; this model's prompts: document, query"):
         encoder.request_options({"prompt_name": "nope"})

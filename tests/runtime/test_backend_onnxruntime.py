@@ -232,7 +232,7 @@ def test_fallback_problems_compare_as_onnxruntime_reports_options():
 def test_both_onnxruntime_wheels_are_named_in_the_error(monkeypatch):
     versions = {"onnxruntime": "1.32.0", "onnxruntime-gpu": "1.31.1"}
     monkeypatch.setattr(ortb.importlib.metadata, "version", lambda dist: versions[dist])
-    assert "both onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are installed" in ortb._wheels_note()
+    assert "both onnxruntime 1.32.0 and onnxruntime-gpu 1.31.1 are installed" in ortb.wheels_note()
 
 
 def test_gpu_libraries_are_loaded_before_a_gpu_session(monkeypatch, tmp_path):

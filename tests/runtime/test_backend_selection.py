@@ -11,8 +11,8 @@ import pytest
 
 import mrl.runtime.backends as backends
 from mrl.runtime.backends import Probe, choose_backend, create_backend, resolve_backend
-from mrl.runtime.backends.engines import cache_key, default_shape_ranges, weights_sha256
 from mrl.runtime.backends.gpu import GpuInfo
+from mrl.runtime.engines import cache_key, default_shape_ranges, weights_sha256
 from mrl.runtime.errors import BackendUnavailableError, NotFoundError
 from mrl.runtime.manifest import Engine, load_manifest
 
@@ -147,7 +147,7 @@ def test_tensorrt_without_cuda_python_names_the_extra(tiny_artifact, manifest, m
 
 def test_runtime_imports_no_torch_transformers_or_tensorrt():
     code = (
-        "import sys, mrl.runtime, mrl.runtime.backends, mrl.runtime.backends.engines, mrl.runtime.backends.gpu, "
+        "import sys, mrl.runtime, mrl.runtime.backends, mrl.runtime.engines, mrl.runtime.backends.gpu, "
         "mrl.runtime.backends.onnxruntime, mrl.runtime.backends.tensorrt, mrl.runtime.backends.torch\n"
         "heavy = ('torch', 'transformers', 'sentence_transformers', 'tensorrt', 'cuda')\n"
         "print([m for m in heavy if m in sys.modules])"

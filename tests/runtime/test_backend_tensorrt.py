@@ -20,10 +20,11 @@ from mrl.runtime.manifest import OUTPUT_NAME, ShapeRange, Span, load_manifest
 
 def test_embedder_with_tensorrt_missing_raises_the_typed_error(tiny_artifact, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    embedder = Embedder.load(tiny_artifact, "tensorrt")
-    with pytest.raises(
-        BackendUnavailableError, match=r"TensorRT is not installed here .*pip install 'mrl-toolkit\[tensorrt\]'"
-    ):
+    missing = r"TensorRT is not installed here .*pip install 'mrl-toolkit\[tensorrt\]'"
+    with pytest.raises(BackendUnavailableError, match=missing):  # its acceptance test runs the backend at load
+        Embedder.load(tiny_artifact, "tensorrt")
+    embedder = Embedder.load(tiny_artifact, "tensorrt", acceptance=False)
+    with pytest.raises(BackendUnavailableError, match=missing):
         embedder.embed(["hello"])
 
 
@@ -135,24 +136,26 @@ class FakeContext:
 
 
 def _fake_backend(cudart, device_id, dims=4):
-    """A TensorRtBackend on the fake runtime, built as its constructor would after loading an engine."""
-    backend = tensorrt_backend.TensorRtBackend.__new__(tensorrt_backend.TensorRtBackend)
-    backend.ranges = (ShapeRange(batch=Span(1, 2, 4), seq=Span(8, 8, 16)),)
-    backend._inputs = ["input_ids", "attention_mask"]
-    backend._dtypes = {"input_ids": np.dtype(np.int64), "attention_mask": np.dtype(np.int64)}
-    backend._dtypes[OUTPUT_NAME] = np.dtype(np.float32)
-    backend.dims, backend._pad_id, backend._active = dims, 0, None
-    backend._context = FakeContext(cudart, dims)
-    backend._io = DeviceStream(cudart, device_id)
-    backend._buffers = {n: StagedBuffer(cudart, 4 * 16 * 8) for n in backend._inputs}
-    backend._buffers[OUTPUT_NAME] = StagedBuffer(cudart, 4 * dims * 4)
-    backend._lock = threading.Lock()
-    return backend
+    """A TensorRtBackend on the fake runtime and context, as `TensorRtBackend.load` makes it from an engine."""
+    io = tensorrt_backend.EngineIO(
+        inputs=("input_ids", "attention_mask"),
+        dtypes={
+            "input_ids": np.dtype(np.int64),
+            "attention_mask": np.dtype(np.int64),
+            OUTPUT_NAME: np.dtype(np.float32),
+        },
+        dims=dims,
+        ranges=(ShapeRange(batch=Span(1, 2, 4), seq=Span(8, 8, 16)),),
+        pad_id=0,
+    )
+    context = FakeContext(cudart, dims)
+    backend = tensorrt_backend.TensorRtBackend(context, io, DeviceStream(cudart, device_id), cudart, providers=["fake"])
+    return backend, context
 
 
 def test_every_device_call_of_a_batch_runs_on_the_engines_device_in_any_thread():
     cudart = FakeCudart()
-    backend = _fake_backend(cudart, device_id=3)
+    backend, context = _fake_backend(cudart, device_id=3)
     feed = {"input_ids": np.array([[1, 2, 3], [4, 5, 0]]), "attention_mask": np.array([[1, 1, 1], [1, 1, 0]])}
     results, start = [], len(cudart.calls)
     worker = threading.Thread(target=lambda: results.append(backend.run(feed)))  # as mrl-serve's executor does
@@ -162,7 +165,7 @@ def test_every_device_call_of_a_batch_runs_on_the_engines_device_in_any_thread()
     assert [c for c, _ in calls].count("execute_async_v3") == 1
     assert {device for _, device in calls} == {3}, calls  # never device 0, the worker thread's default
     # The batch went up, padded to the range's min of 8 tokens, and the rows came back in order.
-    assert backend._context.shapes["input_ids"] == (2, 8)
+    assert context.shapes["input_ids"] == (2, 8)
     np.testing.assert_array_equal(results[0], [[6.0] * 4, [9.0] * 4])
     closer = threading.Thread(target=backend.close)
     closer.start()

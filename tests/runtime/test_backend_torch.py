@@ -39,13 +39,16 @@ def test_torch_cpu_fp32_matches_onnxruntime_on_every_profile(tiny_artifact):
 
 def test_torch_backend_shares_one_model_between_profiles(tiny_artifact):
     embedder = Embedder.load(tiny_artifact, "torch", device="cpu")
-    for profile in embedder.profiles:  # the Embedder itself runs only the widest; backends still share
-        embedder.backend_for(profile)
-    assert len(embedder._backends) == 3
-    assert len(torchb._SHARED) == 1 and next(iter(torchb._SHARED.values()))[1] == 3
+    # The Embedder itself runs only the widest; backends of the other profiles still share its model.
+    backends = [embedder.backend_for(profile) for profile in embedder.profiles]
+    assert len(backends) == 3 and len({id(b.model) for b in backends}) == 1
     assert embedder.providers == [f"torch {torch.__version__} cpu fp32"]
+    first = backends[0].model
     embedder.close()
-    assert torchb._SHARED == {}
+    assert all(b.model is None for b in backends)
+    again = Embedder.load(tiny_artifact, "torch", device="cpu")
+    assert again.backend_for(again.profiles[0]).model is not first  # the last close freed it; loaded anew
+    again.close()
 
 
 def test_device_and_dtype_choices():

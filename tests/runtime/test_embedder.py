@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from mrl.runtime import DimsError, Embedder, InputTooLongError, UnknownPromptError, choose_profile
-from mrl.runtime.embedder import truncate_normalize
+from mrl.runtime import (
+    DimsError,
+    Embedder,
+    EmbedOptions,
+    EncodingError,
+    InputTooLongError,
+    InvalidInputError,
+    LayersError,
+    OutputSpec,
+    UnknownPromptError,
+    truncate_normalize,
+)
 
 TEXTS = [
     "A short one.",
@@ -81,26 +91,48 @@ def test_a_string_instead_of_a_list_is_refused(embedder):
         embedder.embed("one string")
 
 
-def test_choose_profile_takes_the_smallest_larger(embedder):
-    assert choose_profile(embedder.profiles, 9).dims == 16
-    assert choose_profile(embedder.profiles, 16).dims == 16
-    assert choose_profile(embedder.profiles, 1).dims == 8
+def test_a_plan_decides_graph_dims_encoding_prompt_and_depth_once(embedder):
+    plan = embedder.plan()
+    assert (plan.graph.name, plan.layers, plan.prompt, plan.truncate) == ("d32-fp32", 2, "", False)
+    assert [(o.dims, o.encoding) for o in plan.outputs] == [(32, "float32")]
+    asked = EmbedOptions(
+        outputs=(OutputSpec(dims=9), OutputSpec(dims=16, encoding="ubinary")), prompt_name="query", truncate=True
+    )
+    plan = embedder.plan(asked)
+    # The widest graph runs whatever the dims: one copy of the weights in memory.
+    assert plan.graph.name == "d32-fp32" and plan.prompt == embedder.manifest.prompts["query"] and plan.truncate
+    assert [(o.dims, o.encoding, o.width) for o in plan.outputs] == [(9, "float32", 9), (16, "ubinary", 2)]
 
 
-def test_run_encoded_gives_each_row_its_own_dims(embedder):
+@pytest.mark.parametrize(
+    ("options", "error", "words"),
+    [
+        (EmbedOptions(layers=5), LayersError, r"layers 5 is not served; served layers: 2 \(the model has 2\)"),
+        (EmbedOptions(outputs=(OutputSpec(dims=33),)), DimsError, r"above the largest profile \(32\)"),
+        (EmbedOptions(outputs=(OutputSpec(dims=0),)), DimsError, "at least 1"),
+        (EmbedOptions(prompt_name="passage"), UnknownPromptError, "document, query"),
+        (EmbedOptions(outputs=(OutputSpec(encoding="int4"),)), EncodingError, "unknown encoding 'int4'"),
+        (EmbedOptions(outputs=()), InvalidInputError, "1 to 8 outputs"),
+        (EmbedOptions(outputs=(OutputSpec(),) * 9), InvalidInputError, "1 to 8 outputs"),
+        # The first mistake in the documented order is the one reported: layers, dims, prompt, encoding.
+        (EmbedOptions(outputs=(OutputSpec(dims=99, encoding="int4"),), prompt_name="x"), DimsError, "above"),
+        (EmbedOptions(outputs=(OutputSpec(encoding="int4"),), prompt_name="x"), UnknownPromptError, "prompts"),
+    ],
+)
+def test_a_plan_refuses_the_first_mistake_naming_the_field(embedder, options, error, words):
+    with pytest.raises(error, match=words) as info:
+        embedder.plan(options)
+    fields = {LayersError: "layers", DimsError: "dims", UnknownPromptError: "prompt_name", EncodingError: "encoding"}
+    assert info.value.field == fields.get(error, "outputs")
+
+
+def test_run_plan_gives_each_output_from_one_forward_pass(embedder):
     texts = ["a short one", "a somewhat longer sentence to embed", "ok"]
-    rows = embedder.run_encoded(embedder.tokenizer.encode(texts), [8, 32, 12])
-    assert [r.shape for r in rows] == [(8,), (32,), (12,)]
-    for text, row in zip(texts, rows, strict=True):
-        alone = embedder.embed([text], dims=row.shape[0])[0]
-        np.testing.assert_allclose(row, alone, atol=1e-6)
-
-
-def test_resolve_dims_decides_the_default_once(embedder):
-    assert embedder.resolve_dims(None) == 32
-    assert embedder.resolve_dims(9) == 9
-    with pytest.raises(DimsError, match="above the largest"):
-        embedder.resolve_dims(33)
+    plan = embedder.plan(EmbedOptions(outputs=(OutputSpec(dims=8), OutputSpec(dims=32), OutputSpec(dims=12))))
+    outputs = embedder.run_plan(plan, texts)
+    assert [o.shape for o in outputs] == [(3, 8), (3, 32), (3, 12)]
+    for dims, got in zip((8, 32, 12), outputs, strict=True):
+        np.testing.assert_allclose(got, embedder.embed(texts, dims=dims), atol=1e-6)
 
 
 def test_truncate_normalize_renormalises():
@@ -121,10 +153,6 @@ def test_every_dims_runs_the_widest_graph_and_matches_its_own(tiny_artifact):
     feed = embedder.tokenizer.pad(embedder.tokenizer.encode(TEXTS, truncate=True))
     for dims in (8, 16):
         own = OnnxRuntimeBackend(tiny_artifact / f"d{dims}-fp32.onnx", ["CPUExecutionProvider"]).run(feed)
-        sliced = np.stack(embedder.run_encoded(embedder.tokenizer.encode(TEXTS, truncate=True), [dims] * len(TEXTS)))
-        np.testing.assert_allclose(sliced, own, atol=1e-6)
-    assert embedder.profile_for(8).dims == 32
-    assert list(embedder._backends) == ["d32-fp32"]  # one session, whatever dims were asked for
-    with pytest.raises(DimsError, match="above the largest profile"):
-        embedder.profile_for(33)
+        np.testing.assert_allclose(embedder.embed(TEXTS, dims=dims, truncate=True), own, atol=1e-6)
+        assert embedder.plan(EmbedOptions(outputs=(OutputSpec(dims=dims),))).graph.dims == 32
     embedder.close()

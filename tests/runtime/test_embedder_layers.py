@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from mrl.runtime import Embedder, LayersError, choose_profile, load_manifest
+from mrl.runtime import Embedder, EmbedOptions, LayersError, OutputSpec, load_manifest
 
 TEXTS = ["A short one.", "Matryoshka embeddings nest smaller embeddings inside larger ones.", "ok"]
 
@@ -30,9 +30,12 @@ def _edited(artifact, tmp_path, edit):
 
 def test_layers_served_and_the_default(embedder):
     assert embedder.layers_served == [1, 3]
-    assert embedder.default_layers is None and embedder.default_dims == 32
-    assert embedder.resolve_layers(None) is None and embedder.resolve_layers(3) is None
-    assert embedder.resolve_layers(1) == 1
+    default = embedder.plan()
+    assert (default.layers, default.graph.name, default.outputs[0].dims) == (3, "d32-fp32", 32)
+    # Full depth has one spelling inside (`Profile.layers` None) and two at the door: unset, or the total.
+    assert embedder.plan(EmbedOptions(layers=3)).graph is default.graph
+    shallow = embedder.plan(EmbedOptions(layers=1))
+    assert (shallow.layers, shallow.graph.name) == (1, "l1-d32-fp32")
 
 
 def test_full_depth_is_the_default_and_named_either_way(embedder):
@@ -51,21 +54,12 @@ def test_layers_no_profile_runs_are_refused_with_the_ones_served(embedder, layer
         assert "served layers: 1, 3 (the model has 3)" in str(info.value)
 
 
-def test_run_encoded_slices_mixed_dims_at_one_depth(embedder):
-    encoded = embedder.tokenizer.encode(TEXTS)
-    rows = embedder.run_encoded(encoded, [8, 32, 16], layers=1)
-    for row, dims, text in zip(rows, [8, 32, 16], TEXTS, strict=True):
-        np.testing.assert_allclose(row, embedder.embed([text], dims=dims, layers=1)[0], atol=1e-6)
-
-
-def test_choose_profile_by_depth_and_dims(embedder):
-    assert choose_profile(embedder.profiles, 12, 1).name == "l1-d16-fp32"
-    assert choose_profile(embedder.profiles, 12).name == "d16-fp32"
-    with pytest.raises(LayersError):
-        choose_profile(embedder.profiles, 8, 2)
-    # The graph that runs is the widest at that depth (one per precision and depth); 9 dims are sliced from it.
-    widest = max((p for p in embedder.profiles if p.layers == 1), key=lambda p: p.dims)
-    assert embedder.profile_for(9, layers=1) == widest and widest.name.startswith("l1-")
+def test_every_dims_at_a_depth_is_cut_from_its_widest_graph(embedder):
+    plan = embedder.plan(EmbedOptions(outputs=(OutputSpec(dims=8), OutputSpec(dims=9)), layers=1))
+    assert plan.graph.name == "l1-d32-fp32"  # one graph per precision and depth
+    eight, nine = embedder.run_plan(plan, TEXTS)
+    np.testing.assert_allclose(eight, embedder.embed(TEXTS, dims=8, layers=1), atol=1e-6)
+    assert nine.shape == (3, 9)
 
 
 def test_an_artifact_of_truncated_profiles_only_defaults_to_its_deepest(tiny_2d_artifact, tmp_path):
@@ -73,7 +67,7 @@ def test_an_artifact_of_truncated_profiles_only_defaults_to_its_deepest(tiny_2d_
         data["profiles"] = [p for p in data["profiles"] if p["layers"] == 1]
 
     embedder = Embedder.load(_edited(tiny_2d_artifact, tmp_path, keep_layer_1))
-    assert embedder.default_layers == 1 and embedder.layers_served == [1]
+    assert embedder.plan().layers == 1 and embedder.layers_served == [1]
     np.testing.assert_array_equal(embedder.embed(TEXTS, dims=8), embedder.embed(TEXTS, dims=8, layers=1))
     with pytest.raises(LayersError, match="served layers: 1 "):
         embedder.embed(TEXTS, layers=3)

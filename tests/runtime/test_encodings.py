@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sentence_transformers.util.quantization import quantize_embeddings
 
-from mrl.runtime import Embedder, InputTooLongError
+from mrl.runtime import Embedder, EmbedOptions, InputTooLongError, OutputSpec
 from mrl.runtime import encodings as enc
 from mrl.runtime.errors import ArtifactError, EncodingError
 
@@ -90,7 +90,7 @@ def test_embedder_encodes_with_the_manifest_ranges(embedder, encoding):
     texts = ["one short text", "and another, a little longer than the first one"]
     floats = embedder.embed(texts, dims=16)
     got = embedder.embed(texts, dims=16, encoding=encoding)
-    ranges = embedder.ranges_for(encoding, 16)
+    ranges = embedder.plan(EmbedOptions(outputs=(OutputSpec(dims=16, encoding=encoding),))).outputs[0].ranges
     assert (ranges is None) == (encoding not in enc.CALIBRATED)
     np.testing.assert_array_equal(got, enc.encode(floats, encoding, ranges))
 

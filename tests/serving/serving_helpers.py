@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mrl.runtime.manifest import Profile
+from mrl.runtime.tokenize import Encoded
 from mrl.serving.config import BatcherConfig, ModelSpec, ServerConfig
 from mrl.serving.metrics import ServerMetrics
-from mrl.serving.model import ServedModel, TextJob
+from mrl.serving.model import ServedModel
 from mrl.serving.server import EmbedServer
 
 TEXT = (
@@ -43,14 +45,16 @@ class GatedModel(ServedModel):
         super().__init__(*args, **kwargs)
         self.gate = threading.Event()
         self.gate.set()
-        self.batches: list[list[TextJob]] = []
+        self.batches: list[list[Encoded]] = []
+        self.graphs: list[Profile] = []
+        """The graph each of `batches` ran."""
         self.poison: tuple[int, ...] | None = None
         self.warm_gate: asyncio.Event | None = None
 
     @classmethod
     def open(cls, artifact: Path, config: BatcherConfig | None = None, name: str | None = None) -> GatedModel:
         """Load an artifact under this class; by default one batch runs at a time, so the gate holds them all."""
-        spec = ModelSpec(artifact_dir=artifact, name=name)
+        spec = ModelSpec(artifact_dir=artifact, name=name, lone_batch_threads=0)  # every batch passes the gate
         return cls.load(spec, config or BatcherConfig(workers=1))
 
     def ids(self, text: str) -> tuple[int, ...]:
@@ -60,16 +64,25 @@ class GatedModel(ServedModel):
     def ran(self, text: str) -> bool:
         """Whether any batch held `text`."""
         ids = self.ids(text)
-        return any(tuple(j.encoded.ids) == ids for batch in self.batches for j in batch)
+        return any(tuple(e.ids) == ids for batch in self.batches for e in batch)
 
-    def run_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
+    def run_batch(self, graph: Profile, encoded: list[Encoded]) -> np.ndarray:
         """Record the batch, wait at the gate, fail if it holds the poison text."""
-        self.batches.append(list(jobs))
+        self.batches.append(list(encoded))
+        self.graphs.append(graph)
         if not self.gate.wait(timeout=120):
             raise RuntimeError("test gate never opened")
-        if self.poison is not None and any(tuple(j.encoded.ids) == self.poison for j in jobs):
+        if self.poison is not None and any(tuple(e.ids) == self.poison for e in encoded):
             raise RuntimeError("poisoned batch")
-        return super().run_batch(jobs)
+        return super().run_batch(graph, encoded)
+
+    def dims_mixed(self, dims_of: dict[tuple[int, ...], int]) -> list[int]:
+        """Indexes of the batches holding texts that their callers wanted at different dims (`dims_of`: by ids)."""
+        return [
+            i
+            for i, batch in enumerate(self.batches)
+            if len({dims_of[tuple(e.ids)] for e in batch if tuple(e.ids) in dims_of}) > 1
+        ]
 
     async def warmup(self) -> None:
         """Wait for `warm_gate` (when set) before warming up."""

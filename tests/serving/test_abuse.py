@@ -15,7 +15,7 @@ from serving_helpers import GatedModel, running, wait_until
 from mrl.proto import embedder_pb2 as pb
 from mrl.serving.client import AsyncEmbedClient
 from mrl.serving.config import BatcherConfig
-from mrl.serving.grpc_service import MalformedRequestInterceptor
+from mrl.serving.grpc_interceptors import Malformed, MalformedRequestInterceptor
 
 GARBAGE = b"\xff\xff\xff\xff\x0f\x08"  # a varint that never ends: no protobuf message parses from it
 
@@ -123,8 +123,8 @@ def test_a_refusal_needs_no_tokenising_and_no_room_in_the_queue(tiny_artifact):
     # As if exported without calibration ranges: int8 outputs are then a caller's mistake.
     model.embedder.manifest = dataclasses.replace(model.embedder.manifest, calibration=None)
     tokenised: list[int] = []
-    prepare = model.embedder.prepare
-    model.embedder.prepare = lambda texts, *a, **k: tokenised.append(len(texts)) or prepare(texts, *a, **k)
+    tokenize = model.embedder.tokenize
+    model.embedder.tokenize = lambda plan, texts: tokenised.append(len(texts)) or tokenize(plan, texts)
 
     async def scenario():
         async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:
@@ -177,5 +177,5 @@ def test_the_malformed_guard_wraps_each_method_once():
     other = chosen(denied)
     assert other is not first and chosen(denied) is other
     garbage = other.request_deserializer(b"\xff\xff\xff")  # still the lenient parser: no exception escapes
-    assert type(garbage).__name__ == "_Malformed"
+    assert isinstance(garbage, Malformed)
     assert chosen(None) is None

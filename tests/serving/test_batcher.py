@@ -23,10 +23,12 @@ class Recorder:
 
     def __init__(self) -> None:
         self.batches: list[list[int]] = []
+        self.groups: list[object] = []
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, payloads: list[int]) -> list[int]:
+    def __call__(self, group: object, payloads: list[int]) -> list[int]:
+        self.groups.append(group)
         self.batches.append(list(payloads))
         assert self.gate.wait(timeout=60)
         if -1 in payloads:
@@ -41,7 +43,7 @@ def make(fn, **config) -> tuple[Batcher, ThreadPoolExecutor, list[BatchStats]]:
     return Batcher(fn, cfg, executor, on_batch=stats.append), executor, stats
 
 
-def jobs(*values: int, tokens: int = 4) -> list[Job[int]]:
+def jobs(*values: int, tokens: int = 4) -> list[Job[None, int]]:
     return [Job(payload=v, tokens=tokens) for v in values]
 
 
@@ -93,7 +95,7 @@ def test_a_failing_job_fails_only_its_caller_and_a_failing_function_fails_every_
     stats = run(scenario())
     assert stats[-1].size == 4 and stats[-1].failed == 1
 
-    def broken(payloads):
+    def broken(group, payloads):
         raise RuntimeError("model crashed")
 
     async def all_fail():
@@ -260,7 +262,7 @@ def test_hurry_runs_a_batch_waiting_for_company_at_once():
     assert run(scenario()) == [2, 4]
 
 
-def grouped(group: str, *values: int, tokens: int = 4) -> list[Job[int]]:
+def grouped(group: str, *values: int, tokens: int = 4) -> list[Job[str, int]]:
     return [Job(payload=v, tokens=tokens, group=group) for v in values]
 
 
@@ -287,6 +289,7 @@ def test_jobs_of_different_groups_never_share_a_batch_and_the_oldest_group_goes_
     results, stats = run(scenario())
     assert results == [[2 * (10 + i), 2 * (20 + i)] for i in range(4)]
     assert [sorted(b) for b in fn.batches[1:]] == [[10, 12, 20, 22], [11, 13, 21, 23]]  # a (oldest), then b
+    assert fn.groups == ["a", "a", "b"]  # each batch's function is told the group it runs
     assert [s.size for s in stats] == [1, 4, 4]
 
 

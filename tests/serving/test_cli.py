@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from serving_helpers import SERVE, Served, self_signed
 
-from mrl.serving.cli import intra_op_threads
 from mrl.serving.client import AsyncEmbedClient
 
 
@@ -57,15 +56,6 @@ def test_cli_errors_are_one_readable_line_with_exit_code_2(tiny_artifact, tmp_pa
         busy.listen()
         port = busy.getsockname()[1]
         assert_one_line_error(run_cli(str(tiny_artifact), "--port", str(port)), "cannot listen", str(port))
-
-
-def test_intra_op_threads_share_the_cores_among_batch_workers_unless_given():
-    assert intra_op_threads(None, cores=2, workers=2) == 1
-    assert intra_op_threads(None, cores=16, workers=2) == 8
-    assert intra_op_threads(None, cores=1, workers=4) == 1
-    assert intra_op_threads(3, cores=2, workers=2) == 3
-    with pytest.raises(ValueError, match="must be 0"):
-        intra_op_threads(-1, cores=2, workers=2)
 
 
 def test_help_shows_grpcurl_and_python_examples():

@@ -25,7 +25,7 @@ from mrl.serving.errors import (
     RequestTooLargeError,
     UnsupportedError,
 )
-from mrl.serving.grpc_service import status_for
+from mrl.serving.grpc_protocol import status_for
 
 
 @pytest.mark.parametrize(
@@ -120,3 +120,18 @@ def test_token_matching():
     assert not token_matches((("authorization", "Basic abc"),), "abc")
     assert not token_matches((("x-token", "Bearer abc"),), "abc")
     assert not token_matches(None, "abc")
+
+
+def test_unset_thread_settings_default_as_mrl_serve_documents():
+    spec = ModelSpec(artifact_dir=Path("a"))
+    assert (spec.intra_op_threads, spec.spinning, spec.lone_batch_threads) == (None, None, None)
+    two = spec.with_defaults(workers=2, cores=2)
+    assert (two.intra_op_threads, two.spinning, two.lone_batch_threads) == (1, False, 2)  # cores shared out
+    assert spec.with_defaults(workers=2, cores=16).intra_op_threads == 8
+    assert spec.with_defaults(workers=4, cores=1).intra_op_threads == 1
+    one = spec.with_defaults(workers=1, cores=4)
+    assert (one.intra_op_threads, one.spinning, one.lone_batch_threads) == (4, True, 4)  # alone: spin
+    given = ModelSpec(artifact_dir=Path("a"), intra_op_threads=3, spinning=True, lone_batch_threads=0)
+    assert given.with_defaults(workers=2, cores=2) == given
+    with pytest.raises(ValueError, match="intra_op_threads must be 0"):
+        ModelSpec(artifact_dir=Path("a"), intra_op_threads=-1)

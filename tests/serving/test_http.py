@@ -60,7 +60,7 @@ def test_every_bad_request_gets_an_openai_error_that_says_what_to_fix(tiny_artif
             base = f"http://127.0.0.1:{server.http_port}"
             replies = [await call(s, "POST", f"{base}/v1/embeddings", body, h) for body, h, *_ in BAD_REQUESTS]
             replies.append(await call(s, "GET", f"{base}/v1/embeddings"))
-            replies.append(await call(s, "POST", f"{base}/v2/embed", {"input": "a"}))
+            replies.append(await call(s, "POST", f"{base}/v3/embed", {"input": "a"}))
             replies.append(await call(s, "GET", f"{base}/v1/models/nope"))
             good = await call(
                 s, "POST", f"{base}/v1/embeddings", {"input": "word " * 200, "truncate": True, "user": "u"}
@@ -69,7 +69,7 @@ def test_every_bad_request_gets_an_openai_error_that_says_what_to_fix(tiny_artif
 
     replies, good = run(scenario())
     expected = [(status, code, words) for _, _, status, code, words in BAD_REQUESTS]
-    expected += [(405, "invalid_argument", "GET is not allowed"), (404, "not_found", "no route '/v2/embed'")]
+    expected += [(405, "invalid_argument", "GET is not allowed"), (404, "not_found", "no route '/v3/embed'")]
     expected += [(404, "not_found", "no model named 'nope'")]
     for (status, headers, body), (want, code, words) in zip(replies, expected, strict=True):
         error = body["error"]
@@ -78,7 +78,7 @@ def test_every_bad_request_gets_an_openai_error_that_says_what_to_fix(tiny_artif
     assert replies[len(BAD_REQUESTS)][1]["Allow"] == "POST"
     assert good[0] == 200 and len(good[2]["data"][0]["embedding"]) == 32
     # Only the last, good request (cut to 48 tokens) reached the model.
-    assert [[j.encoded.truncated for j in b] for b in model.batches] == [[True]], "a bad request reached the model"
+    assert [[e.truncated for e in b] for b in model.batches] == [[True]], "a bad request reached the model"
 
 
 def test_http_and_grpc_requests_are_batched_together(tiny_artifact):
@@ -108,7 +108,7 @@ def test_http_and_grpc_requests_are_batched_together(tiny_artifact):
 
     grpc_vectors, status, reply, counts = run(scenario())
     grpc_ids, http_ids = model.ids("sent over grpc"), model.ids("sent over http")
-    shared = [b for b in model.batches if {tuple(j.encoded.ids) for j in b} == {grpc_ids, http_ids}]
+    shared = [b for b in model.batches if {tuple(e.ids) for e in b} == {grpc_ids, http_ids}]
     assert shared, "the HTTP and the gRPC request never shared a batch"
     offline = Embedder.load(tiny_artifact)
     http_vectors = np.array([d["embedding"] for d in reply["data"]], dtype=np.float32)

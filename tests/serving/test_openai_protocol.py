@@ -8,10 +8,12 @@ import json
 import numpy as np
 import pytest
 
+from mrl.runtime import DimsError, EmbedOptions, LayersError, Output, OutputSpec, Plan, Profile
 from mrl.serving.errors import ErrorKind, NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
+from mrl.serving.http_errors import STATUS
 from mrl.serving.model import EmbedResult, ModelInfo, ProfileInfo
 from mrl.serving.openai_protocol import (
-    HTTP_STATUS,
+    ERROR_TYPES,
     ProtocolError,
     embeddings_response,
     error_response,
@@ -37,33 +39,19 @@ def test_a_full_request_becomes_the_cores_query():
         layers=3,
     )
     q = parsed.query
-    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.deadline, q.layers) == (
-        ["a", "b"],
-        "m",
-        64,
-        "query",
-        True,
-        12.5,
-        3,
+    assert (q.texts, q.model, q.deadline) == (["a", "b"], "m", 12.5) and not parsed.base64
+    assert q.options == EmbedOptions(
+        outputs=(OutputSpec(dims=64, encoding="int8"),), layers=3, prompt_name="query", truncate=True
     )
-    assert q.encoding == "int8" and not parsed.base64
 
 
 def test_defaults_and_nulls_mean_the_servers_defaults():
     q = parse(input="one text").query
-    assert (q.texts, q.model, q.dims, q.prompt_name, q.truncate, q.encoding, q.layers) == (
-        ["one text"],
-        "",
-        None,
-        None,
-        False,
-        "float32",
-        None,
-    )
+    assert (q.texts, q.model, q.options) == (["one text"], "", EmbedOptions())
     nulls = parse(
         input="x", model=None, dimensions=None, encoding_format=None, prompt_name=None, truncate=None, layers=None
     ).query
-    assert (nulls.model, nulls.dims, nulls.encoding, nulls.layers) == ("", None, "float32", None)
+    assert (nulls.model, nulls.options) == ("", EmbedOptions())
 
 
 @pytest.mark.parametrize(
@@ -101,11 +89,9 @@ def test_output_encoding(encoding_format, output_dtype, expected):
         (b'{"input": "a", "dimensions": "128"}', "dimensions", "whole number like 256"),
         (b'{"input": "a", "dimensions": 12.5}', "dimensions", "whole number"),
         (b'{"input": "a", "dimensions": true}', "dimensions", "whole number"),
-        (b'{"input": "a", "dimensions": 0}', "dimensions", "at least 1"),
         (b'{"input": "a", "layers": "3"}', "layers", "whole number like 3"),
         (b'{"input": "a", "layers": 2.5}', "layers", "whole number"),
         (b'{"input": "a", "layers": false}', "layers", "whole number"),
-        (b'{"input": "a", "layers": 0}', "layers", "at least 1"),
         (b'{"input": "a", "layer": 3}', "layer", "unknown field 'layer'"),
         (b'{"input": "a", "model": 7}', "model", "model must be a string, not a number"),
         (b'{"input": "a", "truncate": "yes"}', "truncate", "true or false"),
@@ -134,16 +120,12 @@ def test_echoed_values_are_cut_short():
     assert len(str(info.value)) < 400 and len(info.value.param) == 100
 
 
+GRAPH = Profile(name="d8-fp32", dims=8, precision="fp32", file="d8-fp32.onnx", sha256="0" * 64)
+
+
 def result(vectors, encoding, dims):
-    return EmbedResult(
-        vectors=vectors,
-        dims=dims,
-        layers=6,
-        encoding=encoding,
-        input_tokens=7,
-        queue_seconds=0.0,
-        inference_seconds=0.0,
-    )
+    plan = Plan(graph=GRAPH, layers=6, outputs=(Output(dims=dims, encoding=encoding),), prompt="", truncate=False)
+    return EmbedResult(plan=plan, vectors=(vectors,), input_tokens=7, queue_seconds=0.0, inference_seconds=0.0)
 
 
 def test_float_and_base64_responses_in_openais_shape():
@@ -209,5 +191,18 @@ def test_error_table(error, status, retry_after):
     assert set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize(
+    ("error", "param"),
+    [
+        (DimsError("dims 0: at least 1"), "dimensions"),
+        (DimsError("dims 257 is above the largest profile"), "dimensions"),
+        (LayersError("layers 3 is not served"), "layers"),
+    ],
+)
+def test_errors_the_models_plan_finds_name_the_bodys_field(error, param):
+    status, _, body = error_response(error)
+    assert status == 400 and json.loads(body)["error"]["param"] == param
+
+
 def test_every_error_kind_has_an_http_status():
-    assert set(HTTP_STATUS) == set(ErrorKind) - {ErrorKind.OK}
+    assert set(STATUS) == set(ERROR_TYPES) == set(ErrorKind) - {ErrorKind.OK}

@@ -12,7 +12,7 @@ from sentence_transformers.util.quantization import quantize_embeddings
 from serving_helpers import GatedModel, cosines, running
 
 from mrl.proto import embedder_pb2 as pb
-from mrl.runtime import Embedder
+from mrl.runtime import Embedder, EmbedOptions, OutputSpec
 from mrl.runtime.encodings import CALIBRATED, ENCODINGS, dtype_of
 from mrl.serving.client import AsyncEmbedClient
 
@@ -61,7 +61,8 @@ def test_every_encoding_on_both_transports_matches_quantize_embeddings(tiny_arti
     got = asyncio.run(asyncio.wait_for(scenario(), timeout=300))
     offline = Embedder.load(tiny_artifact)
     floats = offline.embed(TEXTS, dims=DIMS)
-    ranges = offline.ranges_for("int8", DIMS)  # the manifest's, written at export
+    int8 = EmbedOptions(outputs=(OutputSpec(dims=DIMS, encoding="int8"),))
+    ranges = offline.plan(int8).outputs[0].ranges  # the manifest's, written at export
     for (transport, encoding), rows in got.items():
         where = f"{transport} {encoding}"
         assert rows.dtype == dtype_of(encoding), where

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import platform
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from serving_helpers import running
 
-from mrl.serving.config import ModelSpec
+from mrl.serving.client import AsyncEmbedClient
+from mrl.serving.config import BatcherConfig, ModelSpec
+from mrl.serving.model import ServedModel
 from mrl.serving.process import return_freed_memory_to_the_os
 
 SOAK = Path(__file__).parents[2] / "scripts" / "soak_memory.py"
@@ -33,16 +39,22 @@ def test_large_allocations_are_set_to_go_back_to_the_os_on_glibc():
     assert return_freed_memory_to_the_os()
 
 
+class NiceRecorder(ServedModel):
+    """A ServedModel that records the nice value of the thread each batch runs in."""
+
+    def run_batch(self, graph, encoded):
+        self.nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return super().run_batch(graph, encoded)
+
+
 @pytest.mark.skipif(platform.system() != "Linux", reason="per-thread nice values are Linux's")
 def test_inference_threads_yield_the_cpu_to_the_event_loop(tiny_artifact):
-    import os
-    import threading
+    spec = ModelSpec(artifact_dir=tiny_artifact, lone_batch_threads=0)
+    model = NiceRecorder.load(spec, BatcherConfig(worker_niceness=7))
 
-    from mrl.serving.config import BatcherConfig
-    from mrl.serving.model import ServedModel
+    async def scenario():
+        async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}", timeout=30) as client:
+            await client.embed(["a text"])
 
-    model = ServedModel.load(ModelSpec(artifact_dir=tiny_artifact), BatcherConfig(worker_niceness=7))
-    seen = model._executor.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())).result()
-    assert seen == os.getpriority(os.PRIO_PROCESS, 0) + 7 or seen == 19  # nice values stop at 19
-    model._executor.shutdown()
-    model.embedder.close()
+    asyncio.run(asyncio.wait_for(scenario(), timeout=120))
+    assert model.nice == os.getpriority(os.PRIO_PROCESS, 0) + 7 or model.nice == 19  # nice values stop at 19

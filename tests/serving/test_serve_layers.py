@@ -14,9 +14,11 @@ import pytest
 from serving_helpers import GatedModel, cosines, running, sentences, wait_until
 
 from mrl.runtime import Embedder
+from mrl.runtime.manifest import Profile
+from mrl.runtime.tokenize import Encoded
 from mrl.serving.client import AsyncEmbedClient, build_request
 from mrl.serving.config import BatcherConfig, ModelSpec
-from mrl.serving.model import ServedModel, TextJob
+from mrl.serving.model import ServedModel
 
 # The tiny 2D artifact: 3 layers, profiles at layers 1 and 3 (full) x dims 8, 16, 32.
 SERVED = "served layers: 1, 3 (the model has 3)"
@@ -26,12 +28,19 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=300))
 
 
-def check_batches(model: GatedModel) -> None:
-    """Every batch ran one depth; some batch of each depth mixed dims."""
+def check_batches(model: GatedModel, plan: list[tuple[list[str], int | None, int | None]]) -> None:
+    """Every batch held texts of the depth its graph runs; at each depth, some batch mixed texts wanting different
+    dims. `plan`: (texts, layers, dims) as asked (unset layers: full depth, 3; unset dims: 32)."""
     assert model.batches, "no batch ran"
-    assert all(len({j.layers for j in b}) == 1 for b in model.batches), "a batch mixed depths"
-    for depth in (1, None):
-        assert any(b[0].layers == depth and len({j.dims for j in b}) > 1 for b in model.batches), (
+    once = [(t, n, d) for t, n, d in plan if sum(t == u for u, _, _ in plan) == 1]  # texts asked for once
+    depth_of = {model.ids(t[0]): n or 3 for t, n, _ in once}
+    dims_of = {model.ids(t[0]): d or 32 for t, _, d in once}
+    for graph, batch in zip(model.graphs, model.batches, strict=True):
+        depths = {depth_of[tuple(e.ids)] for e in batch if tuple(e.ids) in depth_of}
+        assert depths <= {graph.layers or 3}, f"a batch of the {graph.name} graph held texts of depths {depths}"
+    mixed = model.dims_mixed(dims_of)
+    for depth in (1, 3):
+        assert any((model.graphs[i].layers or 3) == depth for i in mixed), (
             f"texts of depth {depth} wanting different dims never shared a batch"
         )
 
@@ -69,7 +78,7 @@ def test_grpc_requests_of_mixed_depths_and_dims_match_the_offline_embedder_and_n
     # Depth 1 really is another model: its vectors are not full depth's.
     shallow = offline.embed(texts[:4], dims=32, layers=1)
     assert cosines(shallow, offline.embed(texts[:4], dims=32)).max() < 0.99
-    check_batches(model)
+    check_batches(model, plan)
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[int, dict]:
@@ -109,7 +118,7 @@ def test_http_layers_round_trip_and_share_batches_of_their_depth_with_grpc(tiny_
         rows = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
         expected = offline.embed(t, dims=dims, layers=layers)
         assert cosines(rows, expected).min() >= 0.99999 and cosines(vectors, expected).min() >= 0.99999
-    check_batches(model)
+    check_batches(model, plan)
 
 
 def test_layers_no_profile_runs_are_refused_before_tokenising_with_the_depths_served(tiny_2d_artifact):
@@ -199,32 +208,32 @@ class LoneRecorder(ServedModel):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.lone_batches: list[list[TextJob]] = []
+        self.lone_graphs: list[Profile] = []
 
-    def run_lone_batch(self, jobs: list[TextJob]) -> list[np.ndarray]:
+    def run_lone_batch(self, graph: Profile, encoded: list[Encoded]) -> np.ndarray:
         """Record, then run."""
-        self.lone_batches.append(list(jobs))
-        return super().run_lone_batch(jobs)
+        self.lone_graphs.append(graph)
+        return super().run_lone_batch(graph, encoded)
 
 
 def test_a_lone_batch_runs_its_own_depth_on_the_wide_session(tiny_2d_artifact):
     spec = ModelSpec(artifact_dir=tiny_2d_artifact, lone_batch_threads=2, intra_op_threads=1)
     model = LoneRecorder.load(spec, BatcherConfig(workers=2))
-    assert model._lone is not None, "the lone-batch session was not opened"
+    assert model.lone is not None, "the lone-batch session was not opened"
     texts = ["a lone text at one layer"]  # one text: an idle server runs it alone
 
     async def scenario():
         async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}", timeout=30) as client:
-            model.lone_batches.clear()  # warm-up ran each depth once
+            model.lone_graphs.clear()  # warm-up ran each depth once
             shallow = await client.embed(texts, layers=1, dims=8)
             full = await client.embed(texts, dims=16)
-            for name in ("l1-d32-fp32", "d32-fp32"):  # one wide session per depth, spinning only while it runs
-                options = model._lone._backends[name]._session.get_session_options()
+            for graph in model.lone.graphs.values():  # one wide session per depth, spinning only while it runs
+                options = model.lone.backend_for(graph).session_options
                 assert options.get_session_config_entry("session.force_spinning_stop") == "1"
             return shallow, full
 
     shallow, full = run(scenario())
-    assert [{j.layers for j in b} for b in model.lone_batches] == [{1}, {None}]
+    assert [g.name for g in model.lone_graphs] == ["l1-d32-fp32", "d32-fp32"]
     offline = Embedder.load(tiny_2d_artifact)
     assert cosines(shallow, offline.embed(texts, dims=8, layers=1)).min() >= 0.99999
     assert cosines(full, offline.embed(texts, dims=16)).min() >= 0.99999

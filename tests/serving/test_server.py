@@ -12,7 +12,7 @@ from serving_helpers import GatedModel, cosines, running, sample, sentences, wai
 
 from mrl.proto import embedder_pb2 as pb
 from mrl.proto import embedder_pb2_grpc as pb_grpc
-from mrl.runtime import Embedder
+from mrl.runtime import Embedder, EmbedOptions
 from mrl.serving.client import AsyncEmbedClient, EmbedClient, build_request
 from mrl.serving.config import BatcherConfig, RequestLimits
 
@@ -42,22 +42,27 @@ async def concurrent_parity(artifact, dims_cycle, n_requests=200):
     for (t, d), vectors in zip(plan, got, strict=True):
         assert vectors.shape == (len(t), d) and vectors.dtype == np.float32
         assert cosines(vectors, offline.embed(t, dims=d)).min() >= 0.99999
-    return model, count, total
+    return model, count, total, plan
+
+
+def single_dims(model: GatedModel, plan: list[tuple[list[str], int]]) -> dict[tuple[int, ...], int]:
+    """The dims each text was asked for, by its ids (texts asked for once, alone)."""
+    alone = [t[0] for t, _ in plan if len(t) == 1]
+    return {model.ids(t[0]): d for t, d in plan if len(t) == 1 and alone.count(t[0]) == 1}
 
 
 def test_concurrent_mixed_dims_requests_match_the_offline_embedder_and_batch_together(tiny_artifact):
-    model, count, total = run(concurrent_parity(tiny_artifact, [8, 12, 16, 32, 5]))
+    model, count, total, plan = run(concurrent_parity(tiny_artifact, [8, 12, 16, 32, 5]))
     assert total / count > 1, "no batch held more than one text"
     assert max(len(b) for b in model.batches) > 1
-    mixed = [b for b in model.batches if len({j.dims for j in b}) > 1]
-    assert mixed, "requests for different dims never shared a batch"
+    assert model.dims_mixed(single_dims(model, plan)), "requests for different dims never shared a batch"
 
 
 @pytest.mark.slow
 def test_minilm_concurrent_mixed_dims_match_the_offline_embedder(minilm_artifact):
-    model, count, total = run(concurrent_parity(minilm_artifact, [64, 100, 128, 256]))
+    model, count, total, plan = run(concurrent_parity(minilm_artifact, [64, 100, 128, 256]))
     assert total / count > 1
-    assert any(len({j.dims for j in b}) > 1 for b in model.batches)
+    assert model.dims_mixed(single_dims(model, plan))
 
 
 def expect_error(call, code: grpc.StatusCode, *words: str) -> None:
@@ -78,7 +83,7 @@ def test_every_bad_input_gets_a_status_that_says_what_to_fix(tiny_artifact):
 
     run(scenario())
     # Only the last, good request (a long text cut to 48 tokens) reached the model.
-    assert [[j.encoded.truncated for j in b] for b in model.batches] == [[True]], "a bad request reached the model"
+    assert [[e.truncated for e in b] for b in model.batches] == [[True]], "a bad request reached the model"
 
 
 def bad_inputs(port: int) -> None:
@@ -92,8 +97,10 @@ def bad_inputs(port: int) -> None:
         expect_error(lambda: c.embed(["a"], dims=33), invalid, "above the largest profile", "[8, 16, 32]")
         expect_error(lambda: c.embed(["a"], model="nope"), not_found, "no model named 'nope'", "tiny")
         expect_error(lambda: c.embed(["a"], prompt_name="nope"), invalid, "unknown prompt", "query")
-        stub = pb_grpc.EmbedderStub(c._channel)
-        expect_error(lambda: stub.Embed(pb.EmbedRequest(inputs=["a"], encoding=99)), invalid, "unknown encoding 99")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as raw:  # the client refuses to send this one
+            stub = pb_grpc.EmbedderStub(raw)
+            bad = pb.EmbedRequest(inputs=["a"], encoding=99)
+            expect_error(lambda: stub.Embed(bad), invalid, "unknown encoding 99")
         expect_error(lambda: c.embed(["a"], dims=12, encoding="int8"), invalid, "calibrated per profile", "8, 16, 32")
         expect_error(lambda: c.get_model("nope"), not_found, "no model named")
         # A long input with truncate=true is cut, not refused; and the server is still fine after all that.
@@ -117,7 +124,8 @@ def test_results_usage_prompts_and_model_info(tiny_artifact):
     expected = offline.embed(["hello world", "a b"], dims=16, prompt_name="query")
     got = np.array([list(e.values) for e in response.embeddings])
     assert cosines(got, expected).min() >= 0.99999
-    assert response.usage.input_tokens == offline.prepare(["hello world", "a b"], "query").n_tokens
+    encoded = offline.tokenize(offline.plan(EmbedOptions(prompt_name="query")), ["hello world", "a b"])
+    assert response.usage.input_tokens == sum(e.n_tokens for e in encoded)
     assert response.timing.total_ms >= response.timing.inference_ms > 0
     assert default.shape == (1, 32)
     assert info == same

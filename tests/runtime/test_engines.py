@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mrl.runtime.backends.engines import (
+from mrl.runtime.backends.gpu import GpuInfo, parse_nvidia_smi
+from mrl.runtime.engines import (
     Chunk,
     cache_key,
     default_shape_ranges,
@@ -22,7 +23,6 @@ from mrl.runtime.backends.engines import (
     plan_chunks,
     plan_shape_ranges,
 )
-from mrl.runtime.backends.gpu import GpuInfo, parse_nvidia_smi
 from mrl.runtime.errors import ArtifactError, InvalidInputError
 from mrl.runtime.manifest import (
     Engine,
@@ -54,10 +54,8 @@ def test_span_rejects_bad_values(values):
         Span(*values)
 
 
-def test_shape_range_fits_and_prints():
+def test_shape_range_prints():
     r = ShapeRange(batch=Span(1, 32, 128), seq=Span(8, 128, 512))
-    assert r.fits(1, 8) and r.fits(128, 512)
-    assert not r.fits(129, 8) and not r.fits(1, 7) and not r.fits(1, 513)
     assert str(r) == "batch 1:32:128 x seq 8:128:512"
 
 
@@ -254,7 +252,9 @@ def _padding_leaves_embeddings_unchanged(artifact: Path, texts: list[str]) -> No
     """Pad each batch up by 17 masked tokens, as the tensorrt backend does below a range's min; compare on ORT."""
     from mrl.runtime import Embedder
 
-    embedder = Embedder.load(artifact, "onnxruntime-cpu")
+    # Padding only: the BERT told to pad left computes other vectors than its source, which its acceptance test
+    # refuses (tests/runtime/test_acceptance.py), so it is not run here.
+    embedder = Embedder.load(artifact, "onnxruntime-cpu", acceptance=False)
     try:
         for batch in ([texts[0]], texts):  # one text (no tokenizer padding at all), then a padded batch
             feed = embedder.tokenizer.pad(embedder.tokenizer.encode(batch))
