@@ -26,6 +26,7 @@ examples:
   mrl-bench serve --target mrl=127.0.0.1:50051 --target triton=127.0.0.1:8001 --triton-model minilm \\
       --client-python .venv-triton/bin/python --concurrency 1,64   # mrl-serve and Triton, same run
   mrl-bench serve --target mrl=127.0.0.1:50051 --target http=127.0.0.1:8080 --concurrency 1,64   # gRPC and HTTP
+  mrl-bench serve --target 127.0.0.1:50051 --target '127.0.0.1:50051;outputs=64:ubinary,:int8'  # two outputs' cost
   mrl-bench tradeoff artifacts/minilm --corpus corpus.txt --pairs pairs.jsonl --target-recall 0.95
   mrl-bench engine artifacts/minilm-2d --layers 3,6 --dims 256 --batch-sizes 1,32   # layer-cut profiles' speed
   mrl-bench memory artifacts/minilm --precision fp32,int8   # RSS as 1, 2, 3, ... dims profiles are served
@@ -169,8 +170,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--target",
         action="append",
         required=True,
-        help="[KIND=]HOST:PORT, KIND mrl (mrl-serve's gRPC, the default), http (an OpenAI-compatible "
-        "/v1/embeddings, such as mrl-serve --http-port) or triton; repeatable: levels alternate between them. "
+        help="[KIND=]HOST:PORT[;outputs=DIMS:ENCODING,...], KIND mrl (mrl-serve's gRPC, the default), http (an "
+        "OpenAI-compatible /v1/embeddings, such as mrl-serve --http-port) or triton; with outputs (mrl, http), each "
+        "request asks for those outputs of one forward pass; repeatable: levels alternate between them. "
         "Nothing else is contacted",
     )
     s.add_argument(
@@ -238,6 +240,28 @@ def _add_tradeoff(sub: argparse._SubParsersAction) -> None:
         "--max-queries", type=int, default=1000, help="corpus documents used as label-free queries (default 1000)"
     )
     t.add_argument("--batch-size", type=int, default=32, help="default 32")
+    t.add_argument(
+        "--shortlist-encodings",
+        type=_names,
+        default=("ubinary", "int8"),
+        help="funnels: encodings of the shortlist index kept in RAM (default %(default)s)",
+    )
+    t.add_argument(
+        "--shortlist-sizes", type=_ints, default=(50, 100, 200), help="funnels: shortlist sizes k (default 50,100,200)"
+    )
+    t.add_argument(
+        "--rescore-encodings",
+        type=_names,
+        default=("float32", "int8", "ubinary"),
+        help="funnels: encodings of the vectors that re-score the shortlist (default %(default)s)",
+    )
+    t.add_argument("--no-funnels", action="store_true", help="single-stage designs only")
+    t.add_argument(
+        "--cost-vectors",
+        type=int,
+        default=1_000_000,
+        help="synthetic codes each design's ms/query is measured on (default 1000000; 0: not measured)",
+    )
     t.add_argument("--plot", type=Path, help="PNG path (default: the --out path with .png)")
     t.add_argument("--no-plot", action="store_true", help="write no plot")
     _common(t, "mrl-bench-tradeoff.json")
@@ -377,7 +401,8 @@ def _run_serve(args: argparse.Namespace, progress: Callable[[str], None]) -> tup
 
 def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:
     from mrl.bench.texts import read_lines, read_pairs
-    from mrl.bench.tradeoff import TradeoffConfig, recommendation_lines, run_tradeoff, tradeoff_table
+    from mrl.bench.tradeoff import TradeoffConfig, run_tradeoff
+    from mrl.bench.tradeoff_report import tradeoff_text
 
     config = TradeoffConfig(
         artifact=args.artifact,
@@ -390,22 +415,27 @@ def _run_tradeoff(args: argparse.Namespace, progress: Callable[[str], None]) -> 
         target_recall=args.target_recall,
         batch_size=args.batch_size,
         threads=args.threads,
+        shortlist_encodings=args.shortlist_encodings,
+        shortlist_sizes=() if args.no_funnels else args.shortlist_sizes,
+        rescore_encodings=args.rescore_encodings,
+        cost_vectors=args.cost_vectors,
     )
     rows, extra = run_tradeoff(config, progress)
     if not args.no_plot:
-        from mrl.bench.plot import plot_quality_speed, plot_tradeoff
+        from mrl.bench.plot import plot_designs, plot_quality_speed, plot_tradeoff
 
         path = args.plot or args.out.with_suffix(".png")
         title = f"{args.artifact.name}: {extra['n_documents']} documents from {args.corpus.name}"
         extra["plot"] = str(plot_tradeoff(rows, path, target=args.target_recall, title=title))
         speed = path.with_name(f"{path.stem}-speed{path.suffix}")
         extra["plot_speed"] = str(plot_quality_speed(rows, speed, title=f"{title}: quality against speed"))
-        progress(f"plots written to {path} and {speed}")
-    lines = ["", *recommendation_lines(extra["recommendation"], extra["reference"])]
+        designs = path.with_name(f"{path.stem}-designs{path.suffix}")
+        extra["plot_designs"] = str(
+            plot_designs([*rows, *extra["funnels"]], extra["design_recommendation"], designs, title=title)
+        )
+        progress(f"plots written to {path}, {speed} and {designs}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_table(
-        rows
-    ) + "\n".join(lines)
+    return {"config": settings, "rows": rows, "extra": extra, "artifact": args.artifact}, tradeoff_text(rows, extra)
 
 
 def _run_memory(args: argparse.Namespace, progress: Callable[[str], None]) -> tuple[dict[str, Any], str]:

@@ -54,7 +54,8 @@ def spec_to_json(spec: TargetSpec) -> dict[str, Any]:
 def spec_from_json(data: dict[str, Any]) -> TargetSpec:
     """The inverse of `spec_to_json`."""
     roots = data.get("root_certificates")
-    return TargetSpec(**{**data, "root_certificates": base64.b64decode(roots) if roots else None})
+    outputs = tuple((d, e) for d, e in data.get("outputs", ()))  # JSON made the pairs lists
+    return TargetSpec(**{**data, "root_certificates": base64.b64decode(roots) if roots else None, "outputs": outputs})
 
 
 class LocalDriver:

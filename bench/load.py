@@ -53,6 +53,8 @@ class ServeConfig:
             raise InvalidInputError("rounds must be within 1..100")
         if self.texts_per_request < 1:
             raise InvalidInputError("texts per request must be at least 1")
+        if any(m is not None for m in self.dims_mixes) and any(t.outputs for t in self.targets):
+            raise InvalidInputError("a target asked for outputs sets each output's dims: leave out --dims-mix")
         if any(m is not None for m in self.layers_mixes) and any(t.kind == "triton" for t in self.targets):
             raise InvalidInputError(
                 "layers mixes are for mrl-serve targets: Triton serves each depth as models of its own; "

@@ -1,4 +1,4 @@
-"""The trade-off plot: quality against dims, bytes per vector on a second axis."""
+"""The trade-off plots: quality against dims, against encode speed, and against RAM bytes per design."""
 
 from __future__ import annotations
 
@@ -99,5 +99,43 @@ def plot_quality_speed(rows: Sequence[dict[str, Any]], path: Path, *, title: str
     ax.set_ylabel("recall@10 on the pairs" if metric == "labelled_recall_at_10" else "recall@10 vs full")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(fig, plt, path)
+
+
+def plot_designs(designs: Sequence[dict[str, Any]], rec: dict[str, Any], path: Path, *, title: str) -> Path:
+    """Write a PNG: quality against RAM bytes per vector for every single-stage and funnel design, with the
+    Pareto front and the recommended design (`rec`: `funnel.recommend`'s result)."""
+    plt = _pyplot()
+    labelled = rec.get("labelled_floor") is not None
+    metric = "labelled_recall_at_10" if labelled else "recall_at_10"
+    floor = rec["labelled_floor"] if labelled else rec["target_recall_at_10"]
+    best = rec["labelled_design"] if labelled else rec["design"]
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    for kind, marker, color in (("single", "o", "tab:blue"), ("funnel", "^", "tab:orange")):
+        sel = [d for d in designs if d.get("design", "single") == kind and d.get(metric) is not None]
+        if sel:
+            xs, ys = [d["ram_bytes_per_vector"] for d in sel], [d[metric] for d in sel]
+            name = "single-stage" if kind == "single" else "funnel"
+            ax.scatter(xs, ys, marker=marker, s=18, alpha=0.45, color=color, label=f"{name} ({len(sel)})")
+    front = rec["front"]
+    ax.step(
+        [d["ram_bytes_per_vector"] for d in front], [d[metric] for d in front], where="post", color="black",
+        linewidth=1, label="Pareto front",
+    )  # fmt: skip
+    for i, d in enumerate(front):  # labels alternate below and above the front so neighbours do not overlap
+        ax.annotate(d["label"], (d["ram_bytes_per_vector"], d[metric]), textcoords="offset points",
+                    xytext=(4, -10 if i % 2 == 0 else 6), fontsize=6)  # fmt: skip
+    if best:
+        ax.scatter([best["ram_bytes_per_vector"]], [best[metric]], marker="*", s=220, color="red", zorder=5,
+                   label=f"recommended: {best['label']}")  # fmt: skip
+    ax.axhline(floor, color="red", linewidth=0.8, linestyle="-.", label=f"target {floor:.3g}")
+    ax.set_xscale("log", base=2)
+    ticks = sorted({d["ram_bytes_per_vector"] for d in designs})
+    ax.set_xticks(ticks, [str(t) for t in ticks], fontsize=7)
+    ax.set_xlabel("bytes per vector in RAM (the index; a funnel's re-score vectors are stored apart)")
+    ax.set_ylabel("recall@10 on the pairs" if labelled else "recall@10 vs full")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     return _save(fig, plt, path)

@@ -8,6 +8,8 @@ import numpy as np
 
 from mrl.runtime import encodings
 
+QUERY_CHUNK = 256  # queries scored at once: bounds memory at 256 x corpus size
+
 
 def scores(queries: np.ndarray, docs: np.ndarray, encoding: str, dims: int) -> np.ndarray:
     """`[n_queries, n_docs]` similarity of codes in their encoding's own space (higher is closer)."""
@@ -19,6 +21,23 @@ def scores(queries: np.ndarray, docs: np.ndarray, encoding: str, dims: int) -> n
     # uint8 holds the same buckets as int8, shifted by 128: score both centred, so they rank alike.
     shift = 128 if encoding == "uint8" else 0
     return (queries.astype(np.float32) - shift) @ (docs.astype(np.float32) - shift).T
+
+
+def decode(codes: np.ndarray, encoding: str, dims: int, ranges: np.ndarray | None = None) -> np.ndarray:
+    """Float vectors a float query is compared against when it re-scores `encoding` codes (`[n, dims]` float32).
+
+    float16: as float32; int8/uint8: each value at the centre of its bucket in `ranges` (the ones
+    `encodings.encode` used); binary/ubinary: each bit as +1 or -1 (the re-scoring of Yamada et al. 2021).
+    """
+    if encoding in encodings.PACKED:
+        return encodings.unpack_bits(codes, encoding, dims).astype(np.float32) * 2 - 1
+    if encoding in encodings.CALIBRATED:
+        if ranges is None:
+            raise ValueError(f"decoding {encoding} needs the ranges it was encoded with")
+        buckets = codes.astype(np.float32) + (128 if encoding == "int8" else 0)
+        steps = (ranges[1] - ranges[0]) / 255
+        return (ranges[0] + (buckets + 0.5) * steps).astype(np.float32)
+    return np.asarray(codes, dtype=np.float32)
 
 
 def top_k(score: np.ndarray, k: int, exclude: Sequence[int] | None = None) -> np.ndarray:
@@ -43,6 +62,24 @@ def top_k(score: np.ndarray, k: int, exclude: Sequence[int] | None = None) -> np
         order = np.lexsort((candidates, -row[candidates]))  # last key first: score desc, then index
         out[i] = candidates[order[:k]]
     return out
+
+
+def knn(
+    queries: np.ndarray, docs: np.ndarray, encoding: str, dims: int, k: int, exclude: Sequence[int] | None
+) -> np.ndarray:
+    """Top-k document indices for every query (codes of `encoding`), scored in chunks of queries."""
+    parts = []
+    for start in range(0, len(queries), QUERY_CHUNK):
+        chunk = queries[start : start + QUERY_CHUNK]
+        skip = None if exclude is None else exclude[start : start + QUERY_CHUNK]
+        parts.append(top_k(scores(chunk, docs, encoding, dims), k, skip))
+    return np.concatenate(parts)
+
+
+def encode_corpus(vectors: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A corpus's codes and the ranges they used: int8/uint8 are calibrated on the corpus itself, as an index is."""
+    ranges = encodings.calibration_ranges(vectors) if encoding in encodings.CALIBRATED else None
+    return encodings.encode(vectors, encoding, ranges), ranges
 
 
 def neighbour_recall(found: np.ndarray, reference: np.ndarray) -> float:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from mrl.runtime.encodings import ENCODINGS
 from mrl.runtime.errors import InvalidInputError
 
 if TYPE_CHECKING:
@@ -72,8 +73,16 @@ class TargetSpec:
     token: str | None = None  # mrl, http: bearer token
     root_certificates: bytes | None = None  # mrl, http: TLS roots (PEM); http then speaks https
     encoding_format: str = "base64"  # http: how the server writes the embeddings (HTTP_ENCODING_FORMATS)
+    outputs: tuple[tuple[int | None, str], ...] = ()
+    """mrl, http: every request asks for these (dims, encoding) outputs of one forward pass instead of one
+    vector (`KIND=ADDRESS;outputs=64:ubinary,384:int8`); empty: one vector, of the dims mix's dims."""
 
     def __post_init__(self) -> None:
+        if self.outputs and self.kind not in ("mrl", "http"):
+            raise InvalidInputError(f"outputs are for mrl and http targets, not {self.kind}")
+        for dims, encoding in self.outputs:
+            if encoding not in ENCODINGS or (dims is not None and dims < 1):
+                raise InvalidInputError(f"output {dims}:{encoding}: use DIMS:ENCODING, encoding one of {ENCODINGS}")
         if self.kind not in TARGET_KINDS:
             raise InvalidInputError(f"unknown target kind {self.kind!r}; choose from {', '.join(TARGET_KINDS)}")
         check_target(self.address)
@@ -86,8 +95,9 @@ class TargetSpec:
 
     @property
     def label(self) -> str:
-        """How the target is named in tables and JSON."""
-        return f"{self.kind}={self.address}"
+        """How the target is named in tables and JSON (the same server asked for outputs is another target)."""
+        outputs = ",".join(f"{'' if d is None else d}:{e}" for d, e in self.outputs)
+        return f"{self.kind}={self.address}" + (f";outputs={outputs}" if outputs else "")
 
 
 def check_target(address: str) -> tuple[str, int]:
@@ -106,9 +116,27 @@ def check_target(address: str) -> tuple[str, int]:
 
 
 def split_target(text: str) -> tuple[str, str]:
-    """`KIND=ADDRESS` (or a bare ADDRESS, which is an mrl-serve target) as (kind, address)."""
+    """`KIND=ADDRESS` (or a bare ADDRESS, which is an mrl-serve target) as (kind, address); a `;outputs=...`
+    suffix stays on the address (`target_outputs` reads it)."""
     kind, sep, address = text.partition("=")
     return (kind, address) if sep else ("mrl", text)
+
+
+def target_outputs(address: str) -> tuple[str, tuple[tuple[int | None, str], ...]]:
+    """`ADDRESS;outputs=64:ubinary,:int8` as (ADDRESS, ((64, "ubinary"), (None, "int8"))); no suffix: no outputs."""
+    address, sep, option = address.partition(";")
+    if not sep:
+        return address, ()
+    name, _, value = option.partition("=")
+    if name != "outputs" or not value:
+        raise InvalidInputError(f"after ';' a target takes outputs=DIMS:ENCODING,..., not {option!r}")
+    outputs = []
+    for item in value.split(","):
+        dims, colon, encoding = item.partition(":")
+        if not colon or (dims and not dims.isdigit()):
+            raise InvalidInputError(f"output {item!r}: use DIMS:ENCODING such as 64:ubinary (no DIMS: the widest)")
+        outputs.append((int(dims) if dims else None, encoding))
+    return address, tuple(outputs)
 
 
 def target_specs(
@@ -124,8 +152,13 @@ def target_specs(
     specs = []
     for text in texts:
         kind, address = split_target(text)
+        address, outputs = target_outputs(address)
         if kind == "mrl":
-            specs.append(TargetSpec(kind=kind, address=address, token=token, root_certificates=root_certificates))
+            specs.append(
+                TargetSpec(
+                    kind=kind, address=address, token=token, root_certificates=root_certificates, outputs=outputs
+                )
+            )
         elif kind == "http":
             specs.append(
                 TargetSpec(
@@ -134,6 +167,7 @@ def target_specs(
                     token=token,
                     root_certificates=root_certificates,
                     encoding_format=http_encoding_format,
+                    outputs=outputs,
                 )
             )
         else:
@@ -170,14 +204,18 @@ class MrlTarget:
         """One Embed call."""
         import grpc
 
+        shape = {"outputs": self.spec.outputs} if self.spec.outputs else {"dims": dims}
         try:
-            response = await self._client.embed_response(texts, dims=dims, layers=layers, timeout=timeout)
+            response = await self._client.embed_response(texts, layers=layers, timeout=timeout, **shape)
         except grpc.RpcError as e:  # grpc.aio.AioRpcError is one
             code = e.code().name if callable(getattr(e, "code", None)) else "UNKNOWN"
             raise TargetError(code) from None
+        rows = {len(o.embeddings) for o in response.outputs} or {len(response.embeddings)}
+        if len(rows) != 1:
+            raise TargetError("BAD_RESPONSE", f"outputs of different lengths {sorted(rows)}")
         return Reply(
-            texts=len(response.embeddings),
-            dims=response.dimensions,
+            texts=rows.pop(),
+            dims=response.outputs[-1].dimensions if response.outputs else response.dimensions,
             layers=response.layers or None,
             tokens=response.usage.input_tokens,
             queue_ms=response.timing.queue_ms,
@@ -278,6 +316,28 @@ def openai_vectors(payload: bytes, encoding_format: str) -> tuple[np.ndarray, in
     return rows, tokens if isinstance(tokens, int) else None, layers if isinstance(layers, int) and layers else None
 
 
+def several_outputs(payload: bytes) -> Reply:
+    """What an embeddings response with several outputs (mrl-serve's `outputs`) reports; TargetError
+    BAD_RESPONSE when items lack an output or outputs are missing."""
+    import orjson
+
+    try:
+        reply = orjson.loads(payload)
+        described, data = reply["outputs"], reply["data"]
+        if any(len(item["embeddings"]) != len(described) for item in data):
+            raise ValueError("an item without one embedding per output")
+        tokens, layers = (reply.get("usage") or {}).get("prompt_tokens"), reply.get("layers")
+        dims = int(described[-1]["dimensions"])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise TargetError("BAD_RESPONSE", str(e)[:200]) from None
+    return Reply(
+        texts=len(data),
+        dims=dims,
+        tokens=tokens if isinstance(tokens, int) else None,
+        layers=layers if isinstance(layers, int) and layers else None,
+    )
+
+
 def error_message(payload: bytes) -> str:
     """The message of an OpenAI error body ({"error": {"message": ...}}), or the body's start."""
     import orjson
@@ -325,7 +385,11 @@ class HttpTarget:
         import orjson
 
         body: dict[str, object] = {"input": texts, "encoding_format": self.spec.encoding_format}
-        if dims is not None:
+        if self.spec.outputs:
+            body["outputs"] = [
+                {"output_dtype": e, **({} if d is None else {"dimensions": d})} for d, e in self.spec.outputs
+            ]
+        elif dims is not None:
             body["dimensions"] = dims
         if layers is not None:
             body["layers"] = layers  # mrl-serve's extra field, as `prompt_name` is
@@ -346,6 +410,8 @@ class HttpTarget:
             raise TargetError("CONNECTION_ERROR", str(e) or type(e).__name__) from None
         if status != 200:
             raise TargetError(f"HTTP_{status}", error_message(payload))
+        if self.spec.outputs:
+            return several_outputs(payload)
         rows, tokens, layers_run = openai_vectors(payload, self.spec.encoding_format)
         return Reply(texts=int(rows.shape[0]), dims=int(rows.shape[1]), tokens=tokens, layers=layers_run)
 

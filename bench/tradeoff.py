@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from mrl.bench import flops, memory, retrieval
+from mrl.bench import flops, funnel, memory, retrieval, search_cost
 from mrl.bench.engine import depth_keys
-from mrl.bench.report import markdown_table
 from mrl.bench.texts import Pair
 from mrl.runtime import encodings
 from mrl.runtime.embedder import Embedder
@@ -22,7 +21,6 @@ from mrl.runtime.errors import InvalidInputError
 from mrl.runtime.manifest import load_manifest
 
 Progress = Callable[[str], None]
-QUERY_CHUNK = 256  # queries scored at once: bounds memory at 256 x corpus size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,10 +39,20 @@ class TradeoffConfig:
     batch_size: int = 32
     backend: str = "auto"
     threads: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    shortlist_encodings: tuple[str, ...] = ("ubinary", "int8")
+    shortlist_sizes: tuple[int, ...] = (50, 100, 200)  # () evaluates no funnels
+    rescore_encodings: tuple[str, ...] = ("float32", "int8", "ubinary")
+    cost_vectors: int = 1_000_000  # synthetic codes each query cost is measured on (0: not measured)
 
     def __post_init__(self) -> None:
-        for encoding in self.encodings:
+        for encoding in (*self.encodings, *self.shortlist_encodings, *self.rescore_encodings):
             encodings.check_encoding(encoding)
+        if any(k <= self.k for k in self.shortlist_sizes):
+            raise InvalidInputError(f"shortlist sizes must exceed k={self.k}, got {list(self.shortlist_sizes)}")
+        if self.cost_vectors and self.cost_vectors <= max((*self.shortlist_sizes, self.k)):
+            raise InvalidInputError(
+                f"query cost needs more synthetic vectors than the largest shortlist, not {self.cost_vectors}"
+            )
         if len(set(self.corpus)) <= self.k:
             raise InvalidInputError(f"the corpus needs more than k={self.k} distinct documents")
         if not 0 < self.target_recall <= 1:
@@ -54,24 +62,6 @@ class TradeoffConfig:
 def unique(texts: Sequence[str]) -> list[str]:
     """Texts in first-seen order without duplicates (a duplicate would be a tie, not a neighbour)."""
     return list(dict.fromkeys(texts))
-
-
-def knn(
-    queries: np.ndarray, docs: np.ndarray, encoding: str, dims: int, k: int, exclude: Sequence[int] | None
-) -> np.ndarray:
-    """Top-k document indices for every query (codes of `encoding`), scored in chunks of queries."""
-    parts = []
-    for start in range(0, len(queries), QUERY_CHUNK):
-        chunk = queries[start : start + QUERY_CHUNK]
-        skip = None if exclude is None else exclude[start : start + QUERY_CHUNK]
-        parts.append(retrieval.top_k(retrieval.scores(chunk, docs, encoding, dims), k, skip))
-    return np.concatenate(parts)
-
-
-def encode_corpus(vectors: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A corpus's codes and the ranges they used: int8/uint8 are calibrated on the corpus itself, as an index is."""
-    ranges = encodings.calibration_ranges(vectors) if encoding in encodings.CALIBRATED else None
-    return encodings.encode(vectors, encoding, ranges), ranges
 
 
 def variant(row: dict[str, Any]) -> str:
@@ -87,6 +77,15 @@ def cost(row: dict[str, Any]) -> tuple[float, int]:
     return (row.get("layer_share", 1.0) if flops_per_text is None else flops_per_text, row["bytes_per_vector"])
 
 
+def full_width_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row quality is measured against: float32 vectors, full depth, fp32 where there is one, widest dims."""
+    return max(
+        (r for r in rows if r["encoding"] == "float32"),
+        key=lambda r: (r.get("full_depth", True), r["precision"] == "fp32", r["dims"]),
+        default=None,
+    )
+
+
 def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
     """Smallest dims meeting the target per variant, the fewest bytes, and the fewest FLOPs and bytes overall.
 
@@ -95,11 +94,7 @@ def recommend(rows: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
     i.e. keeps that share of the best quality this artifact reaches on the user's own pairs.
     """
     variants = list(dict.fromkeys(variant(r) for r in rows))
-    full = max(
-        (r for r in rows if r["encoding"] == "float32"),
-        key=lambda r: (r.get("full_depth", True), r["precision"] == "fp32", r["dims"]),
-        default=None,
-    )
+    full = full_width_row(rows)
     labelled_floor = None
     if full is not None and "labelled_recall_at_10" in full:
         labelled_floor = target * full["labelled_recall_at_10"]
@@ -161,6 +156,9 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
     query_rows = retrieval.sample_indices(len(docs), config.max_queries)
     reference_precision = "fp32" if "fp32" in manifest.precisions else manifest.precisions[0]
     full = max(manifest.dims)
+    if config.cost_vectors:  # before any embedding: a size that cannot fit fails now, not after minutes of work
+        every = (*config.encodings, *config.rescore_encodings) if config.shortlist_sizes else config.encodings
+        search_cost.check_memory({(e, full) for e in every}, config.cost_vectors)
     extra: dict[str, Any] = {
         "n_documents": len(docs),
         "duplicates_removed": len(config.corpus) - len(docs),
@@ -181,6 +179,7 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
     depths = depth_keys(config.layers, manifest)
     model_config = flops.find_model_config(manifest.source.get("path"))
     rows: list[dict[str, Any]] = []
+    funnel_rows: list[dict[str, Any]] = []
     for precision in precisions:
         embedder = _load(config, precision)
         try:
@@ -194,12 +193,14 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
                     "layer_share": 1.0 if depth is None else depth / (manifest.total_layers or depth),
                     "flops_per_text": None if per_token is None else per_token * tokens,
                 }
+                group: dict[int, Embedded] = {}
                 for dims in sorted({p.dims for p in embedder.profiles if p.layers == depth}, reverse=True):
                     progress(
                         f"embedding {len(pool)} documents with {precision} at {layers or 'all'} layers, dims {dims}"
                     )
-                    embedded = _embed_profile(config, embedder, pool, depth, dims, facts)
-                    rows += _score(config, embedded, reference, query_rows, positive_index)
+                    group[dims] = _embed_profile(config, embedder, pool, depth, dims, facts)
+                    rows += _score(config, group[dims], reference, query_rows, positive_index)
+                funnel_rows += _score_funnels(config, group, reference, query_rows, positive_index, progress)
         finally:
             embedder.close()
     rows.sort(
@@ -211,7 +212,52 @@ def run_tradeoff(config: TradeoffConfig, progress: Progress) -> tuple[list[dict[
         )
     )
     extra["recommendation"] = recommend(rows, config.target_recall)
+    return _with_designs(config, rows, funnel_rows, extra, progress)
+
+
+def _with_designs(
+    config: TradeoffConfig, rows: list[dict[str, Any]], funnel_rows: list[dict[str, Any]], extra: dict[str, Any],
+    progress: Progress,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:  # fmt: skip
+    """Rows and extra facts with each design's query cost, the funnels, and the design recommendation."""
+    if config.cost_vectors:
+        scans, rescores = search_cost.needs([*rows, *funnel_rows], config.k)
+        costs = search_cost.measure(scans, rescores, n_vectors=config.cost_vectors, final_k=config.k, progress=progress)
+        rows = search_cost.with_costs(rows, costs, config.k)
+        funnel_rows = search_cost.with_costs(funnel_rows, costs, config.k)
+        extra["search_cost"] = costs.as_json()
+    extra["funnels"] = funnel_rows
+    designs = [*rows, *funnel_rows]
+    extra["design_recommendation"] = funnel.recommend(designs, config.target_recall, full_width_row(rows))
     return rows, extra
+
+
+def _score_funnels(
+    config: TradeoffConfig, group: dict[int, Embedded], reference: np.ndarray, query_rows: list[int],
+    positive_index: dict[str, int], progress: Progress,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per funnel over one profile's dims (all from the same forward pass of the same depth)."""
+    designs = funnel.funnels(list(group), config.shortlist_encodings, config.shortlist_sizes, config.rescore_encodings)
+    if not designs:
+        return []
+    first = next(iter(group.values()))
+    progress(f"searching {len(designs)} funnels with {first.precision} at {first.facts['layers'] or 'all'} layers")
+    free = {
+        d: funnel.SearchSet(docs=e.pool[: e.n_docs], queries=e.pool[query_rows], exclude=query_rows)
+        for d, e in group.items()
+    }
+    labelled, relevant = None, None
+    if config.pairs:
+        own = _own_rows(config, positive_index)
+        labelled = {d: funnel.SearchSet(docs=e.pool, queries=e.queries, exclude=own) for d, e in group.items()}
+        relevant = [positive_index[p.positive] for p in config.pairs]
+    rows = funnel.evaluate(designs, free, reference, labelled, relevant, config.k)
+    return [{"precision": first.precision, **first.facts, **r} for r in rows]
+
+
+def _own_rows(config: TradeoffConfig, positive_index: dict[str, int]) -> list[int]:
+    # A query whose exact text is also in the index would find itself first: leave that one out.
+    return [positive_index.get(p.query, -1) if p.query != p.positive else -1 for p in config.pairs]
 
 
 def _embed_profile(
@@ -253,7 +299,7 @@ def _reference_neighbours(
         vectors = embedder.embed(docs, dims, _prompt(embedder, "document"), batch_size=config.batch_size, truncate=True)
     finally:
         embedder.close()
-    return knn(vectors[query_rows], vectors, "float32", dims, config.k, query_rows)
+    return retrieval.knn(vectors[query_rows], vectors, "float32", dims, config.k, query_rows)
 
 
 def _score(
@@ -267,15 +313,18 @@ def _score(
     rows = []
     corpus = embedded.pool[: embedded.n_docs]
     for encoding in config.encodings:
-        codes, _ = encode_corpus(corpus, encoding)
-        found = knn(codes[query_rows], codes, encoding, embedded.dims, config.k, exclude=query_rows)
+        codes, _ = retrieval.encode_corpus(corpus, encoding)
+        found = retrieval.knn(codes[query_rows], codes, encoding, embedded.dims, config.k, exclude=query_rows)
         size = encodings.bytes_per_vector(encoding, embedded.dims)
         row: dict[str, Any] = {
+            "design": "single",
             "precision": embedded.precision,
             **embedded.facts,
             "dims": embedded.dims,
             "encoding": encoding,
             "bytes_per_vector": size,
+            "ram_bytes_per_vector": size,
+            "disk_bytes_per_vector": 0,
             "index_bytes": size * embedded.n_docs,
             "recall_at_10": retrieval.neighbour_recall(found, reference),
             "encode_ms_per_text": 1000 * embedded.seconds / len(embedded.pool),
@@ -288,40 +337,6 @@ def _score(
     return rows
 
 
-def recommendation_lines(rec: dict[str, Any], reference: str) -> list[str]:
-    """The recommendation as the lines `mrl-bench tradeoff` prints under its table."""
-    lines = [f"smallest dims with recall@10 >= {rec['target_recall_at_10']} against {reference}:"]
-    lines += [f"  {variant}: {d if d else 'none meets the target'}" for variant, d in rec["smallest_dims"].items()]
-    best = rec["fewest_bytes"]
-    if best:
-        lines.append(
-            f"fewest bytes meeting it: {best['precision']} {best['encoding']} at dims {best['dims']} "
-            f"({best['bytes_per_vector']} bytes/vector, recall@10 {best['recall_at_10']:.3f})"
-        )
-    if rec.get("cheapest"):
-        lines.append(f"fewest FLOPs, then bytes, meeting it: {_cheapest_text(rec['cheapest'], 'recall_at_10')}")
-    if rec.get("labelled_smallest_dims") is not None:
-        lines.append(
-            f"smallest dims keeping {rec['target_recall_at_10']:.0%} of the full-width labelled recall@10 "
-            f"(>= {rec['labelled_floor']:.3f}) on the pairs:"
-        )
-        lines += [f"  {variant}: {d if d else 'none'}" for variant, d in rec["labelled_smallest_dims"].items()]
-        best = rec.get("labelled_cheapest")
-        lines.append(
-            "fewest FLOPs, then bytes, keeping it: "
-            + (_cheapest_text(best, "labelled_recall_at_10") if best else "none")
-        )
-    return lines
-
-
-def _cheapest_text(best: dict[str, Any], metric: str) -> str:
-    compute = "" if best["flops_per_text"] is None else f"{best['flops_per_text'] / 1e6:.0f} MFLOP/text, "
-    return (
-        f"{best['precision']} {best['encoding']} at {best['layers'] or 'all'} layers and dims {best['dims']} "
-        f"({compute}{best['bytes_per_vector']} bytes/vector, {metric.replace('_at_', '@')} {best[metric]:.3f})"
-    )
-
-
 def _labelled(
     pool_vectors: np.ndarray,
     queries: np.ndarray,
@@ -331,11 +346,9 @@ def _labelled(
     encoding: str,
 ) -> dict[str, float]:
     # Queries are quantised with the documents' int8 ranges: a real index fixes them at build time.
-    docs, ranges = encode_corpus(pool_vectors, encoding)
+    docs, ranges = retrieval.encode_corpus(pool_vectors, encoding)
     q = encodings.encode(queries, encoding, ranges)
-    # A query whose exact text is also in the index would find itself first: leave that one out.
-    own = [positive_index.get(p.query, -1) if p.query != p.positive else -1 for p in config.pairs]
-    found = knn(q, docs, encoding, dims, config.k, exclude=own)
+    found = retrieval.knn(q, docs, encoding, dims, config.k, exclude=_own_rows(config, positive_index))
     ranks = retrieval.ranks_of(found, [positive_index[p.positive] for p in config.pairs])
     return {
         "labelled_recall_at_10": retrieval.recall_at_k(ranks, config.k),
@@ -346,21 +359,3 @@ def _labelled(
 def _load(config: TradeoffConfig, precision: str) -> Embedder:
     # Every backend takes a thread count (GPU ones ignore it), whatever "auto" resolves to.
     return Embedder.load(config.artifact, config.backend, precision=precision, intra_op_threads=config.threads)
-
-
-def tradeoff_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The Markdown table `mrl-bench tradeoff` prints."""
-    labelled = any("mrr_at_10" in r for r in rows)
-    headers = ["precision", "layers", "dims", "encoding", "bytes/vector", "index MB", "MFLOP/text", "recall@10 vs full"]
-    headers += ["recall@10 (pairs)", "MRR@10 (pairs)"] if labelled else []
-    headers += ["encode ms/text", "texts/s", "other load"]
-    body = []
-    for r in rows:
-        cells = [r["precision"], r.get("layers") or "all", r["dims"], r["encoding"], r["bytes_per_vector"]]
-        cells += [r["index_bytes"] / 1e6, None if r.get("flops_per_text") is None else r["flops_per_text"] / 1e6]
-        cells.append(f"{r['recall_at_10']:.3f}")
-        if labelled:
-            cells += [f"{r['labelled_recall_at_10']:.3f}", f"{r['mrr_at_10']:.3f}"]
-        cells += [r["encode_ms_per_text"], r["encode_texts_per_s"], r.get("other_load_cores")]
-        body.append(cells)
-    return markdown_table(headers, body)

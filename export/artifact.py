@@ -17,6 +17,7 @@ import onnx
 
 import mrl
 from mrl.export import graph, ortopt, parity, precision
+from mrl.export.acceptance import acceptance_test
 from mrl.export.calibrate import CalibrationTexts, calibrate
 from mrl.export.errors import ExportError
 from mrl.export.layers import LAYER_LOSSES, reference_embeddings
@@ -277,11 +278,12 @@ def _write_artifact(
         return shared[name].externalise(model)
 
     profiles, exporters, choices, quantization = [], [], {}, None
+    references = {}  # depth -> the source model's vectors of the validation texts, for the acceptance test
     for depth in depths:
         reference = None
         if options.validate:
             progress(f"computing reference embeddings at {_depth_text(depth)} for {len(job.texts)} validation texts")
-            reference = _reference(source, job.texts, depth)
+            reference = references[depth] = _reference(source, job.texts, depth)
         fp32, exporter = _pooled_fp32(job, options.exporter, reference, depth)
         exporters.append(exporter)
         fp32 = precision.name_nodes(fp32)
@@ -323,6 +325,7 @@ def _write_artifact(
         trained_layers=source.trained_layers,
         ort_cpu=tuple(choices.values()),
         quantization=quantization,
+        acceptance=acceptance_test(source, job.texts, references, precisions).save(tmp) if references else None,
         toolkit_version=mrl.__version__,
     )
     progress("calibrating int8/uint8 output ranges")
@@ -349,4 +352,6 @@ def _reference(source: SourceModel, texts: list[str], layers: int | None) -> np.
         return onnx_reference(source, texts)
     if layers is not None:
         return reference_embeddings(source.st_model, texts, layers)
-    return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False)
+    # prompt="": the graph runs see the texts as they are, so the reference must too (sentence-transformers would
+    # prepend a model's default prompt; the runtime prepends prompts itself, outside the graph).
+    return source.st_model.encode(texts, batch_size=8, convert_to_numpy=True, normalize_embeddings=False, prompt="")

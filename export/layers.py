@@ -96,7 +96,10 @@ def reference_embeddings(st_model: Any, texts: list[str], layers: int, batch_siz
     config.output_hidden_states = True
     transformer.forward = at_depth
     try:
-        return st_model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False)
+        # prompt="": as the graph runs it is compared with, whatever default prompt the model names.
+        return st_model.encode(
+            texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=False, prompt=""
+        )
     finally:
         del transformer.forward  # the instance attribute; the class's forward shows through again
         config.output_hidden_states = had_hidden

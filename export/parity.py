@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mrl.export.errors import ExportError
-from mrl.runtime import truncate_normalize
+from mrl.runtime.acceptance import measure
 from mrl.runtime.backends.onnxruntime import OnnxRuntimeBackend
 from mrl.runtime.manifest import Parity
 from mrl.runtime.tokenize import TextTokenizer
@@ -43,24 +43,8 @@ def embed_graph(graph: Path, tokenizer: TextTokenizer, texts: list[str], batch_s
 
 
 def compare(candidate: np.ndarray, reference_full: np.ndarray, dims: int, precision: str, reference: str) -> Parity:
-    """Parity of unit vectors `candidate` against the reference truncated and re-normalised to dims."""
-    ref = truncate_normalize(reference_full, dims)
-    if candidate.shape != ref.shape:
-        raise ExportError(f"the graph returned shape {candidate.shape}, expected {ref.shape}")
-    # NaN (fp16 overflow) counts as the worst possible result for unit vectors, so it fails.
-    diff = np.nan_to_num(np.abs(candidate - ref), nan=2.0)
-    cosine = np.nan_to_num(np.sum(candidate * ref, axis=1), nan=-1.0)
-    values = {"min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}
-    return Parity(
-        reference=reference,
-        n_texts=len(ref),
-        max_abs_diff=float(diff.max()),
-        min_cosine=values["min_cosine"],
-        mean_cosine=values["mean_cosine"],
-        threshold=_threshold_text(precision),
-        passed=all(values[stat] >= minimum for stat, minimum in THRESHOLDS[precision].items()),
-    )
-
-
-def _threshold_text(precision: str) -> str:
-    return " and ".join(f"{stat} >= {minimum}" for stat, minimum in THRESHOLDS[precision].items())
+    """Parity of unit vectors `candidate` against the reference truncated and re-normalised to dims, on this machine."""
+    try:
+        return measure(candidate, reference_full, dims, THRESHOLDS[precision], reference)
+    except ValueError as e:  # a graph of the wrong width
+        raise ExportError(str(e)) from None

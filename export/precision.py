@@ -40,10 +40,13 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted.model
 
 
-# What int8 means here: dynamic quantisation (activations uint8 per tensor, computed per batch;
-# weights int8 per output channel, full range). u8 x s8 is the fast pair on VNNI/AMX: measured
-# 1.6x faster than u8 x u8 at batch 32 on AVX512-VNNI (BENCHMARKS.md).
-INT8_METHOD = "dynamic: activations uint8 per tensor, weights int8 per channel"
+# What int8 means here (docs/int8.md): dynamic quantisation, activations uint8 per tensor (computed
+# per batch), weights int8 per output channel, symmetric, in -64..64 (reduce_range). u8 x s8 is the
+# fast pair on VNNI/AMX (1.6x u8 x u8 at batch 32 on AVX512-VNNI, BENCHMARKS.md), but ONNX Runtime's
+# u8 x s8 kernel for AVX2 and for AVX-512 without VNNI (vpmaddubsw) adds pairs of products in int16
+# with saturation: 255 * 127 * 2 overflows, 255 * 64 * 2 = 32640 does not. With 7-bit weights every
+# x86 kernel path computes the same exact int32 sums, so parity checked on one CPU holds on all.
+INT8_METHOD = "dynamic: activations uint8 per tensor, weights int8 per channel in -64..64 (reduce_range)"
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -66,7 +69,7 @@ def to_int8(
     keep_fp32: tuple[str, ...] = (),
     op_types: tuple[str, ...] = ("MatMul",),
 ) -> onnx.ModelProto:
-    """Dynamic int8 quantisation of the weights of `op_types` nodes, per channel, except `keep_fp32`."""
+    """Dynamic int8 quantisation of the weights of `op_types` nodes, per channel in -64..64, except `keep_fp32`."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -80,6 +83,7 @@ def to_int8(
                 op_types_to_quantize=list(op_types),
                 nodes_to_exclude=list(keep_fp32),
                 per_channel=True,
+                reduce_range=True,  # exact on every x86 kernel (see INT8_METHOD)
                 weight_type=QuantType.QInt8,
                 use_external_data_format=True,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -89,12 +93,11 @@ def to_int8(
         return onnx.load(str(dst))
 
 
-def convert(model: onnx.ModelProto, precision: str, workdir: Path) -> onnx.ModelProto:
-    """The pooled fp32 graph converted to `precision`."""
+def convert(model: onnx.ModelProto, precision: str) -> onnx.ModelProto:
+    """The pooled fp32 graph converted to fp32 or fp16."""
     if precision == "fp32":
         return model
     if precision == "fp16":
         return to_fp16(model)
-    if precision == "int8":
-        return to_int8(model, workdir)
-    raise ExportError(f"unknown precision {precision!r}; choose fp32, fp16 or int8")
+    # int8 is not a plain conversion: it is smoothed and checked (mrl.export.int8.quantise).
+    raise ExportError(f"unknown precision {precision!r} for a plain conversion; choose fp32 or fp16")

@@ -54,22 +54,29 @@ class Builder:
         return run
 
     def int8(self, fp32: onnx.ModelProto, op_types: tuple[str, ...]) -> int8.Int8Graph:
-        """int8 of `fp32` that holds parity, keeping the worst products in fp32 where needed."""
+        """int8 of `fp32` that holds parity: smoothed, and as a last resort with the worst products kept in fp32."""
         feeds = parity.batches(self.tokenizer, self.texts)
         return int8.quantise(fp32, self.work, check=self.check("int8"), feeds=feeds, op_types=op_types)
 
     def portable(self, fp32: onnx.ModelProto, prec: str) -> tuple[onnx.ModelProto, Quantization | None]:
         """The portable pooled graph of `prec` (and, for int8, how it was quantised)."""
         if prec != "int8":
-            return precision.convert(fp32, prec, self.work), None
+            return precision.convert(fp32, prec), None
         try:
             result = self.int8(fp32, ("MatMul",))
         except int8.Int8ParityError as e:
             raise ParityError(self._int8_refusal(fp32, e.failure)) from None
+        smoothing = result.smoothing
+        self.progress(f"int8: smoothed {smoothing.smoothed} of {smoothing.inputs} matrix-product inputs")
         if result.kept_fp32:
             self.progress(f"int8: kept {len(result.kept_fp32)} matrix products in fp32 to hold parity")
         return result.model, Quantization(
-            method=precision.INT8_METHOD, kept_fp32=result.kept_fp32, reason=result.reason
+            method=result.method,
+            kept_fp32=result.kept_fp32,
+            reason=result.reason,
+            reduce_range=True,
+            smoothed=smoothing.smoothed,
+            smoothing_muls=smoothing.inserted,
         )
 
     def _int8_refusal(self, fp32: onnx.ModelProto, failure: int8.Int8Failure) -> str:
@@ -105,7 +112,11 @@ class Builder:
         except int8.Int8ParityError as e:
             reason = f"the fused int8 graph fails parity ({e.failure.summary()})"
             return None, OrtCpuChoice(precision=prec, graph="portable", reason=reason, **note)
-        reason = f"{optimized.reason}; attention quantised too" + (f"; {result.reason}" if result.reason else "")
+        smoothing = result.smoothing
+        reason = (
+            f"{optimized.reason}; attention quantised too; smoothed {smoothing.smoothed} of {smoothing.inputs} "
+            f"product inputs ({smoothing.inserted} by a Mul node)" + (f"; {result.reason}" if result.reason else "")
+        )
         choice = OrtCpuChoice(precision=prec, graph="optimized", reason=reason, kept_fp32=result.kept_fp32, **note)
         return result.model, choice
 

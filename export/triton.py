@@ -81,7 +81,9 @@ def _write_encoder(plan: Plan, artifact: Path, root: Path, profile: Profile) -> 
         sub = version / "artifact"
         sub.mkdir()
         cpu = [profile.ort_cpu.file, profile.ort_cpu.weights] if profile.ort_cpu else []  # the fused CPU graph
-        for name in dict.fromkeys([plan.manifest.tokenizer.file, profile.file, *(w.file for w in weights), *cpu]):
+        test = [plan.manifest.acceptance.file] if plan.manifest.acceptance else []  # run when the model loads
+        files = [plan.manifest.tokenizer.file, profile.file, *(w.file for w in weights), *cpu, *test]
+        for name in dict.fromkeys(files):
             if name:
                 _place(artifact / name, sub / name)  # the tokenizer too: the manifest verifies it
         _one_profile(plan.manifest, profile).save(sub)

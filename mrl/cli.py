@@ -1,4 +1,5 @@
-"""What every `mrl-*` command shares: usage errors as one readable line with exit code 2; SIGTERM as Ctrl-C."""
+"""What every `mrl-*` command shares: usage errors as one readable line with exit code 2; SIGINT and SIGTERM as
+Ctrl-C."""
 
 from __future__ import annotations
 
@@ -23,16 +24,25 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within, SIGTERM interrupts the main thread like Ctrl-C (by default it ends the process uncleaned)."""
+def signals_interrupt() -> Iterator[None]:
+    """Within, SIGINT and SIGTERM interrupt the main thread as Ctrl-C does, whatever the process inherited.
+
+    SIGTERM by default ends the process uncleaned. SIGINT is set too: a process that starts with it
+    ignored, as every background job of a non-interactive shell does (POSIX), gets no Ctrl-C handler
+    from Python, so `kill -INT` would be lost and the command would run on to the end.
+    """
     if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+    }
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def interrupted_exit_code(error: KeyboardInterrupt) -> int:

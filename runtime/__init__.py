@@ -5,6 +5,7 @@ Never imports torch or transformers: a serving image needs numpy, tokenizers and
 
 from mrl.runtime.embedder import Embedder
 from mrl.runtime.errors import (
+    AcceptanceError,
     ArtifactError,
     BackendUnavailableError,
     DimsError,
@@ -22,6 +23,7 @@ from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.plan import EmbedOptions, Output, OutputSpec, Plan, truncate_normalize
 
 __all__ = [
+    "AcceptanceError",
     "ArtifactError",
     "BackendUnavailableError",
     "DimsError",

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from mrl.runtime import encodings
+from mrl.runtime.acceptance import require as require_acceptance
 from mrl.runtime.backends import Backend, capabilities, create_backend, resolve_backend
 from mrl.runtime.errors import (
     BackendUnavailableError,
@@ -23,7 +24,7 @@ from mrl.runtime.errors import (
 )
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
 from mrl.runtime.plan import EmbedOptions, Output, OutputSpec, Plan
-from mrl.runtime.tokenize import Encoded, TextTokenizer
+from mrl.runtime.tokenize import DIRECTIONS, Encoded, TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,14 @@ class Embedder:
         *,
         precision: str | None = None,
         verify: bool = True,
+        acceptance: bool = True,
         **backend_options: Any,
     ) -> Embedder:
-        """Open an artifact directory; `precision` defaults to the first the manifest lists."""
+        """Open an artifact directory; `precision` defaults to the first the manifest lists.
+
+        `verify` checks every file's sha256; `acceptance` runs the artifact's acceptance test on this machine's
+        backend and raises AcceptanceError where a served profile falls below its thresholds.
+        """
         directory = Path(artifact_dir)
         manifest = load_manifest(directory, verify=verify)
         if not manifest.profiles:
@@ -89,7 +95,7 @@ class Embedder:
         tokenizer = TextTokenizer.load(directory, manifest.tokenizer)
         name = resolve_backend(backend, directory, manifest)
         log.info("backend %s for %s (asked for %s)", name, directory, backend)
-        return cls(
+        embedder = cls(
             directory,
             manifest,
             tokenizer,
@@ -97,6 +103,13 @@ class Embedder:
             precision=precision,
             backend_options=backend_options,
         )
+        if acceptance:
+            try:
+                require_acceptance(embedder, anyway="Embedder.load(..., acceptance=False) loads it anyway")
+            except BaseException:
+                embedder.close()
+                raise
+        return embedder
 
     @property
     def layers_served(self) -> list[int | None]:
@@ -112,13 +125,19 @@ class Embedder:
         """Decide everything about a request, or raise the caller's first mistake.
 
         Checked in this order: layers (LayersError), each output's dims (DimsError), the prompt
-        (UnknownPromptError), each output's encoding (EncodingError).
+        (UnknownPromptError), the truncation direction, each output's encoding (EncodingError).
         """
         if not options.outputs or len(options.outputs) > MAX_OUTPUTS:
-            raise InvalidInputError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(options.outputs)}")
+            raise InvalidInputError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(options.outputs)}", "outputs")
         graph = self._graph(options.layers)
         dims = [self._dims(graph, spec.dims) for spec in options.outputs]
         prompt = self._prompt(options.prompt_name)
+        if options.truncation_direction not in DIRECTIONS:
+            raise InvalidInputError(
+                f"unknown truncation direction {shorten(options.truncation_direction)}; choose from "
+                f"{', '.join(DIRECTIONS)} (right keeps a text's start, left its end)",
+                "truncation_direction",
+            )
         outputs = tuple(
             Output(dims=d, encoding=spec.encoding, ranges=self._ranges_for(graph, spec.encoding, d))
             for d, spec in zip(dims, options.outputs, strict=True)
@@ -129,6 +148,7 @@ class Embedder:
             outputs=outputs,
             prompt=prompt,
             truncate=options.truncate,
+            truncation_direction=options.truncation_direction,
         )
 
     def _graph(self, layers: int | None) -> Profile:
@@ -224,7 +244,7 @@ class Embedder:
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
         prompted = [plan.prompt + t for t in texts] if plan.prompt else texts
-        return self.tokenizer.encode(prompted, truncate=plan.truncate)
+        return self.tokenizer.encode(prompted, truncate=plan.truncate, direction=plan.truncation_direction)
 
     def run(self, graph: Profile, encoded: Sequence[Encoded]) -> np.ndarray:
         """One forward pass of `graph` over tokenised texts: `[n, graph.dims]` float32 unit rows."""

@@ -77,5 +77,10 @@ class SchemaVersionError(ArtifactError):
     """A manifest written by a newer toolkit than this one."""
 
 
+class AcceptanceError(MrlError):
+    """An artifact whose acceptance test fails on this machine: its backend computes other vectors than the
+    export checked (another CPU's int8 kernels, a GPU, another onnxruntime)."""
+
+
 class BackendUnavailableError(MrlError):
     """A backend whose libraries or hardware are not present here."""

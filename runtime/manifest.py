@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mrl.runtime.errors import ArtifactError, IntegrityError, SchemaVersionError, shorten
+from mrl.runtime.machine import Machine
 from mrl.runtime.manifest_checks import PRECISIONS as PRECISIONS  # re-exported: where callers look for it
 from mrl.runtime.manifest_checks import check_sense
 
@@ -34,6 +35,8 @@ class Parity:
     mean_cosine: float
     threshold: str
     passed: bool
+    machine: Machine | None = None
+    """Where the candidate ran (None in artifacts written before machines were recorded)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,11 +90,20 @@ class OrtCpuChoice:
 
 @dataclass(frozen=True, kw_only=True)
 class Quantization:
-    """How the int8 graphs were quantised, and which matrix products were kept in fp32 and why."""
+    """How the int8 graphs were quantised, and which matrix products were kept in fp32 and why.
+
+    `method` says it in words. `reduce_range`: weights in -64..64, so that no x86 int8 kernel can
+    saturate (False in artifacts written before it, whose weights use -127..127). `smoothed`: how
+    many matrix-product inputs had their outlier channels moved into the weights, `smoothing_muls`
+    how many of those needed a Mul node of their own (the rest were folded into a norm's scale).
+    """
 
     method: str
     kept_fp32: tuple[str, ...] = ()
     reason: str = ""
+    reduce_range: bool = False
+    smoothed: int = 0
+    smoothing_muls: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -201,6 +213,15 @@ class Calibration:
 
 
 @dataclass(frozen=True, kw_only=True)
+class AcceptanceFile:
+    """The artifact's acceptance test: validation texts, the source model's vectors and the thresholds
+    (`mrl.runtime.acceptance`), which every load runs on the machine that serves."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Manifest:
     """Everything `manifest.json` records about an artifact."""
 
@@ -220,6 +241,7 @@ class Manifest:
     trained_layers: tuple[int, ...] | None = None  # depths the model was trained to be cut at
     ort_cpu: tuple[OrtCpuChoice, ...] = ()
     quantization: Quantization | None = None
+    acceptance: AcceptanceFile | None = None  # None: exported without validation, or before acceptance tests
     toolkit_version: str = ""
     schema_version: int = SCHEMA_VERSION
 
@@ -370,8 +392,8 @@ def load_manifest(directory: Path | str, verify: bool = True) -> Manifest:
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:
-    """Raise IntegrityError unless every file the manifest lists (tokenizer, graphs, weights, engines) matches
-    its recorded sha256."""
+    """Raise IntegrityError unless every file the manifest lists (tokenizer, graphs, weights, engines, acceptance
+    test) matches its recorded sha256."""
     listed = [(manifest.tokenizer.file, manifest.tokenizer.sha256)] if manifest.tokenizer.sha256 else []
     if not manifest.tokenizer.sha256:
         log.warning(
@@ -383,6 +405,7 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
     listed += [(p.ort_cpu.file, p.ort_cpu.sha256) for p in manifest.profiles if p.ort_cpu is not None]
     listed += [(w.file, w.sha256) for w in manifest.weights]
     listed += [(e.file, e.sha256) for e in manifest.engines]
+    listed += [(manifest.acceptance.file, manifest.acceptance.sha256)] if manifest.acceptance else []
     for name, expected in listed:
         path = directory / name
         if not path.is_file():

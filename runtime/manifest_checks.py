@@ -66,6 +66,7 @@ def check_files(manifest: Manifest) -> None:
     files += [p.weights for p in manifest.profiles if p.weights] + [e.file for e in manifest.engines]
     cpu_graphs = [p.ort_cpu for p in manifest.profiles if p.ort_cpu is not None]
     files += [g.file for g in cpu_graphs] + [g.weights for g in cpu_graphs if g.weights]
+    files += [manifest.acceptance.file] if manifest.acceptance else []
     for name in files:
         path = PurePosixPath(name)
         if path.is_absolute() or ".." in path.parts or not name:

@@ -36,6 +36,8 @@ class EmbedOptions:
     """None: the model's default prompt, if it has one."""
     truncate: bool = False
     """Cut texts longer than the model's max length instead of refusing them."""
+    truncation_direction: str = "right"
+    """Which end truncation cuts: "right" keeps a text's start, "left" keeps its end."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +73,7 @@ class Plan:
     prompt: str
     """Text prepended to every input ("" for none)."""
     truncate: bool
+    truncation_direction: str = "right"
 
     def finish(self, rows: np.ndarray) -> tuple[np.ndarray, ...]:
         """Each output's vectors from the graph's `[n, graph.dims]` unit rows, in `outputs` order."""

@@ -15,6 +15,8 @@ from mrl.runtime.manifest import TokenizerSettings
 
 CHARS_PER_TOKEN = 8
 """A long text is first cut to this many characters per token of max length: English runs 4-5 per token."""
+DIRECTIONS = ("right", "left")
+"""Which end of a long text truncation cuts: "right" keeps its start (the default everywhere), "left" its end."""
 
 
 def cut_prefix(text: str, chars: int) -> str:
@@ -31,6 +33,18 @@ def cut_prefix(text: str, chars: int) -> str:
         return text[:chars]
     boundary = text.rfind(" ", chars // 2, chars)
     return text[: boundary if boundary > 0 else chars]
+
+
+def cut_suffix(text: str, chars: int) -> str:
+    """The last `chars` characters of `text`, started after the space that ends the word cut in two (as
+    `cut_prefix`, from the other end: its tokens are the tokens the whole text ends with)."""
+    if len(text) <= chars:
+        return text
+    start = len(text) - chars
+    if text[start - 1] == " ":
+        return text[start:]
+    boundary = text.find(" ", start, start + chars // 2)
+    return text[boundary + 1 if boundary >= 0 else start :]
 
 
 def check_settings(tokenizer: Tokenizer, settings: TokenizerSettings) -> None:
@@ -76,9 +90,14 @@ class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings) -> None:
         check_settings(tokenizer, settings)
         self.settings = settings
-        self._tok = tokenizer
-        self._tok.no_padding()
-        self._tok.enable_truncation(max_length=settings.max_length)
+        # One tokenizer per truncation direction: the direction is the tokenizer's own setting, and tokenizers
+        # are shared between threads, so it is never switched on one.
+        self._tok: dict[str, Tokenizer] = {}
+        for direction in DIRECTIONS:
+            tok = tokenizer if direction == "right" else Tokenizer.from_str(tokenizer.to_str())
+            tok.no_padding()
+            tok.enable_truncation(max_length=settings.max_length, direction=direction)
+            self._tok[direction] = tok
 
     @classmethod
     def load(cls, directory: Path, settings: TokenizerSettings) -> TextTokenizer:
@@ -100,28 +119,31 @@ class TextTokenizer:
         """Characters of a long text tokenised first (more only when they hold fewer than max length tokens)."""
         return self.max_length * CHARS_PER_TOKEN
 
-    def encode(self, texts: Sequence[str], *, truncate: bool = False) -> list[Encoded]:
-        """Tokenise texts; one longer than max length raises InputTooLongError unless `truncate` cuts it.
+    def encode(self, texts: Sequence[str], *, truncate: bool = False, direction: str = "right") -> list[Encoded]:
+        """Tokenise texts; one longer than max length raises InputTooLongError unless `truncate` cuts it, at its
+        end ("right") or its start ("left").
 
-        However long a text, only a prefix of about what the model can read is tokenised (`cut_prefix`),
-        so a 15 MB text costs about what a max-length one costs, and gives the same tokens.
+        However long a text, only the part of about what the model can read is tokenised (`cut_prefix`,
+        `cut_suffix`), so a 15 MB text costs about what a max-length one costs, and gives the same tokens.
         """
         if isinstance(texts, str):
             raise InvalidInputError("texts must be a list of strings, not one string")
+        if direction not in DIRECTIONS:
+            raise InvalidInputError(f"unknown truncation direction {direction!r}; choose from {', '.join(DIRECTIONS)}")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise InvalidInputError(f"input {i} is {type(t).__name__}, not a string")
-        limit = self.first_cut_chars
+        tok, limit = self._tok[direction], self.first_cut_chars
         encodings = dict(
             zip(
                 (i for i, t in enumerate(texts) if len(t) <= limit),
-                self._tok.encode_batch([t for t in texts if len(t) <= limit]),
+                tok.encode_batch([t for t in texts if len(t) <= limit]),
                 strict=True,
             )
         )
         out = []
         for i, text in enumerate(texts):
-            enc = encodings[i] if i in encodings else self._encode_long(text)
+            enc = encodings[i] if i in encodings else self._encode_long(text, direction)
             cut = bool(enc.overflowing)
             if cut and not truncate:
                 raise InputTooLongError(
@@ -131,13 +153,15 @@ class TextTokenizer:
             out.append(Encoded(ids=enc.ids, type_ids=enc.type_ids, truncated=cut))
         return out
 
-    def _encode_long(self, text: str) -> Any:
-        """Tokenise growing prefixes of `text` until one overflows max length (or the whole text fits)."""
+    def _encode_long(self, text: str, direction: str) -> Any:
+        """Tokenise growing parts of `text` (its start, or its end for "left") until one overflows max length (or
+        the whole text fits)."""
+        cut = cut_prefix if direction == "right" else cut_suffix
         chars = self.first_cut_chars
         while True:
-            prefix = cut_prefix(text, chars)
-            (enc,) = self._tok.encode_batch([prefix])  # unlike encode, it lets go of the GIL while it works
-            if enc.overflowing or len(prefix) == len(text):
+            part = cut(text, chars)
+            (enc,) = self._tok[direction].encode_batch([part])  # unlike encode, it lets go of the GIL while it works
+            if enc.overflowing or len(part) == len(text):
                 return enc
             chars *= 4
 

@@ -27,7 +27,7 @@ CPU_NAME, GPU_NAME = "mrl-toolkit", "mrl-toolkit-gpu"
 # CUDA 13 and cuDNN 9 come from NVIDIA's pip wheels through onnxruntime-gpu's own [cuda,cudnn] extras;
 # 1.27 is the first onnxruntime-gpu built for CUDA 13, and 1.27.0 to 1.31.1 were checked (their
 # metadata, and `readelf -d` of their TensorRT provider: libnvinfer.so.10). Widen the upper bound
-# only after the same check of the new release (README, "Deploying on a GPU").
+# only after the same check of the new release (docs/gpu.md).
 GPU_RUNTIME = "onnxruntime-gpu[cuda,cudnn]>=1.27,<1.32"
 _NAME = re.compile(r'^name = "mrl-toolkit"$', re.M)
 _RUNTIME = re.compile(r'^(\s*)"onnxruntime[<>=~!][^"]*",$', re.M)

@@ -1,4 +1,5 @@
-"""GPU check: what is here, then every GPU path that can run here, each against ONNX Runtime on the CPU.
+"""GPU check: what is here, then every GPU path that can run here, each against ONNX Runtime on the CPU and,
+with `mrl-export verify`, against the source model's vectors the artifact's acceptance test stores.
 
 Run it through `bash scripts/gpu_check.sh [--cpu-ok] [--model M] [--out DIR]`. It prints progress on
 stderr and one table last on stdout: the machine, then one row per GPU path (and per profile where
@@ -164,8 +165,9 @@ def parity_rows(artifact: Path, label: str, backend: str, options: dict, against
     for runs, graphs in against.items():
         opts = {**options, "dtype": runs} if backend == "torch" else options
         try:
-            reference = Embedder.load(artifact, "onnxruntime-cpu", precision=graphs)
-            candidate = Embedder.load(artifact, backend, precision=graphs, **opts)
+            # Against ONNX Runtime CPU here; against the source model, verify_row's acceptance test.
+            reference = Embedder.load(artifact, "onnxruntime-cpu", precision=graphs, acceptance=False)
+            candidate = Embedder.load(artifact, backend, precision=graphs, acceptance=False, **opts)
             try:
                 for profile in candidate.profiles:
                     got = candidate.embed(texts, profile.dims, truncate=True)
@@ -180,6 +182,28 @@ def parity_rows(artifact: Path, label: str, backend: str, options: dict, against
         except Exception as e:  # one broken path must not hide the others
             rows.append((f"{label} {runs}", "FAIL", f"{type(e).__name__}: {e}"))
     return rows
+
+
+def verify_row(artifact: Path, backend: str, timeout: int = 600) -> Row:
+    """`mrl-export verify --backend B`: the artifact's acceptance test (every precision) as a server here runs it."""
+    name = f"mrl-export verify --backend {backend}"
+    code = BOOTSTRAP + "from mrl.export.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    say(f"{name} {artifact}")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, "verify", str(artifact), "--backend", backend],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return (name, "FAIL", f"took over {timeout} s")
+    print(done.stdout, file=sys.stderr)  # its table, beside the progress
+    rows = [line for line in done.stdout.splitlines() if line.endswith(("| pass |", "| FAIL |"))]
+    if done.returncode == 0:
+        return (name, "pass", f"{len(rows)} profiles hold their export's thresholds against the source model")
+    problems = [line.removeprefix("mrl-export verify: ") for line in done.stderr.strip().splitlines()]
+    return (name, "FAIL", "; ".join(problems[-4:]) or f"exit {done.returncode}")
 
 
 def device_memory_row(device_id: int = 0) -> Row:
@@ -288,13 +312,16 @@ def gpu_paths(artifact: Path, facts: dict, work: Path, bench_timeout: int) -> li
             rows.append((label, "not run", "TensorRT is not installed (mrl-toolkit-gpu[tensorrt])"))
         else:
             rows += parity_rows(artifact, label, backend, {}, fp)
+            rows.append(verify_row(artifact, backend))
     if facts["torch_cuda"]:
         against = {"fp32": "fp32", "fp16": "fp16", "bf16": "fp32"}
         rows += parity_rows(artifact, "torch CUDA", "torch", {"device": "cuda"}, against)
+        rows.append(verify_row(artifact, "torch"))  # the torch backend's device auto: CUDA here
     else:
         rows.append(("torch CUDA fp32/fp16/bf16", "not run", no_gpu if gpu is None else "torch sees no CUDA GPU"))
     if gpu is None:
         rows += parity_rows(artifact, "torch cpu", "torch", {"device": "cpu"}, {"fp32": "fp32"})
+        rows += [verify_row(artifact, "onnxruntime-cpu"), verify_row(artifact, "torch")]
     if gpu is not None and facts["cuda_python"]:
         rows.append(device_memory_row())
     else:
@@ -306,7 +333,8 @@ def gpu_paths(artifact: Path, facts: dict, work: Path, bench_timeout: int) -> li
     else:
         row, engines = build_engines_row(artifact)
         rows.append(row)
-        rows += parity_rows(artifact, "tensorrt backend", "tensorrt", {}, fp) if engines else []
+        if engines:
+            rows += [*parity_rows(artifact, "tensorrt backend", "tensorrt", {}, fp), verify_row(artifact, "tensorrt")]
     baseline = "cuda" if facts["torch_cuda"] else "auto"
     if gpu is not None and baseline != "cuda":
         rows.append(("mrl-bench engine --baseline cuda", "not run", "torch sees no CUDA GPU"))

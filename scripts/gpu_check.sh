@@ -2,7 +2,9 @@
 # GPU check anyone can run: reports GPU, driver, CUDA, TensorRT and onnxruntime providers, exports the
 # demo model, then runs every GPU path that can run here (ONNX Runtime's CUDA and TensorRT providers,
 # torch on CUDA in fp32/fp16/bf16, cuda-python device memory, TensorRT engines, `mrl-bench engine
-# --baseline cuda`), each against ONNX Runtime CPU; prints one table last, naming what could not run.
+# --baseline cuda`), each against ONNX Runtime CPU, and `mrl-export verify --backend B` on each backend
+# (the artifact's acceptance test: the source model's vectors and the export's thresholds); prints one
+# table last, naming what could not run.
 #
 #   bash scripts/gpu_check.sh            # on a GPU machine (exit 2 where there is no GPU)
 #   bash scripts/gpu_check.sh --cpu-ok   # anywhere: without a GPU, runs the same path on the CPU

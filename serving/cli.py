@@ -1,5 +1,5 @@
-"""`mrl-serve`: serve exported artifacts over gRPC and OpenAI-compatible HTTP. The only module that reads flags
-and files for the server."""
+"""`mrl-serve`: serve exported artifacts over gRPC and OpenAI-compatible HTTP. The only module that reads flags,
+the environment and files for the server."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 
 from mrl.cli import OneLineParser
@@ -58,11 +60,23 @@ over HTTP (with --http-port 8080; add -H "Authorization: Bearer $(cat token.txt)
   OpenAIEmbeddings(model="minilm", base_url="http://127.0.0.1:8080/v1", api_key="unused",
                    check_embedding_ctx_length=False)
   mrl-serve artifacts/minilm --http-port 8080 --model-alias text-embedding-3-small   # the name gateways send
+
+from the environment (containers): every flag also reads MRL_SERVE_<FLAG>, the flag's name in capitals with
+'-' as '_' (--http-port: MRL_SERVE_HTTP_PORT; switches: 1/true/yes/on or 0/false/no/off; --precision: values
+separated by spaces or commas); MRL_SERVE_ARTIFACTS holds the artifact arguments, separated by spaces. A flag
+on the command line wins over its variable; an empty variable counts as unset.
+  MRL_SERVE_ARTIFACTS=/models/minilm MRL_SERVE_HTTP_PORT=8080 mrl-serve --max-batch-size 64
 """
+ENV_PREFIX = "MRL_SERVE_"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Config fields whose names differ from their flag's, so an error about one can name the variable that set it.
+_FIELD_OF = {"batch_workers": "workers", "max_inputs": "max_inputs_per_request"}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The command line, parsed."""
+def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """The command line, parsed, over the MRL_SERVE_* variables of `environ` (default: os.environ).
+
+    `args.environment` maps each setting taken from the environment to its variable."""
     p = OneLineParser(
         prog="mrl-serve",
         description="Serve exported Matryoshka embedding artifacts over gRPC (mrl.v1.Embedder) and, with "
@@ -70,7 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("artifacts", nargs="+", metavar="[NAME=]ARTIFACT_DIR", help="artifact directories (mrl-export)")
+    p.add_argument(
+        "artifacts",
+        nargs="*",
+        metavar="[NAME=]ARTIFACT_DIR",
+        help="artifact directories (mrl-export); at least one, here or in MRL_SERVE_ARTIFACTS",
+    )
     server, limits = ServerConfig(), RequestLimits()
     net = p.add_argument_group("network")
     net.add_argument("--host", default=server.host, help="address to listen on (0.0.0.0: all; default %(default)s)")
@@ -153,6 +172,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="let ONNX Runtime's idle threads spin for work (default: only with one batch worker)",
     )
     model.add_argument("--no-verify", action="store_true", help="skip the sha256 check of artifact files at start")
+    model.add_argument(
+        "--serve-unverified",
+        action="store_true",
+        help="serve a model even where its artifact's acceptance test fails on this machine (logged as a WARNING, "
+        "mrl_model_verified 0)",
+    )
     batch = p.add_argument_group("batching")
     defaults = BatcherConfig()
     batch.add_argument(
@@ -195,7 +220,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="nice value of inference threads, so the event loop gets the CPU first (default %(default)s)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    return p.parse_args(argv)
+    environment = environment_defaults(p, os.environ if environ is None else environ)
+    lists = {dest: value for dest, (_, value) in environment.items() if isinstance(value, list)}
+    p.set_defaults(**{dest: value for dest, (_, value) in environment.items() if dest not in lists})
+    args = p.parse_args(argv)
+    for dest, value in lists.items():  # argparse would append the flags' values to a list default
+        if not getattr(args, dest):
+            setattr(args, dest, value)
+    # What the environment set and no flag replaced (argparse keeps a default's very object).
+    args.environment = {dest: text for dest, (text, value) in environment.items() if getattr(args, dest) is value}
+    if not args.artifacts:
+        p.error("give at least one [NAME=]ARTIFACT_DIR, as an argument or in MRL_SERVE_ARTIFACTS")
+    return args
+
+
+def environment_name(flag: str) -> str:
+    """The variable that sets a flag: --http-port -> MRL_SERVE_HTTP_PORT."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def environment_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> dict[str, tuple[str, object]]:
+    """The settings MRL_SERVE_* variables give, as dest -> ("NAME=VALUE", value), each checked as its flag would be
+    (a bad value is a usage error naming the variable); unknown MRL_SERVE_* variables are warned about."""
+    found: dict[str, tuple[str, object]] = {}
+    known = set()
+    for action in parser._actions:  # argparse has no public list of its arguments
+        if action.default == argparse.SUPPRESS:  # --help
+            continue
+        name = environment_name(action.option_strings[0] if action.option_strings else action.dest)
+        known.add(name)
+        raw = environ.get(name, "").strip()
+        if raw:
+            found[action.dest] = (f"{name}={raw}", _environment_value(parser, action, name, raw))
+    for name in sorted(set(environ) - known):
+        if name.startswith(ENV_PREFIX):
+            print(f"{parser.prog}: warning: {name} is set but no flag reads it; ignored", file=sys.stderr)
+    return found
+
+
+def _environment_value(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str) -> object:
+    """One variable's value, converted and checked as the flag's would be; a usage error (exit 2) if bad."""
+    flag = action.option_strings[0] if action.option_strings else action.metavar
+    if action.nargs == 0:  # a switch
+        if raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        parser.error(f"{name}={raw!r} (for {flag}) must be one of {'/'.join(_TRUE)} or {'/'.join(_FALSE)}")
+    if isinstance(action.default, list) or action.nargs == "*":  # --precision (repeatable), the artifacts
+        return re.split(r"[\s,]+" if action.option_strings else r"\s+", raw)
+    try:
+        value = raw if action.type is None else action.type(raw)
+    except (TypeError, ValueError):
+        hint = ""
+        if raw.startswith("tcp://"):  # Kubernetes puts each Service in a pod's environment as NAME_PORT=tcp://...
+            hint = ": a Kubernetes Service link? Set enableServiceLinks: false in the pod spec, or rename the Service"
+        parser.error(f"{name}={raw!r} (for {flag}) is not a valid {getattr(action.type, '__name__', 'value')}{hint}")
+    if action.choices is not None and value not in action.choices:
+        parser.error(f"{name}={raw!r} (for {flag}) must be one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def naming_the_environment(message: str, environment: Mapping[str, str]) -> str:
+    """An error `message` with the MRL_SERVE_* variables it is about appended (`environment`: dest -> NAME=VALUE)."""
+    named = []
+    for dest, setting in environment.items():
+        words = {dest, _FIELD_OF.get(dest, dest), "--" + dest.replace("_", "-")}
+        value = setting.partition("=")[2]
+        mentioned = any(re.search(rf"(?<![\w-]){re.escape(w)}(?![\w-])", message) for w in words)
+        if mentioned or (len(value) > 3 and value in message):
+            named.append(setting)
+    return f"{message} (from the environment: {', '.join(named)})" if named else message
 
 
 def split_named(value: str) -> tuple[str | None, str]:
@@ -221,6 +314,7 @@ def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
                 spinning=args.intra_op_spinning,
                 lone_batch_threads=args.lone_batch_threads,
                 verify=not args.no_verify,
+                serve_unverified=args.serve_unverified,
             )
         )
     named = {s.name for s in specs}
@@ -368,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limit_repeats()
+    if args.environment:
+        log.info("from the environment: %s", ", ".join(sorted(args.environment.values())))
     try:
         config = fit_open_files(server_config(args))
         metrics = ServerMetrics()
@@ -378,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(models, config, metrics))
         leave_busy_threads()
     except (MrlError, ValueError, OSError) as e:
-        print(f"mrl-serve: error: {e}", file=sys.stderr)
+        print(f"mrl-serve: error: {naming_the_environment(str(e), args.environment)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130

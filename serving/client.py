@@ -12,12 +12,13 @@ import numpy as np
 from mrl.proto import embedder_pb2 as pb
 from mrl.proto import embedder_pb2_grpc as pb_grpc
 from mrl.runtime.encodings import ENCODINGS, from_little_endian
+from mrl.runtime.tokenize import DIRECTIONS
 from mrl.serving.grpc_protocol import encoding_name, encoding_value
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-__all__ = ["AsyncEmbedClient", "EmbedClient", "RequestOptions", "build_request", "to_array"]
+__all__ = ["AsyncEmbedClient", "EmbedClient", "RequestOptions", "build_request", "to_array", "to_arrays"]
 
 _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -32,40 +33,78 @@ def build_request(
     truncate: bool = False,
     request_id: str = "",
     encoding: str = "float32",
+    outputs: Sequence[tuple[int | None, str]] = (),
+    truncation_direction: str = "right",
 ) -> pb.EmbedRequest:
-    """An EmbedRequest for `texts` (unset options take the server's defaults); `encoding` as in ENCODINGS."""
+    """An EmbedRequest for `texts` (unset options take the server's defaults); `encoding` as in ENCODINGS.
+
+    `outputs`, (dims, encoding) pairs such as `[(64, "ubinary"), (384, "int8")]`, asks for several outputs of
+    every text from one forward pass, instead of `dims` and `encoding` (`to_arrays` reads them back).
+    `truncation_direction` "left" makes `truncate` cut a long text's start instead of its end.
+    """
     if isinstance(texts, (str, bytes)):
         raise TypeError("texts must be a sequence of strings, not one string: wrap it in a list")
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
+    if outputs and (dims is not None or encoding != "float32"):
+        raise ValueError("give either outputs or dims/encoding, not both")
+    if truncation_direction not in DIRECTIONS:
+        raise ValueError(f"truncation_direction must be one of {', '.join(DIRECTIONS)}, not {truncation_direction!r}")
     request = pb.EmbedRequest(
         model=model or "",
         inputs=list(texts),
         truncate=truncate,
-        encoding=encoding_value(encoding),
         request_id=request_id,
+        truncation_direction=pb.TruncationDirection.Value(f"TRUNCATION_DIRECTION_{truncation_direction.upper()}"),
     )
-    for name, value in (("dims", dims), ("layers", layers)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0):
-            raise ValueError(f"{name} must be a whole number of at least 0 (the server refuses 0), not {value!r}")
-    if dims is not None:
-        request.dimensions = int(dims)
+    for want, kind in outputs or ():
+        request.outputs.append(_output_spec(want, kind))
+    if not outputs:
+        spec = _output_spec(dims, encoding)
+        request.encoding = spec.encoding
+        if spec.HasField("dimensions"):
+            request.dimensions = spec.dimensions
     if layers is not None:
-        request.layers = int(layers)
+        request.layers = _count("layers", layers)
     if prompt_name is not None:
         request.prompt_name = prompt_name
     return request
 
 
-def to_array(response: pb.EmbedResponse) -> np.ndarray:
-    """The response's embeddings as numpy: float32 `[n, dims]`, or the encoding's dtype (binary: ceil(dims / 8))."""
-    if response.encoding in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_FLOAT32):
-        out = np.empty((len(response.embeddings), response.dimensions), dtype=np.float32)
-        for row, embedding in zip(out, response.embeddings, strict=True):
+def _count(name: str, value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a whole number of at least 0 (the server refuses 0), not {value!r}")
+    return int(value)
+
+
+def _output_spec(dims: int | None, encoding: str) -> pb.OutputSpec:
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, not {encoding!r}")
+    spec = pb.OutputSpec(encoding=encoding_value(encoding))
+    if dims is not None:
+        spec.dimensions = _count("dims", dims)
+    return spec
+
+
+def _array(embeddings: Sequence[pb.Embedding], encoding: int, dims: int) -> np.ndarray:
+    if encoding in (pb.ENCODING_UNSPECIFIED, pb.ENCODING_FLOAT32):
+        out = np.empty((len(embeddings), dims), dtype=np.float32)
+        for row, embedding in zip(out, embeddings, strict=True):
             row[:] = embedding.values
         return out
-    data = b"".join(e.data for e in response.embeddings)
-    return from_little_endian(data, encoding_name(response.encoding), len(response.embeddings))
+    return from_little_endian(b"".join(e.data for e in embeddings), encoding_name(encoding), len(embeddings))
+
+
+def to_array(response: pb.EmbedResponse) -> np.ndarray:
+    """The response's embeddings as numpy: float32 `[n, dims]`, or the encoding's dtype (binary: ceil(dims / 8))."""
+    if response.outputs:
+        raise ValueError("the response holds several outputs: read them with to_arrays")
+    return _array(response.embeddings, response.encoding, response.dimensions)
+
+
+def to_arrays(response: pb.EmbedResponse) -> list[np.ndarray]:
+    """Each output's embeddings as numpy, in the order the request's `outputs` asked for them."""
+    if not response.outputs:
+        return [to_array(response)]
+    return [_array(o.embeddings, o.encoding, o.dimensions) for o in response.outputs]
 
 
 class RequestOptions(TypedDict, total=False):
@@ -78,6 +117,8 @@ class RequestOptions(TypedDict, total=False):
     truncate: bool
     request_id: str
     encoding: str
+    outputs: Sequence[tuple[int | None, str]]
+    truncation_direction: str
 
 
 class _Client:
@@ -132,6 +173,18 @@ class EmbedClient(_Client):
         options as `build_request` (`dims`, `layers`, `model`, `prompt_name`, `truncate`, `encoding`)."""
         return to_array(self.embed_response(texts, timeout=timeout, **options))
 
+    def embed_outputs(
+        self,
+        texts: Sequence[str],
+        outputs: Sequence[tuple[int | None, str]],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> list[np.ndarray]:
+        """Several outputs of `texts` from one forward pass, one array each: `outputs` as (dims, encoding) pairs,
+        e.g. `[(64, "ubinary"), (None, "int8")]` (None: the widest)."""
+        return to_arrays(self.embed_response(texts, timeout=timeout, outputs=outputs, **options))
+
     def embed_stream(
         self, requests: Iterable[pb.EmbedRequest], *, timeout: float | None = None
     ) -> Iterator[pb.EmbedResponse]:
@@ -184,6 +237,18 @@ class AsyncEmbedClient(_Client):
         """Embed `texts`: `[len(texts), dims]` unit-norm rows in input order, float32 unless `encoding` says;
         options as `build_request` (`dims`, `layers`, `model`, `prompt_name`, `truncate`, `encoding`)."""
         return to_array(await self.embed_response(texts, timeout=timeout, **options))
+
+    async def embed_outputs(
+        self,
+        texts: Sequence[str],
+        outputs: Sequence[tuple[int | None, str]],
+        *,
+        timeout: float | None = None,
+        **options: Unpack[RequestOptions],
+    ) -> list[np.ndarray]:
+        """Several outputs of `texts` from one forward pass, one array each: `outputs` as (dims, encoding) pairs,
+        e.g. `[(64, "ubinary"), (None, "int8")]` (None: the widest)."""
+        return to_arrays(await self.embed_response(texts, timeout=timeout, outputs=outputs, **options))
 
     async def embed_stream(
         self, requests: AsyncIterable[pb.EmbedRequest] | Iterable[pb.EmbedRequest], *, timeout: float | None = None

@@ -69,6 +69,8 @@ class ModelSpec:
     backend: str = "auto"
     verify: bool = True
     """Check every file's sha256 against the manifest when loading."""
+    serve_unverified: bool = False
+    """Serve even where the artifact's acceptance test fails on this machine (a WARNING and mrl_model_verified 0)."""
     intra_op_threads: int | None = None
     """Threads per inference (0: ONNX Runtime's default, one per core; None: the cores shared out among the
     batches that run at once, cores // workers, at least 1)."""

@@ -121,6 +121,7 @@ class EmbedCore:
         """Start every model's batcher (from the event loop); requests are refused until `warmup` ends."""
         for model in self.models.values():
             self.metrics.ready.labels(model.name).set(0)
+            self.metrics.verified.labels(model.name).set_function(lambda m=model: float(m.verified))
             model.batcher.on_batch = self.metrics.batch_observer(model.name)
             self.metrics.track_queue(
                 model.name, lambda m=model: m.batcher.queued_jobs, lambda m=model: m.batcher.queued_tokens

@@ -6,6 +6,7 @@ code here: `grpc_service.py` does the plumbing, as `openai_protocol.py` is to `h
 from __future__ import annotations
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health_pb2
 
 from mrl.proto import embedder_pb2 as pb
@@ -52,40 +53,59 @@ def encoding_value(name: str) -> int:
     return pb.Encoding.Value(f"ENCODING_{name.upper()}")
 
 
+DIRECTIONS = {
+    pb.TRUNCATION_DIRECTION_UNSPECIFIED: "right",
+    pb.TRUNCATION_DIRECTION_RIGHT: "right",
+    pb.TRUNCATION_DIRECTION_LEFT: "left",
+}
+
+
+def output_spec(message: pb.EmbedRequest | pb.OutputSpec) -> OutputSpec:
+    """The output a request (its `dimensions` and `encoding`) or one of its `outputs` asks for."""
+    dims = message.dimensions if message.HasField("dimensions") else None
+    return OutputSpec(dims=dims, encoding=encoding_name(message.encoding))
+
+
 def to_query(request: pb.EmbedRequest, deadline: float | None, truncate_default: bool = False) -> EmbedQuery:
     """The core's view of an EmbedRequest (unset optional fields: the model's defaults; `truncate_default`: the
     server's, which `truncate: true` cannot be told apart from, since a proto3 bool has no presence)."""
-    output = OutputSpec(
-        dims=request.dimensions if request.HasField("dimensions") else None,
-        encoding=encoding_name(request.encoding),
-    )
+    if request.outputs and (request.HasField("dimensions") or request.encoding != pb.ENCODING_UNSPECIFIED):
+        raise InvalidInputError(
+            "set either outputs or dimensions/encoding, not both: with outputs, give each output its own", "outputs"
+        )
+    if request.truncation_direction not in DIRECTIONS:
+        raise InvalidInputError(
+            f"unknown truncation_direction {request.truncation_direction}: use TRUNCATION_DIRECTION_RIGHT or "
+            "TRUNCATION_DIRECTION_LEFT",
+            "truncation_direction",
+        )
     options = EmbedOptions(
-        outputs=(output,),
+        outputs=tuple(map(output_spec, request.outputs)) or (output_spec(request),),
         layers=request.layers if request.HasField("layers") else None,
         prompt_name=request.prompt_name if request.HasField("prompt_name") else None,
         truncate=request.truncate or truncate_default,
+        truncation_direction=DIRECTIONS[request.truncation_direction],
     )
     # Copied out once: each read of a protobuf string field decodes it anew (milliseconds for a MiB).
     return EmbedQuery(texts=list(request.inputs), model=request.model, options=options, deadline=deadline)
 
 
-def to_embeddings(vectors, encoding: str) -> list[pb.Embedding]:
+def to_embeddings(vectors: np.ndarray, encoding: str) -> list[pb.Embedding]:
     """One Embedding per row: float32 in `values`, every other encoding as its little-endian bytes in `data`."""
     if encoding == "float32":
         return [pb.Embedding(values=row) for row in vectors.tolist()]
     return [pb.Embedding(data=row.tobytes()) for row in little_endian(vectors)]
 
 
-def to_response(result: EmbedResult, model: str, request_id: str, total_seconds: float) -> pb.EmbedResponse:
-    """An EmbedResponse holding the embeddings in input order."""
+def to_response(
+    result: EmbedResult, model: str, request_id: str, total_seconds: float, *, several: bool = False
+) -> pb.EmbedResponse:
+    """An EmbedResponse holding the embeddings in input order: in `outputs` when the request asked for `several`
+    (EmbedRequest.outputs), else in `embeddings` with their `dimensions` and `encoding`."""
     plan = result.plan
-    (output,), (vectors,) = plan.outputs, result.vectors
-    return pb.EmbedResponse(
-        embeddings=to_embeddings(vectors, output.encoding),
+    response = pb.EmbedResponse(
         model=model,
-        dimensions=output.dims,
         layers=plan.layers or 0,
-        encoding=encoding_value(output.encoding),
         usage=pb.Usage(input_tokens=result.input_tokens),
         timing=pb.Timing(
             queue_ms=result.queue_seconds * 1000,
@@ -94,6 +114,16 @@ def to_response(result: EmbedResult, model: str, request_id: str, total_seconds:
         ),
         request_id=request_id,
     )
+    if several:
+        response.outputs.extend(
+            pb.Output(dimensions=o.dims, encoding=encoding_value(o.encoding), embeddings=to_embeddings(v, o.encoding))
+            for o, v in zip(plan.outputs, result.vectors, strict=True)
+        )
+    else:
+        (output,), (vectors,) = plan.outputs, result.vectors
+        response.embeddings.extend(to_embeddings(vectors, output.encoding))
+        response.dimensions, response.encoding = output.dims, encoding_value(output.encoding)
+    return response
 
 
 def error_response(code: grpc.StatusCode, message: str, request_id: str = "") -> pb.EmbedResponse:

@@ -60,7 +60,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
             model, result = await self._core.embed(query, TRANSPORT)
         except Exception as e:
             return None, *status_for(e)
-        response = to_response(result, model.name, request.request_id, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        response = to_response(result, model.name, request.request_id, elapsed, several=bool(request.outputs))
         return response, grpc.StatusCode.OK, ""
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:

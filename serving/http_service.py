@@ -1,9 +1,9 @@
-"""The OpenAI-compatible HTTP front end: aiohttp on the server's own event loop (the one grpc.aio runs on),
-so HTTP and gRPC requests share each model's batches.
+"""The HTTP front end: aiohttp on the server's own event loop (the one grpc.aio runs on), so HTTP and gRPC
+requests share each model's batches.
 
-Thin on purpose: read the body, let `openai_protocol` parse it into an `EmbedQuery`, call the core, write
-the result or the error back. Routes: POST /v1/embeddings, GET /v1/models[/NAME], GET /health and, when
-asked, GET /metrics.
+Thin on purpose: read the body, let a protocol module parse it into an `EmbedQuery` (`openai_protocol` for
+OpenAI's API, `cohere_protocol` for Cohere's), call the core, write the result or the error back. Routes:
+POST /v1/embeddings, POST /v2/embed, GET /v1/models[/NAME], GET /health and, when asked, GET /metrics.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mrl.runtime.errors import shorten
+from mrl.serving import cohere_protocol as cohere
 from mrl.serving.auth import token_matches
 from mrl.serving.config import ServerConfig
 from mrl.serving.core import EmbedCore, EmbedQuery, deadline_after
@@ -27,7 +28,6 @@ from mrl.serving.model import EmbedResult, ServedModel
 from mrl.serving.openai_protocol import (
     ProtocolError,
     embeddings_response,
-    error_body,
     error_reply,
     error_response,
     model_entry,
@@ -40,13 +40,16 @@ log = logging.getLogger(__name__)
 TRANSPORT = "http"
 OPEN_PATHS = frozenset({"/health", "/metrics"})
 """Probes and scrapers need no token, as on gRPC's health service."""
+COHERE_PATH = "/v2/embed"
 TIMEOUT_HEADER = "X-Request-Timeout"
 """Seconds the caller will wait; past them the request is dropped and answered 504 (gRPC has its deadline)."""
-ROUTES = "POST /v1/embeddings, GET /v1/models, GET /v1/models/NAME, GET /health"
+ROUTES = "POST /v1/embeddings, POST /v2/embed, GET /v1/models, GET /v1/models/NAME, GET /health"
 IDENTITY = frozenset({"", "identity"})
 """Content-Encodings taken: none. A compressed body is refused, not inflated: 1 MB of gzip inflates to 1 GiB,
 and inflating it held the event loop (health included) for seconds."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ErrorShape = Callable[[ErrorKind, str], tuple[int, dict[str, str], bytes]]
+"""A door's error reply: (status, headers, body) for a failure of a kind."""
 
 
 def json_reply(status: int, headers: dict[str, str], body: bytes) -> web.Response:
@@ -70,9 +73,10 @@ def request_timeout(value: str | None) -> float | None:
 class SlowBodyError(Exception):
     """A request body that stopped arriving: answered 408 and the connection closed."""
 
-    def response(self) -> web.Response:
-        """The 408 in OpenAI's error shape."""
-        reply = json_reply(408, {}, error_body(str(self), ErrorKind.INVALID_ARGUMENT))
+    def response(self, shape: ErrorShape = error_reply) -> web.Response:
+        """The 408, in OpenAI's error shape or the `shape` given (the door's)."""
+        _, headers, body = shape(ErrorKind.INVALID_ARGUMENT, str(self))
+        reply = json_reply(408, headers, body)
         reply.force_close()
         return reply
 
@@ -99,6 +103,7 @@ class HttpFrontEnd:
         """The aiohttp application: routes, auth and JSON errors for everything."""
         app = web.Application(client_max_size=self._config.limits.max_message_bytes, middlewares=[self._guard])
         app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post(COHERE_PATH, self.cohere_embed)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{name}", self.model)
         app.router.add_get("/health", self.health)
@@ -108,19 +113,20 @@ class HttpFrontEnd:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Bearer-token check, and OpenAI-shaped JSON for routing errors (404, 405) too."""
+        """Bearer-token check, and JSON for routing errors (404, 405) too: Cohere's shape on its route,
+        OpenAI's everywhere else."""
+        reply = cohere.error_reply if request.path == COHERE_PATH else error_reply
         if not self._authorized(request):
             route = request.match_info.route.resource
             self._core.metrics.auth_denied.labels(route.canonical if route else "(unknown)").inc()
             message = "missing or wrong bearer token: send the header 'Authorization: Bearer <token>'"
-            return json_reply(*error_reply(ErrorKind.UNAUTHENTICATED, message))
+            return json_reply(*reply(ErrorKind.UNAUTHENTICATED, message))
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding not in IDENTITY and request.match_info.http_exception is None:
-            _, headers, body = error_reply(
+            _, headers, body = reply(
                 ErrorKind.INVALID_ARGUMENT,
                 f"compressed request bodies are not accepted (Content-Encoding: {shorten(encoding)[1:-1]}): "
                 "send the JSON uncompressed",
-                "Content-Encoding",
             )
             response = json_reply(415, headers, body)
             response.force_close()  # the unread body is drained as is (never inflated), then the connection closes
@@ -141,11 +147,14 @@ class HttpFrontEnd:
             return True
         return token_matches((("authorization", request.headers.get("Authorization", "")),), token)
 
+    async def _body(self, request: web.Request) -> tuple[bytes, float | None]:
+        """The request's body and its timeout (X-Request-Timeout, in seconds; None: none)."""
+        return await self.read_body(request), request_timeout(request.headers.get(TIMEOUT_HEADER))
+
     async def embeddings(self, request: web.Request) -> web.Response:
-        """POST /v1/embeddings."""
+        """POST /v1/embeddings (OpenAI's API)."""
         try:
-            body = await self.read_body(request)
-            timeout = request_timeout(request.headers.get(TIMEOUT_HEADER))
+            body, timeout = await self._body(request)
             parsed = parse_embeddings_request(
                 body, deadline=deadline_after(timeout), truncate_default=self._config.auto_truncate
             )
@@ -154,7 +163,21 @@ class HttpFrontEnd:
             return e.response()
         except Exception as e:
             return json_reply(*error_response(e))
-        return json_reply(200, {}, embeddings_response(result, model.name, as_base64=parsed.base64))
+        body = embeddings_response(result, model.name, as_base64=parsed.base64, several=parsed.several)
+        return json_reply(200, {}, body)
+
+    async def cohere_embed(self, request: web.Request) -> web.Response:
+        """POST /v2/embed (Cohere's API): every embedding type asked for from one forward pass."""
+        try:
+            body, timeout = await self._body(request)
+            parsed = cohere.parse_request(body, deadline=deadline_after(timeout))
+            prompts = self._core.resolve(parsed.query.model).embedder.manifest.prompts
+            _, result = await self._embed(cohere.with_prompt(parsed, prompts), timeout)
+        except SlowBodyError as e:
+            return e.response(cohere.error_reply)
+        except Exception as e:
+            return json_reply(*cohere.error_response(e))
+        return json_reply(200, {}, cohere.response_body(parsed, result))
 
     async def read_body(self, request: web.Request) -> bytes:
         """The request's body, within the size limit and the idle timeout (a body that stops arriving would

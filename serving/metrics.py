@@ -75,6 +75,13 @@ class ServerMetrics:
             "mrl_auth_denied", "Calls refused for a missing or wrong bearer token", ["method"], registry=r
         )
         self.ready = Gauge("mrl_model_ready", "1 once a model is warm and serving", ["model"], registry=r)
+        self.verified = Gauge(
+            "mrl_model_verified",
+            "1 once a model's acceptance test passed on this machine at warm-up; 0 before, where its artifact "
+            "carries none, or where it failed and --serve-unverified serves it anyway",
+            ["model"],
+            registry=r,
+        )
         self._http: Any = None
         self._thread: threading.Thread | None = None
 

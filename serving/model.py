@@ -24,6 +24,7 @@ from mrl.serving.batcher import Batcher, Job, JobResult
 from mrl.serving.config import BatcherConfig, ModelSpec
 from mrl.serving.errors import NotReadyError
 from mrl.serving.process import cpu_cores, lower_thread_priority
+from mrl.serving.verify import check_acceptance
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +121,23 @@ class ServedModel:
     runs on it (one session per depth), while batches side by side run on `embedder`.
     """
 
-    def __init__(self, name: str, embedder: Embedder, config: BatcherConfig, lone: Embedder | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        embedder: Embedder,
+        config: BatcherConfig,
+        lone: Embedder | None = None,
+        *,
+        serve_unverified: bool = False,
+    ) -> None:
         self.name = name
         self.embedder = embedder
         self.config = config
         self.ready = False
+        self.serve_unverified = serve_unverified
+        """Serve even where the artifact's acceptance test fails on this machine (logged as a warning)."""
+        self.verified = False
+        """Whether the acceptance test ran at warm-up and every served profile passed it."""
         self._closed = False
         self._tokens_per_estimate = 1.0
         """How many times `CHARS_PER_TOKEN_ESTIMATE`'s count recent texts held (never below 1): an estimate
@@ -157,11 +170,12 @@ class ServedModel:
         spec = spec.with_defaults(config.workers, cpu_cores())
         manifest = load_manifest(spec.artifact_dir, verify=False)  # to resolve "auto"; verified when loaded
         backend = resolve_backend(spec.backend, Path(spec.artifact_dir), manifest, spec.precision)
-        embedder = Embedder.load(
+        embedder = Embedder.load(  # its acceptance test runs at warm-up, in the niced inference thread
             spec.artifact_dir,
             backend,
             precision=spec.precision,
             verify=spec.verify,
+            acceptance=False,
             **backend_options(spec, backend),
         )
         lone = None
@@ -170,8 +184,8 @@ class ServedModel:
             # Its threads stop spinning when a run returns: left spinning, they took the cores from the next
             # request's handling and from a lone batch of another depth (another session) that came next.
             options = {**backend_options(wide, backend), "stop_spinning": True}
-            lone = Embedder.load(  # already verified above
-                spec.artifact_dir, backend, precision=spec.precision, verify=False, **options
+            lone = Embedder.load(  # already verified above; the same graphs and kernels, on more threads
+                spec.artifact_dir, backend, precision=spec.precision, verify=False, acceptance=False, **options
             )
         name = spec.name or embedder.manifest.name
         log.info(
@@ -181,7 +195,7 @@ class ServedModel:
             spec.intra_op_threads or "ONNX Runtime's default",
             f"; a batch alone runs on {spec.lone_batch_threads}" if lone is not None else "",
         )
-        return cls(name, embedder, config, lone)
+        return cls(name, embedder, config, lone, serve_unverified=spec.serve_unverified)
 
     def info(self) -> ModelInfo:
         """What this model offers: dims, profiles, prompts, limits, readiness."""
@@ -230,6 +244,7 @@ class ServedModel:
         log.info("model %s is warm (%s, %s)", self.name, self.embedder.precision, ", ".join(self.embedder.providers))
 
     def _warmup(self) -> None:
+        self.verified = check_acceptance(self.name, self.embedder, self.serve_unverified)
         self.embedder.warmup()
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
         encoded = self.embedder.tokenizer.encode(texts, truncate=True)

@@ -1,6 +1,6 @@
 """The OpenAI embeddings protocol as pure functions: a request body into an `EmbedQuery`, a result, the model
-list and errors into OpenAI's JSON (and the one `ErrorKind` -> HTTP status table). No server code here:
-`http_service.py` does the plumbing.
+list and errors into OpenAI's JSON (statuses from `http_errors`). No server code here: `http_service.py` does
+the plumbing.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from mrl.runtime.errors import ECHO_CHARS, shorten
 from mrl.runtime.plan import EmbedOptions, OutputSpec
 from mrl.serving.core import EmbedQuery
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
+from mrl.serving.http_errors import status_and_headers
 from mrl.serving.model import EmbedResult, ModelInfo
 
 FIELDS = (
@@ -30,6 +31,8 @@ FIELDS = (
     "truncate",
     "layers",
     "raw_bytes",
+    "outputs",
+    "truncation_direction",
 )
 FORMATS = ("float", "base64", *(e for e in ENCODINGS if e != "float32"))
 """encoding_format: OpenAI's float and base64, and the encodings as JSON numbers."""
@@ -42,26 +45,27 @@ PARAMS = {
     "prompt_name": "prompt_name",
     "inputs": "input",
     "model": "model",
+    "outputs": "outputs",
+    "truncation_direction": "truncation_direction",
 }
 """The body's field for each `EmbedOptions` field an error names (`InvalidInputError.field`)."""
 EXAMPLE = '{"input": ["a text"], "dimensions": 256}'
 OWNER = "mrl-toolkit"
 
 # OpenAI's error `type`s, with the statuses its client libraries retry correctly (429, 503, 504).
-HTTP_STATUS: dict[ErrorKind, tuple[int, str]] = {
-    ErrorKind.INVALID_ARGUMENT: (400, "invalid_request_error"),
-    ErrorKind.UNAUTHENTICATED: (401, "authentication_error"),
-    ErrorKind.NOT_FOUND: (404, "invalid_request_error"),
-    ErrorKind.TOO_LARGE: (413, "invalid_request_error"),
-    ErrorKind.QUEUE_FULL: (429, "rate_limit_error"),
-    ErrorKind.CANCELLED: (499, "invalid_request_error"),  # the client left; nobody reads it
-    ErrorKind.FAILED_PRECONDITION: (500, "server_error"),
-    ErrorKind.INTERNAL: (500, "server_error"),
-    ErrorKind.UNAVAILABLE: (503, "server_error"),
-    ErrorKind.DEADLINE_EXCEEDED: (504, "server_error"),
+ERROR_TYPES: dict[ErrorKind, str] = {
+    ErrorKind.INVALID_ARGUMENT: "invalid_request_error",
+    ErrorKind.UNAUTHENTICATED: "authentication_error",
+    ErrorKind.NOT_FOUND: "invalid_request_error",
+    ErrorKind.TOO_LARGE: "invalid_request_error",
+    ErrorKind.QUEUE_FULL: "rate_limit_error",
+    ErrorKind.CANCELLED: "invalid_request_error",
+    ErrorKind.FAILED_PRECONDITION: "server_error",
+    ErrorKind.INTERNAL: "server_error",
+    ErrorKind.UNAVAILABLE: "server_error",
+    ErrorKind.DEADLINE_EXCEEDED: "server_error",
 }
-RETRY_AFTER_S = 1
-"""Sent as Retry-After with 429 (queue full) and 503 (warming up, draining)."""
+"""OpenAI's error `type` of each failure (the status comes from `http_errors`)."""
 
 
 class ProtocolError(UnsupportedError):
@@ -79,6 +83,8 @@ class EmbeddingsRequest:
     query: EmbedQuery
     base64: bool
     """True: each embedding is base64 of its bytes; False: JSON numbers."""
+    several: bool = False
+    """The request asked for `outputs`: the response lists each item's `embeddings`."""
 
 
 def _type_name(value: Any) -> str:
@@ -146,8 +152,6 @@ def output_encoding(encoding_format: str | None, output_dtype: str | None, raw_b
             f"unknown output_dtype {shorten(output_dtype)}; choose from {', '.join(DTYPES)}", "output_dtype"
         )
     dtype = "float32" if output_dtype in (None, "float") else output_dtype
-    if raw_bytes and encoding_format != "base64":
-        raise ProtocolError("raw_bytes asks for the bytes in base64: set encoding_format to base64 too", "raw_bytes")
     if encoding_format == "base64":
         if dtype != "float32" and not raw_bytes:
             raise ProtocolError(
@@ -173,6 +177,22 @@ def output_encoding(encoding_format: str | None, output_dtype: str | None, raw_b
     return encoding_format, False
 
 
+def parse_outputs(value: Any) -> tuple[OutputSpec, ...]:
+    """Our `outputs`: a list of {"dimensions", "output_dtype"} objects, every one from the same forward pass."""
+    example = '[{"dimensions": 64, "output_dtype": "ubinary"}, {"output_dtype": "int8"}]'
+    if not isinstance(value, list) or not value:
+        raise ProtocolError(f"outputs must be a non-empty list like {example}, not {_type_name(value)}", "outputs")
+    specs = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"dimensions", "output_dtype"}:
+            raise ProtocolError(
+                f"outputs[{i}] must be an object with dimensions and output_dtype, like {example}", "outputs"
+            )
+        encoding, _ = output_encoding(None, _optional(item, "output_dtype", str, "a string"))
+        specs.append(OutputSpec(dims=parse_count(item.get("dimensions"), "dimensions", 64), encoding=encoding))
+    return tuple(specs)
+
+
 def parse_embeddings_request(
     body: bytes, *, deadline: float | None = None, truncate_default: bool = False
 ) -> EmbeddingsRequest:
@@ -190,41 +210,84 @@ def parse_embeddings_request(
             f"unknown field {shorten(unknown[0])}; this endpoint takes {', '.join(FIELDS)}", unknown[0][:ECHO_CHARS]
         )
     texts = parse_input(data.get("input"))
-    encoding, as_base64 = output_encoding(
-        _optional(data, "encoding_format", str, "a string"),
-        _optional(data, "output_dtype", str, "a string"),
-        bool(_optional(data, "raw_bytes", bool, "true or false")),
-    )
+    encoding_format = _optional(data, "encoding_format", str, "a string")
+    raw_bytes = bool(_optional(data, "raw_bytes", bool, "true or false"))
+    if raw_bytes and encoding_format != "base64":
+        raise ProtocolError("raw_bytes asks for the bytes in base64: set encoding_format to base64 too", "raw_bytes")
+    if data.get("outputs") is not None:
+        if data.get("dimensions") is not None or data.get("output_dtype") is not None:
+            raise ProtocolError(
+                "give either outputs or dimensions/output_dtype, not both: with outputs, each output has its own",
+                "outputs",
+            )
+        if encoding_format not in (None, "float", "base64"):
+            raise ProtocolError(
+                "with outputs, encoding_format is float (JSON numbers) or base64 (each output's bytes); "
+                "give each output its output_dtype",
+                "encoding_format",
+            )
+        outputs, as_base64 = parse_outputs(data["outputs"]), encoding_format == "base64"
+    else:
+        encoding, as_base64 = output_encoding(
+            encoding_format, _optional(data, "output_dtype", str, "a string"), raw_bytes
+        )
+        outputs = (OutputSpec(dims=parse_count(data.get("dimensions"), "dimensions", 256), encoding=encoding),)
     _optional(data, "user", str, "a string")  # accepted and ignored, as OpenAI's end-user id
     options = EmbedOptions(
-        outputs=(OutputSpec(dims=parse_count(data.get("dimensions"), "dimensions", 256), encoding=encoding),),
+        outputs=outputs,
         layers=parse_count(data.get("layers"), "layers", 3),
         prompt_name=_optional(data, "prompt_name", str, "a string"),
         truncate=_truncate(data, truncate_default),
+        truncation_direction=truncation_direction(data.get("truncation_direction")),
     )
     query = EmbedQuery(
         texts=texts, model=_optional(data, "model", str, "a string") or "", options=options, deadline=deadline
     )
-    return EmbeddingsRequest(query=query, base64=as_base64)
+    return EmbeddingsRequest(query=query, base64=as_base64, several=data.get("outputs") is not None)
 
 
-def embeddings_response(result: EmbedResult, model: str, *, as_base64: bool) -> bytes:
-    """OpenAI's embeddings response as JSON bytes, with the dims, layers and output_dtype used as extra fields."""
-    (output,), (rows,) = result.plan.outputs, result.vectors
+def truncation_direction(value: Any) -> str:
+    """Our `truncation_direction`: "right" (cut the end, the default) or "left" (cut the start), any case (TEI
+    sends "Left" and "Right")."""
+    if value is None:
+        return "right"
+    if not isinstance(value, str) or value.lower() not in ("left", "right"):
+        raise ProtocolError(
+            f"truncation_direction must be left (cut a text's start) or right (cut its end), not {shorten(value)}",
+            "truncation_direction",
+        )
+    return value.lower()
+
+
+def _values(rows: Any, as_base64: bool) -> Sequence[Any]:
     if as_base64:
-        values: Sequence[Any] = [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian(rows)]
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in little_endian(rows)]
+    return list(rows)  # numpy rows: orjson writes them without a Python float per value
+
+
+def embeddings_response(result: EmbedResult, model: str, *, as_base64: bool, several: bool = False) -> bytes:
+    """OpenAI's embeddings response as JSON bytes, with the dims, layers and output_dtype used as extra fields.
+
+    With `several` outputs (our `outputs` field) each item holds `embeddings`, one per output in the order
+    asked, described by the top-level `outputs`; it has no `embedding`, so a client that expects one float
+    vector fails loudly instead of misreading the bytes of another encoding.
+    """
+    plan = result.plan
+    body: dict[str, Any] = {"object": "list", "model": model}
+    body["usage"] = {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens}
+    body["layers"] = plan.layers
+    if several:
+        columns = [_values(rows, as_base64) for rows in result.vectors]
+        body["data"] = [
+            {"object": "embedding", "index": i, "embeddings": list(row)}
+            for i, row in enumerate(zip(*columns, strict=True))
+        ]
+        body["outputs"] = [{"dimensions": o.dims, "output_dtype": o.encoding} for o in plan.outputs]
     else:
-        values = list(rows)  # numpy rows: orjson writes them without a Python float per value
-    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
-    body = {
-        "object": "list",
-        "data": data,
-        "model": model,
-        "usage": {"prompt_tokens": result.input_tokens, "total_tokens": result.input_tokens},
-        "dimensions": output.dims,
-        "layers": result.plan.layers,
-        "output_dtype": output.encoding,
-    }
+        (output,), (rows,) = plan.outputs, result.vectors
+        values = _values(rows, as_base64)
+        body["data"] = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(values)]
+        body["dimensions"], body["output_dtype"] = output.dims, output.encoding
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -261,16 +324,13 @@ def models_response(infos: Sequence[ModelInfo], created: int) -> bytes:
 
 def error_body(message: str, kind: ErrorKind, param: str | None = None) -> bytes:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}; `code` is our outcome name."""
-    _, error_type = HTTP_STATUS[kind]
+    error_type = ERROR_TYPES[kind]
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": kind.value}})
 
 
 def error_reply(kind: ErrorKind, message: str, param: str | None = None) -> tuple[int, dict[str, str], bytes]:
     """(status, headers, body) for a failure of `kind`."""
-    status, _ = HTTP_STATUS[kind]
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if kind in (ErrorKind.QUEUE_FULL, ErrorKind.UNAVAILABLE) else {}
-    if kind is ErrorKind.UNAUTHENTICATED:
-        headers["WWW-Authenticate"] = "Bearer"
+    status, headers = status_and_headers(kind)
     return status, headers, error_body(message, kind, param)
 
 

@@ -10,8 +10,9 @@ in chunks of similar length (as mrl-serve's batcher does): on a CPU, padding is 
 
 Parameters (config.pbtxt): `backend` (a `mrl.runtime` backend name; default auto, which means
 onnxruntime-cpu on a KIND_CPU instance), `intra_op_threads` (default: CPU cores / CPU instances),
-`max_rows` (texts per chunk, default 32) and `max_padding` (the share of a chunk that may be
-padding, default 0.1).
+`max_rows` (texts per chunk, default 32), `max_padding` (the share of a chunk that may be
+padding, default 0.1) and `serve_unverified` ("true" loads the model even where the artifact's
+acceptance test fails on this machine, with a warning; default: it fails to load).
 """
 
 from __future__ import annotations
@@ -83,14 +84,16 @@ class TritonPythonModel:
     """The Python-backend entry points."""
 
     def initialize(self, args: dict[str, str]) -> None:
-        """Load the profile's graph with mrl.runtime (files checked against their sha256) and warm it up."""
-        from mrl.runtime.backends import capabilities, create_backend, resolve_backend
+        """Load the profile's graph with mrl.runtime (files checked against their sha256, the artifact's acceptance
+        test run on this backend: a model this machine computes differently fails to load) and warm it up."""
+        from mrl.runtime import Embedder
+        from mrl.runtime.backends import capabilities, resolve_backend
         from mrl.runtime.manifest import load_manifest
 
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         directory = Path(args["model_repository"]) / args["model_version"] / "artifact"
-        manifest = load_manifest(directory)
+        manifest = load_manifest(directory, verify=False)  # to resolve the backend; Embedder.load verifies
         (profile,) = manifest.profiles
         on_cpu = args.get("model_instance_kind", "CPU") == "CPU"
         wanted = parameters.get("backend", "auto")
@@ -101,7 +104,9 @@ class TritonPythonModel:
             options["intra_op_threads"] = int(threads)
         if not on_cpu:
             options["device_id"] = int(args.get("model_instance_device_id", "0"))
-        self.backend = create_backend(name, directory, manifest, profile, **options)
+        embedder = Embedder.load(directory, name, precision=profile.precision, acceptance=False, **options)
+        verdict = self.accept(embedder, args["model_name"], parameters.get("serve_unverified", "false") == "true")
+        self.backend = embedder.backend_for(profile)
         self.backend.warmup()
         self.max_rows = int(parameters.get("max_rows", "32"))
         self.max_padding = float(parameters.get("max_padding", "0.1"))
@@ -109,7 +114,27 @@ class TritonPythonModel:
         self.pad_token_id = manifest.tokenizer.pad_token_id
         self.dims = profile.dims
         self.left = manifest.tokenizer.padding_side == "left"
-        pb_utils.Logger.log_info(f"{args['model_name']}: {profile.name} on {name} {self.backend.providers} {options}")
+        pb_utils.Logger.log_info(
+            f"{args['model_name']}: {profile.name} on {name} {self.backend.providers} {options}; {verdict}"
+        )
+
+    @staticmethod
+    def accept(embedder: Any, model: str, serve_unverified: bool) -> str:
+        """The artifact's acceptance test here: raises where it fails (unless `serve_unverified`); how it went."""
+        from mrl.runtime.acceptance import check
+        from mrl.runtime.errors import AcceptanceError
+
+        verdict = check(embedder)
+        if verdict.passed:
+            worst = min(c.parity.min_cosine for c in verdict.checks)
+            return f"acceptance test passed on this machine (min cosine {worst:.6f})"
+        if not verdict.checked:
+            return "no acceptance test in the artifact: nothing checked"
+        if not serve_unverified:
+            anyway = 'parameters { key: "serve_unverified" value: { string_value: "true" } } serves it anyway'
+            raise AcceptanceError(f"{model}: refusing {verdict.refusal()} ({anyway})")
+        pb_utils.Logger.log_warn(f"{model} is served UNVERIFIED (serve_unverified): {verdict.refusal()}")
+        return "acceptance test FAILED: served unverified"
 
     def execute(self, requests: list[Any]) -> list[Any]:
         """Run the rows of every request in length-sorted chunks and hand each request its rows."""

@@ -20,7 +20,7 @@ from typing import Any
 
 from mrl.runtime.errors import BackendUnavailableError
 
-# How to get each GPU piece; the README's "Deploying on a GPU" explains the two distributions.
+# How to get each GPU piece; docs/gpu.md explains the two distributions.
 ORT_GPU_INSTALL = "pip uninstall -y mrl-toolkit onnxruntime && pip install mrl-toolkit-gpu"
 NVIDIA_SMI_TIMEOUT_S = 20.0  # a wedged driver can hang nvidia-smi for minutes
 

@@ -207,3 +207,25 @@ def test_cli_refuses_an_unknown_encoding_format(capsys):
         bench_main(["serve", "--target", "http=127.0.0.1:1", "--http-encoding-format", "float32"])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "base64" in err
+
+
+def test_targets_asking_for_several_outputs_run_beside_the_one_vector_targets(server, http_server, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(TEXTS) + "\n")
+    outputs = ";outputs=8:ubinary,:int8"
+    targets = [f"mrl={server}", f"mrl={server}{outputs}", f"http={http_server}{outputs}"]
+    out = tmp_path / "outputs.json"
+    argv = ["serve", *(a for t in targets for a in ("--target", t)), "--texts", str(texts)]
+    argv += ["--concurrency", "2", "--requests", "6", "--threads", "1", "--out", str(out)]
+    assert bench_main(argv) == 0
+    rows = load_report(out)["results"]
+    assert [r["target"] for r in rows] == targets
+    for row in rows:
+        assert row["ok"] == row["requests"] == 6 and row["errors"] == {}, row
+    mrl, http = target_specs(targets[1:], triton_model=None, token=None, root_certificates=None)
+    assert mrl.outputs == http.outputs == ((8, "ubinary"), (None, "int8"))
+    assert spec_from_json(json.loads(json.dumps(spec_to_json(http)))) == http
+    with pytest.raises(InvalidInputError, match="use DIMS:ENCODING"):
+        target_specs([f"mrl={server};outputs=8"], triton_model=None, token=None, root_certificates=None)
+    with pytest.raises(InvalidInputError, match="leave out --dims-mix"):
+        ServeConfig(targets=(mrl,), texts=tuple(TEXTS), dims_mixes=((8,),))

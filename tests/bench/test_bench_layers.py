@@ -8,7 +8,8 @@ from mrl.bench.cli import main
 from mrl.bench.engine import EngineConfig, depth_keys, run_engine
 from mrl.bench.plot import plot_quality_speed
 from mrl.bench.texts import Pair, passage_sentences
-from mrl.bench.tradeoff import TradeoffConfig, recommend, run_tradeoff, tradeoff_table
+from mrl.bench.tradeoff import TradeoffConfig, recommend, run_tradeoff
+from mrl.bench.tradeoff_report import tradeoff_table
 from mrl.runtime import load_manifest
 from mrl.runtime.errors import InvalidInputError
 

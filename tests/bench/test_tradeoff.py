@@ -1,13 +1,15 @@
 """The trade-off run on the tiny model, its plot, and the real chatterbot texts."""
 
+import itertools
 import json
 
 import pytest
 
 from mrl.bench import corpora
-from mrl.bench.plot import plot_tradeoff
+from mrl.bench.plot import plot_designs, plot_tradeoff
 from mrl.bench.texts import Pair, passage_sentences, read_pairs
-from mrl.bench.tradeoff import TradeoffConfig, run_tradeoff, tradeoff_table
+from mrl.bench.tradeoff import TradeoffConfig, run_tradeoff
+from mrl.bench.tradeoff_report import tradeoff_table
 from mrl.runtime.errors import InvalidInputError
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -19,7 +21,9 @@ def tiny_tradeoff(tiny_artifact):
         f"note number {i} about the {w}" for i, w in enumerate(["mill", "river", "train", "bread", "books"] * 4)
     ]
     pairs = (Pair(query="Who opens a shop before sunrise?", positive=docs[8]), Pair(query=docs[0], positive=docs[1]))
-    config = TradeoffConfig(artifact=tiny_artifact, corpus=(*docs, docs[0]), pairs=pairs, max_queries=20, threads=1)
+    config = TradeoffConfig(
+        artifact=tiny_artifact, corpus=(*docs, docs[0]), pairs=pairs, max_queries=20, threads=1, cost_vectors=5000
+    )
     return run_tradeoff(config, lambda _: None)
 
 
@@ -40,9 +44,23 @@ def test_rows_cover_every_dims_and_encoding(tiny_tradeoff):
 
 
 def test_plot_is_written(tiny_tradeoff, tmp_path):
-    rows, _ = tiny_tradeoff
+    rows, extra = tiny_tradeoff
     path = plot_tradeoff(rows, tmp_path / "plots" / "t.png", target=0.95, title="tiny")
     assert path.read_bytes()[:8] == PNG and path.stat().st_size > 10_000
+    designs = [*rows, *extra["funnels"]]
+    path = plot_designs(designs, extra["design_recommendation"], tmp_path / "plots" / "d.png", title="tiny")
+    assert path.read_bytes()[:8] == PNG and path.stat().st_size > 10_000
+
+
+def test_funnels_and_designs_in_the_extra_facts(tiny_tradeoff):
+    rows, extra = tiny_tradeoff
+    assert extra["funnels"] and all(f["design"] == "funnel" for f in extra["funnels"])
+    assert {f["shortlist_encoding"] for f in extra["funnels"]} == {"ubinary", "int8"}
+    rec = extra["design_recommendation"]
+    front = rec["front"]
+    assert [d["ram_bytes_per_vector"] for d in front] == sorted(d["ram_bytes_per_vector"] for d in front)
+    assert all(a["labelled_recall_at_10"] < b["labelled_recall_at_10"] for a, b in itertools.pairwise(front))
+    assert extra["search_cost"]["n_vectors"] == 5000 and all(r["query_ms"] > 0 for r in rows)
 
 
 def test_config_validation(tiny_artifact):

@@ -44,6 +44,10 @@ def test_gpu_check_runs_on_the_cpu_and_prints_the_table_last(tiny_st_dir, tmp_pa
     assert checks["export"] == "pass"
     torch_rows = [name for name in checks if name.startswith(("torch cpu fp32 ", "torch CUDA fp32 "))]
     assert torch_rows and all(checks[name] == "pass" for name in torch_rows)
+    verified = [name for name in checks if name.startswith("mrl-export verify --backend ")]
+    assert verified and all(checks[name] == "pass" for name in verified), verified
+    if detect_gpu(0)[0] is None:
+        assert {"mrl-export verify --backend onnxruntime-cpu", "mrl-export verify --backend torch"} <= set(verified)
     (bench,) = [name for name in checks if name.startswith("mrl-bench engine --baseline")]
     assert checks[bench] == "pass"
     if detect_gpu(0)[0] is None:
@@ -90,3 +94,20 @@ def test_the_environment_report_gives_up_on_a_hanging_nvidia_smi(monkeypatch, tm
         gpu.detect_gpu.cache_clear()
     assert time.monotonic() - start < 90  # the fake would hold it for 120 s per call without the timeout
     assert rows[0][:2] == ("GPU", "none found") and facts["gpu"] is None
+
+
+def test_verify_rows_say_what_failed(tiny_artifact, tmp_path):
+    """The rows a GPU run gets from `mrl-export verify`, here where the CPU disagrees or a backend is missing."""
+    from acceptance_helpers import copy_artifact, disagree
+
+    gpu_check = _gpu_check_module()
+    artifact = copy_artifact(tiny_artifact, tmp_path / "a")
+    disagree(artifact)
+    name, result, detail = gpu_check.verify_row(artifact, "onnxruntime-cpu")
+    assert (name, result) == ("mrl-export verify --backend onnxruntime-cpu", "FAIL")
+    assert "FAIL d32-fp32: mean cosine 0.9" in detail and "CPUExecutionProvider" in detail
+    if detect_gpu(0)[0] is None:
+        name, result, detail = gpu_check.verify_row(tiny_artifact, "onnxruntime-cuda")
+        assert result == "FAIL" and "cannot run here" in detail, detail
+    passed = gpu_check.verify_row(tiny_artifact, "onnxruntime-cpu")
+    assert passed[1:] == ("pass", "3 profiles hold their export's thresholds against the source model")

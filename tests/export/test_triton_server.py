@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from triton_helpers import as_nobody, call, require_triton, tritonserver
+from acceptance_helpers import copy_artifact, disagree
+from triton_helpers import as_nobody, call, require_triton, tritonserver, wait_exit
 
 from mrl.export.triton import write_repository
 from mrl.export.triton_config import Batching
@@ -198,3 +199,23 @@ def test_a_tritonserver_running_as_nobody_serves_the_repository(tiny_artifact, t
     finally:
         shutil.rmtree(shared, ignore_errors=True)
     assert _cosines(result, Embedder.load(tiny_artifact).embed(texts(3), dims=8)).min() >= 0.9999
+
+
+def test_a_python_encoder_on_a_machine_that_disagrees_fails_to_load(tiny_artifact, tmp_path):
+    """The encoder runs the artifact's acceptance test when Triton loads it: refused, with the numbers in the log."""
+    require_triton()
+    artifact = copy_artifact(tiny_artifact, tmp_path / "art")
+    disagree(artifact)
+    options = TritonOptions(name="tiny", dims=(8,), encoder="python", batching=Batching(instances=1))
+    write_repository(artifact, tmp_path / "repo", options)
+    code, log = wait_exit(tmp_path / "repo", tmp_path / "server.log", "--strict-model-config=true")
+    assert code != 0, log[-3000:]
+    failure = next((line for line in log.splitlines() if "AcceptanceError" in line), "")
+    assert "tiny_encode_d8" in failure and "d8-fp32: mean cosine 0.9" in failure, log[-3000:]
+    assert "(needs min_cosine >= 0.9999); on onnxruntime-cpu [CPUExecutionProvider], CPU " in failure
+    assert "serve_unverified" in failure
+
+
+def test_a_python_encoder_that_passes_says_so(triton):
+    assert "tiny_encode_d8: d8-fp32 on onnxruntime-cpu" in triton.log_tail(100_000)
+    assert "acceptance test passed on this machine (min cosine" in triton.log_tail(100_000)

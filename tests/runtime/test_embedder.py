@@ -122,9 +122,8 @@ def test_a_plan_decides_graph_dims_encoding_prompt_and_depth_once(embedder):
 def test_a_plan_refuses_the_first_mistake_naming_the_field(embedder, options, error, words):
     with pytest.raises(error, match=words) as info:
         embedder.plan(options)
-    assert info.value.field == {LayersError: "layers", DimsError: "dims", UnknownPromptError: "prompt_name"}.get(
-        error, "encoding" if error is EncodingError else None
-    )
+    fields = {LayersError: "layers", DimsError: "dims", UnknownPromptError: "prompt_name", EncodingError: "encoding"}
+    assert info.value.field == fields.get(error, "outputs")
 
 
 def test_run_plan_gives_each_output_from_one_forward_pass(embedder):

@@ -252,7 +252,9 @@ def _padding_leaves_embeddings_unchanged(artifact: Path, texts: list[str]) -> No
     """Pad each batch up by 17 masked tokens, as the tensorrt backend does below a range's min; compare on ORT."""
     from mrl.runtime import Embedder
 
-    embedder = Embedder.load(artifact, "onnxruntime-cpu")
+    # Padding only: the BERT told to pad left computes other vectors than its source, which its acceptance test
+    # refuses (tests/runtime/test_acceptance.py), so it is not run here.
+    embedder = Embedder.load(artifact, "onnxruntime-cpu", acceptance=False)
     try:
         for batch in ([texts[0]], texts):  # one text (no tokenizer padding at all), then a padded batch
             feed = embedder.tokenizer.pad(embedder.tokenizer.encode(batch))

@@ -60,7 +60,7 @@ def test_every_bad_request_gets_an_openai_error_that_says_what_to_fix(tiny_artif
             base = f"http://127.0.0.1:{server.http_port}"
             replies = [await call(s, "POST", f"{base}/v1/embeddings", body, h) for body, h, *_ in BAD_REQUESTS]
             replies.append(await call(s, "GET", f"{base}/v1/embeddings"))
-            replies.append(await call(s, "POST", f"{base}/v2/embed", {"input": "a"}))
+            replies.append(await call(s, "POST", f"{base}/v3/embed", {"input": "a"}))
             replies.append(await call(s, "GET", f"{base}/v1/models/nope"))
             good = await call(
                 s, "POST", f"{base}/v1/embeddings", {"input": "word " * 200, "truncate": True, "user": "u"}
@@ -69,7 +69,7 @@ def test_every_bad_request_gets_an_openai_error_that_says_what_to_fix(tiny_artif
 
     replies, good = run(scenario())
     expected = [(status, code, words) for _, _, status, code, words in BAD_REQUESTS]
-    expected += [(405, "invalid_argument", "GET is not allowed"), (404, "not_found", "no route '/v2/embed'")]
+    expected += [(405, "invalid_argument", "GET is not allowed"), (404, "not_found", "no route '/v3/embed'")]
     expected += [(404, "not_found", "no model named 'nope'")]
     for (status, headers, body), (want, code, words) in zip(replies, expected, strict=True):
         error = body["error"]

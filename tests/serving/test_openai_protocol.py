@@ -10,9 +10,10 @@ import pytest
 
 from mrl.runtime import DimsError, EmbedOptions, LayersError, Output, OutputSpec, Plan, Profile
 from mrl.serving.errors import ErrorKind, NotReadyError, QueueFullError, RequestExpiredError, RequestTooLargeError
+from mrl.serving.http_errors import STATUS
 from mrl.serving.model import EmbedResult, ModelInfo, ProfileInfo
 from mrl.serving.openai_protocol import (
-    HTTP_STATUS,
+    ERROR_TYPES,
     ProtocolError,
     embeddings_response,
     error_response,
@@ -223,4 +224,4 @@ def test_errors_the_models_plan_finds_name_the_bodys_field(error, param):
 
 
 def test_every_error_kind_has_an_http_status():
-    assert set(HTTP_STATUS) == set(ErrorKind) - {ErrorKind.OK}
+    assert set(STATUS) == set(ERROR_TYPES) == set(ErrorKind) - {ErrorKind.OK}

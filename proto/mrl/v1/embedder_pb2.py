@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mrl/v1/embedder.proto\x12\x06mrl.v1\"\xe9\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bprompt_name\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\"\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x10.mrl.v1.Encoding\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x06layers\x18\x08 \x01(\rH\x02\x88\x01\x01\x42\r\n\x0b_dimensionsB\x0e\n\x0c_prompt_nameB\t\n\x07_layers\")\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x1d\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\"B\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xfd\x01\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.mrl.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\"\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x10.mrl.v1.Encoding\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.mrl.v1.Usage\x12\x1e\n\x06timing\x18\x06 \x01(\x0b\x32\x0e.mrl.v1.Timing\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1c\n\x05\x65rror\x18\x08 \x01(\x0b\x32\r.mrl.v1.Error\x12\x0e\n\x06layers\x18\t \x01(\r\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.mrl.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0e\n\x06layers\x18\x04 \x01(\r\"\xbd\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x66ull_dimensions\x18\x02 \x01(\r\x12!\n\x08profiles\x18\x03 \x03(\x0b\x32\x0f.mrl.v1.Profile\x12\x1a\n\x12trained_dimensions\x18\x04 \x03(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12/\n\x07prompts\x18\x06 \x03(\x0b\x32\x1e.mrl.v1.ModelInfo.PromptsEntry\x12\x16\n\x0e\x64\x65\x66\x61ult_prompt\x18\x07 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_dimensions\x18\x08 \x01(\r\x12\x11\n\tprecision\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12#\n\tencodings\x18\x0b \x03(\x0e\x32\x10.mrl.v1.Encoding\x12\x0e\n\x06layers\x18\x0c \x03(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_layers\x18\r \x01(\r\x12\x14\n\x0ctotal_layers\x18\x0e \x01(\r\x12\x16\n\x0etrained_layers\x18\x0f \x03(\r\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa2\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x14\n\x10\x45NCODING_UBINARY\x10\x04\x12\x12\n\x0e\x45NCODING_UINT8\x10\x05\x12\x13\n\x0f\x45NCODING_BINARY\x10\x06\x32\xfd\x01\n\x08\x45mbedder\x12\x34\n\x05\x45mbed\x12\x14.mrl.v1.EmbedRequest\x1a\x15.mrl.v1.EmbedResponse\x12>\n\x0b\x45mbedStream\x12\x14.mrl.v1.EmbedRequest\x1a\x15.mrl.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.mrl.v1.ListModelsRequest\x1a\x1a.mrl.v1.ListModelsResponse\x12\x36\n\x08GetModel\x12\x17.mrl.v1.GetModelRequest\x1a\x11.mrl.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15mrl/v1/embedder.proto\x12\x06mrl.v1\"X\n\nOutputSpec\x12\x17\n\ndimensions\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\"\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x10.mrl.v1.EncodingB\r\n\x0b_dimensions\"\xc9\x02\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x17\n\ndimensions\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0bprompt_name\x18\x04 \x01(\tH\x01\x88\x01\x01\x12\x10\n\x08truncate\x18\x05 \x01(\x08\x12\"\n\x08\x65ncoding\x18\x06 \x01(\x0e\x32\x10.mrl.v1.Encoding\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x13\n\x06layers\x18\x08 \x01(\rH\x02\x88\x01\x01\x12#\n\x07outputs\x18\t \x03(\x0b\x32\x12.mrl.v1.OutputSpec\x12\x39\n\x14truncation_direction\x18\n \x01(\x0e\x32\x1b.mrl.v1.TruncationDirectionB\r\n\x0b_dimensionsB\x0e\n\x0c_prompt_nameB\t\n\x07_layers\")\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"g\n\x06Output\x12\x12\n\ndimensions\x18\x01 \x01(\r\x12\"\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x10.mrl.v1.Encoding\x12%\n\nembeddings\x18\x03 \x03(\x0b\x32\x11.mrl.v1.Embedding\"\x1d\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\"B\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x9e\x02\n\rEmbedResponse\x12%\n\nembeddings\x18\x01 \x03(\x0b\x32\x11.mrl.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\"\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x10.mrl.v1.Encoding\x12\x1c\n\x05usage\x18\x05 \x01(\x0b\x32\r.mrl.v1.Usage\x12\x1e\n\x06timing\x18\x06 \x01(\x0b\x32\x0e.mrl.v1.Timing\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x1c\n\x05\x65rror\x18\x08 \x01(\x0b\x32\r.mrl.v1.Error\x12\x0e\n\x06layers\x18\t \x01(\r\x12\x1f\n\x07outputs\x18\n \x03(\x0b\x32\x0e.mrl.v1.Output\"\x13\n\x11ListModelsRequest\"7\n\x12ListModelsResponse\x12!\n\x06models\x18\x01 \x03(\x0b\x32\x11.mrl.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x07Profile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ndimensions\x18\x02 \x01(\r\x12\x11\n\tprecision\x18\x03 \x01(\t\x12\x0e\n\x06layers\x18\x04 \x01(\r\"\xbd\x03\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x66ull_dimensions\x18\x02 \x01(\r\x12!\n\x08profiles\x18\x03 \x03(\x0b\x32\x0f.mrl.v1.Profile\x12\x1a\n\x12trained_dimensions\x18\x04 \x03(\r\x12\x18\n\x10max_input_tokens\x18\x05 \x01(\r\x12/\n\x07prompts\x18\x06 \x03(\x0b\x32\x1e.mrl.v1.ModelInfo.PromptsEntry\x12\x16\n\x0e\x64\x65\x66\x61ult_prompt\x18\x07 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_dimensions\x18\x08 \x01(\r\x12\x11\n\tprecision\x18\t \x01(\t\x12\r\n\x05ready\x18\n \x01(\x08\x12#\n\tencodings\x18\x0b \x03(\x0e\x32\x10.mrl.v1.Encoding\x12\x0e\n\x06layers\x18\x0c \x03(\r\x12\x16\n\x0e\x64\x65\x66\x61ult_layers\x18\r \x01(\r\x12\x14\n\x0ctotal_layers\x18\x0e \x01(\r\x12\x16\n\x0etrained_layers\x18\x0f \x03(\r\x1a.\n\x0cPromptsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xa2\x01\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45NCODING_FLOAT32\x10\x01\x12\x14\n\x10\x45NCODING_FLOAT16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x14\n\x10\x45NCODING_UBINARY\x10\x04\x12\x12\n\x0e\x45NCODING_UINT8\x10\x05\x12\x13\n\x0f\x45NCODING_BINARY\x10\x06*z\n\x13TruncationDirection\x12$\n TRUNCATION_DIRECTION_UNSPECIFIED\x10\x00\x12\x1e\n\x1aTRUNCATION_DIRECTION_RIGHT\x10\x01\x12\x1d\n\x19TRUNCATION_DIRECTION_LEFT\x10\x02\x32\xfd\x01\n\x08\x45mbedder\x12\x34\n\x05\x45mbed\x12\x14.mrl.v1.EmbedRequest\x1a\x15.mrl.v1.EmbedResponse\x12>\n\x0b\x45mbedStream\x12\x14.mrl.v1.EmbedRequest\x1a\x15.mrl.v1.EmbedResponse(\x01\x30\x01\x12\x43\n\nListModels\x12\x19.mrl.v1.ListModelsRequest\x1a\x1a.mrl.v1.ListModelsResponse\x12\x36\n\x08GetModel\x12\x17.mrl.v1.GetModelRequest\x1a\x11.mrl.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,32 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_MODELINFO_PROMPTSENTRY']._loaded_options = None
   _globals['_MODELINFO_PROMPTSENTRY']._serialized_options = b'8\001'
-  _globals['_ENCODING']._serialized_start=1347
-  _globals['_ENCODING']._serialized_end=1509
-  _globals['_EMBEDREQUEST']._serialized_start=34
-  _globals['_EMBEDREQUEST']._serialized_end=267
-  _globals['_EMBEDDING']._serialized_start=269
-  _globals['_EMBEDDING']._serialized_end=310
-  _globals['_USAGE']._serialized_start=312
-  _globals['_USAGE']._serialized_end=341
-  _globals['_TIMING']._serialized_start=343
-  _globals['_TIMING']._serialized_end=409
-  _globals['_ERROR']._serialized_start=411
-  _globals['_ERROR']._serialized_end=449
-  _globals['_EMBEDRESPONSE']._serialized_start=452
-  _globals['_EMBEDRESPONSE']._serialized_end=705
-  _globals['_LISTMODELSREQUEST']._serialized_start=707
-  _globals['_LISTMODELSREQUEST']._serialized_end=726
-  _globals['_LISTMODELSRESPONSE']._serialized_start=728
-  _globals['_LISTMODELSRESPONSE']._serialized_end=783
-  _globals['_GETMODELREQUEST']._serialized_start=785
-  _globals['_GETMODELREQUEST']._serialized_end=816
-  _globals['_PROFILE']._serialized_start=818
-  _globals['_PROFILE']._serialized_end=896
-  _globals['_MODELINFO']._serialized_start=899
-  _globals['_MODELINFO']._serialized_end=1344
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=1298
-  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=1344
-  _globals['_EMBEDDER']._serialized_start=1512
-  _globals['_EMBEDDER']._serialized_end=1765
+  _globals['_ENCODING']._serialized_start=1671
+  _globals['_ENCODING']._serialized_end=1833
+  _globals['_TRUNCATIONDIRECTION']._serialized_start=1835
+  _globals['_TRUNCATIONDIRECTION']._serialized_end=1957
+  _globals['_OUTPUTSPEC']._serialized_start=33
+  _globals['_OUTPUTSPEC']._serialized_end=121
+  _globals['_EMBEDREQUEST']._serialized_start=124
+  _globals['_EMBEDREQUEST']._serialized_end=453
+  _globals['_EMBEDDING']._serialized_start=455
+  _globals['_EMBEDDING']._serialized_end=496
+  _globals['_OUTPUT']._serialized_start=498
+  _globals['_OUTPUT']._serialized_end=601
+  _globals['_USAGE']._serialized_start=603
+  _globals['_USAGE']._serialized_end=632
+  _globals['_TIMING']._serialized_start=634
+  _globals['_TIMING']._serialized_end=700
+  _globals['_ERROR']._serialized_start=702
+  _globals['_ERROR']._serialized_end=740
+  _globals['_EMBEDRESPONSE']._serialized_start=743
+  _globals['_EMBEDRESPONSE']._serialized_end=1029
+  _globals['_LISTMODELSREQUEST']._serialized_start=1031
+  _globals['_LISTMODELSREQUEST']._serialized_end=1050
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1052
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1107
+  _globals['_GETMODELREQUEST']._serialized_start=1109
+  _globals['_GETMODELREQUEST']._serialized_end=1140
+  _globals['_PROFILE']._serialized_start=1142
+  _globals['_PROFILE']._serialized_end=1220
+  _globals['_MODELINFO']._serialized_start=1223
+  _globals['_MODELINFO']._serialized_end=1668
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_start=1622
+  _globals['_MODELINFO_PROMPTSENTRY']._serialized_end=1668
+  _globals['_EMBEDDER']._serialized_start=1960
+  _globals['_EMBEDDER']._serialized_end=2213
 # @@protoc_insertion_point(module_scope)
