@@ -18,7 +18,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from mrl.runtime.errors import shorten
 from mrl.serving.errors import ErrorKind
-from mrl.serving.openai_protocol import RETRY_AFTER_S, error_body
+from mrl.serving.http_errors import RETRY_AFTER_S
+from mrl.serving.openai_protocol import error_body
 
 log = logging.getLogger(__name__)
 
