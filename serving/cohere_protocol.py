@@ -166,8 +166,8 @@ def response_body(request: EmbedRequest, result: EmbedResult) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error_reply(kind: ErrorKind, message: str) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) for a failure of `kind`, in Cohere's error shape."""
+def error_reply(kind: ErrorKind, message: str, param: str | None = None) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) for a failure of `kind`, in Cohere's error shape (which names no `param`)."""
     status, headers = status_and_headers(kind)
     return status, headers, orjson.dumps({"id": str(uuid.uuid4()), "message": message})
 

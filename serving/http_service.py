@@ -48,8 +48,8 @@ IDENTITY = frozenset({"", "identity"})
 """Content-Encodings taken: none. A compressed body is refused, not inflated: 1 MB of gzip inflates to 1 GiB,
 and inflating it held the event loop (health included) for seconds."""
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-ErrorShape = Callable[[ErrorKind, str], tuple[int, dict[str, str], bytes]]
-"""A door's error reply: (status, headers, body) for a failure of a kind."""
+ErrorShape = Callable[[ErrorKind, str, str | None], tuple[int, dict[str, str], bytes]]
+"""A door's error reply: (status, headers, body) for a failure of a kind, with the field at fault."""
 
 
 def json_reply(status: int, headers: dict[str, str], body: bytes) -> web.Response:
@@ -75,7 +75,7 @@ class SlowBodyError(Exception):
 
     def response(self, shape: ErrorShape = error_reply) -> web.Response:
         """The 408, in OpenAI's error shape or the `shape` given (the door's)."""
-        _, headers, body = shape(ErrorKind.INVALID_ARGUMENT, str(self))
+        _, headers, body = shape(ErrorKind.INVALID_ARGUMENT, str(self), None)
         reply = json_reply(408, headers, body)
         reply.force_close()
         return reply
@@ -127,6 +127,7 @@ class HttpFrontEnd:
                 ErrorKind.INVALID_ARGUMENT,
                 f"compressed request bodies are not accepted (Content-Encoding: {shorten(encoding)[1:-1]}): "
                 "send the JSON uncompressed",
+                "Content-Encoding",
             )
             response = json_reply(415, headers, body)
             response.force_close()  # the unread body is drained as is (never inflated), then the connection closes

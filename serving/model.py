@@ -244,6 +244,7 @@ class ServedModel:
         log.info("model %s is warm (%s, %s)", self.name, self.embedder.precision, ", ".join(self.embedder.providers))
 
     def _warmup(self) -> None:
+        self._check_max_length()  # first: the acceptance test's longest texts would fail in the graph otherwise
         self.verified = check_acceptance(self.name, self.embedder, self.serve_unverified)
         self.embedder.warmup()
         texts = ["warm-up text of a typical length for this model's tokenizer " * 2] * self.config.max_batch_size
@@ -252,7 +253,6 @@ class ServedModel:
             self.embedder.run(graph, encoded)
             if self.lone is not None:
                 self.lone.run(graph, encoded)
-        self._check_max_length()
 
     def _check_max_length(self) -> None:
         """Run one text of the manifest's max length through each graph: a longer max length than the graph's

@@ -180,7 +180,8 @@ def test_a_gzip_bomb_is_refused_at_once_and_health_keeps_answering(tiny_artifact
     assert probed["seen"] and not probed["failed"], probed["failed"][:5]  # a 1 s stall would fail a probe
     statuses = [assert_openai_error(*reply) and reply[0] for reply in replies]
     assert statuses == [415, 401, 405], replies
-    assert "Content-Encoding" in json.loads(replies[0][2])["error"]["message"]
+    error = json.loads(replies[0][2])["error"]
+    assert "Content-Encoding" in error["message"] and error["param"] == "Content-Encoding", error
 
 
 def test_a_body_that_never_arrives_is_answered_408_and_the_connection_freed(tiny_artifact):
@@ -196,3 +197,20 @@ def test_a_body_that_never_arrives_is_answered_408_and_the_connection_freed(tiny
     status, headers, body = run(scenario())
     error = assert_openai_error(status, headers, body, 408)
     assert "body" in error["message"] and headers.get("connection") == "close", (error, headers)
+
+
+def test_cohere_s_route_refuses_a_compressed_or_stalled_body_in_cohere_s_shape(tiny_artifact):
+    """Cohere's SDK reads {"id", "message"}: the door's refusals before any parsing keep to the route's shape."""
+    model = GatedModel.open(tiny_artifact)
+    gzipped = b"POST /v2/embed HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 2\r\n\r\n{}"
+    stalled = b"POST /v2/embed HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+
+    async def scenario():
+        async with running([model], http_port=0, idle_timeout_s=1.0) as server:
+            return [await asyncio.to_thread(raw_http, server.http_port, head, 30) for head in (gzipped, stalled)]
+
+    replies = run(scenario())
+    assert [status for status, _, _ in replies] == [415, 408], replies
+    for _, _, body in replies:
+        error = json.loads(body)
+        assert set(error) == {"id", "message"}, error
