@@ -23,14 +23,12 @@ from mrl.runtime.errors import (
     shorten,
 )
 from mrl.runtime.manifest import Manifest, Profile, load_manifest
-from mrl.runtime.plan import EmbedOptions, Output, OutputSpec, Plan
+from mrl.runtime.plan import MAX_OUTPUTS, EmbedOptions, Output, OutputSpec, Plan
 from mrl.runtime.tokenize import DIRECTIONS, Encoded, TextTokenizer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIONS = EmbedOptions()
-MAX_OUTPUTS = 8
-"""Outputs one request may ask for: each costs a cut, a normalisation and an encoding of every row."""
 
 
 class Embedder:

@@ -13,6 +13,9 @@ import numpy as np
 from mrl.runtime import encodings
 from mrl.runtime.manifest import Profile
 
+MAX_OUTPUTS = 8
+"""Outputs one request may ask for: each costs a cut, a normalisation and an encoding of every row."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class OutputSpec:

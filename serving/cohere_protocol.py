@@ -20,7 +20,7 @@ import orjson
 from mrl.runtime.encodings import little_endian
 from mrl.runtime.errors import shorten
 from mrl.runtime.plan import EmbedOptions, OutputSpec
-from mrl.serving.core import EmbedQuery
+from mrl.serving.core import EmbedQuery, too_many_inputs
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.http_errors import status_and_headers
 from mrl.serving.model import EmbedResult
@@ -75,27 +75,28 @@ def _check(condition: bool, message: str) -> None:
         raise CohereError(message)
 
 
-def _texts(value: Any) -> list[str]:
+def _texts(value: Any, max_inputs: int | None) -> list[str]:
     _check(isinstance(value, list) and len(value) > 0, f"texts must be a non-empty list of strings, like {EXAMPLE}")
+    message = too_many_inputs(len(value), max_inputs)
+    _check(message is None, message or "")
     for i, text in enumerate(value):
         _check(isinstance(text, str), f"texts[{i}] must be a string, not {shorten(text)}")
     return value
 
 
-def parse_request(body: bytes, *, deadline: float | None = None) -> EmbedRequest:
-    """A POST /v2/embed body as the core's query; CohereError says what to fix."""
+def parse_request(body: bytes, *, deadline: float | None = None, max_inputs: int | None = None) -> EmbedRequest:
+    """A POST /v2/embed body as the core's query (`max_inputs`: the most texts taken); CohereError says what to
+    fix."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise CohereError(f"the body is not valid JSON ({e}): send an object like {EXAMPLE}") from None
     _check(isinstance(data, dict), f"the body must be a JSON object like {EXAMPLE}")
-    unknown = [name for name in data if name not in FIELDS]
-    _check(
-        not unknown, f"unknown field {shorten(unknown[0] if unknown else '')}; this endpoint takes {', '.join(FIELDS)}"
-    )
+    unknown = next((name for name in data if name not in FIELDS), None)  # the first: a body may hold millions
+    _check(unknown is None, f"unknown field {shorten(unknown)}; this endpoint takes {', '.join(FIELDS)}")
     _check(data.get("images") is None and data.get("inputs") is None, "this server embeds texts only: send texts")
     _check(data.get("max_tokens") is None, "max_tokens is not supported: the model's max length applies (truncate)")
-    texts = _texts(data.get("texts"))
+    texts = _texts(data.get("texts"), max_inputs)
     model = data.get("model") or ""
     _check(isinstance(model, str), "model must be a string")
     input_type = data.get("input_type") or "search_document"
@@ -105,6 +106,7 @@ def parse_request(body: bytes, *, deadline: float | None = None) -> EmbedRequest
     )
     types = data.get("embedding_types") or ["float"]
     _check(isinstance(types, list), f'embedding_types must be a list, like ["float", "int8"], not {shorten(types)}')
+    _check(len(types) <= len(EMBEDDING_TYPES), f"embedding_types lists each type once: {len(types)} is too many")
     for kind in types:
         _check(
             isinstance(kind, str) and kind in EMBEDDING_TYPES,

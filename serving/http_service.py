@@ -157,7 +157,10 @@ class HttpFrontEnd:
         try:
             body, timeout = await self._body(request)
             parsed = parse_embeddings_request(
-                body, deadline=deadline_after(timeout), truncate_default=self._config.auto_truncate
+                body,
+                deadline=deadline_after(timeout),
+                truncate_default=self._config.auto_truncate,
+                max_inputs=self._config.limits.max_inputs_per_request,
             )
             model, result = await self._embed(parsed.query, timeout)
         except SlowBodyError as e:
@@ -171,7 +174,8 @@ class HttpFrontEnd:
         """POST /v2/embed (Cohere's API): every embedding type asked for from one forward pass."""
         try:
             body, timeout = await self._body(request)
-            parsed = cohere.parse_request(body, deadline=deadline_after(timeout))
+            limit = self._config.limits.max_inputs_per_request
+            parsed = cohere.parse_request(body, deadline=deadline_after(timeout), max_inputs=limit)
             prompts = self._core.resolve(parsed.query.model).embedder.manifest.prompts
             _, result = await self._embed(cohere.with_prompt(parsed, prompts), timeout)
         except SlowBodyError as e:

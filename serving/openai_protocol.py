@@ -14,8 +14,8 @@ import orjson
 
 from mrl.runtime.encodings import ENCODINGS, little_endian
 from mrl.runtime.errors import ECHO_CHARS, shorten
-from mrl.runtime.plan import EmbedOptions, OutputSpec
-from mrl.serving.core import EmbedQuery
+from mrl.runtime.plan import MAX_OUTPUTS, EmbedOptions, OutputSpec
+from mrl.serving.core import EmbedQuery, too_many_inputs
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.http_errors import status_and_headers
 from mrl.serving.model import EmbedResult, ModelInfo
@@ -108,8 +108,8 @@ def _truncate(data: Mapping[str, Any], default: bool) -> bool:
     return default if value is None else value
 
 
-def parse_input(value: Any) -> list[str]:
-    """OpenAI's `input`: a string or a list of strings (token-id arrays are refused)."""
+def parse_input(value: Any, max_inputs: int | None = None) -> list[str]:
+    """OpenAI's `input`: a string or a list of at most `max_inputs` strings (token-id arrays are refused)."""
     if value is None:
         raise ProtocolError(f"input is missing: send a string or a list of strings, like {EXAMPLE}", "input")
     if isinstance(value, str):
@@ -118,6 +118,8 @@ def parse_input(value: Any) -> list[str]:
         raise ProtocolError(f"input must be a string or a list of strings, not {_type_name(value)}", "input")
     if not value:
         raise ProtocolError("input is empty: send at least one text", "input")
+    if message := too_many_inputs(len(value), max_inputs):
+        raise ProtocolError(message, "input")
     ids = all(isinstance(t, int) and not isinstance(t, bool) for t in value) or all(isinstance(t, list) for t in value)
     if ids:
         raise ProtocolError(
@@ -182,6 +184,8 @@ def parse_outputs(value: Any) -> tuple[OutputSpec, ...]:
     example = '[{"dimensions": 64, "output_dtype": "ubinary"}, {"output_dtype": "int8"}]'
     if not isinstance(value, list) or not value:
         raise ProtocolError(f"outputs must be a non-empty list like {example}, not {_type_name(value)}", "outputs")
+    if len(value) > MAX_OUTPUTS:  # before reading each: millions of {} fit in a body
+        raise ProtocolError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(value)}", "outputs")
     specs = []
     for i, item in enumerate(value):
         if not isinstance(item, dict) or set(item) - {"dimensions", "output_dtype"}:
@@ -194,22 +198,22 @@ def parse_outputs(value: Any) -> tuple[OutputSpec, ...]:
 
 
 def parse_embeddings_request(
-    body: bytes, *, deadline: float | None = None, truncate_default: bool = False
+    body: bytes, *, deadline: float | None = None, truncate_default: bool = False, max_inputs: int | None = None
 ) -> EmbeddingsRequest:
     """A POST /v1/embeddings body as the core's query (`truncate_default`: what a body without `truncate`
-    gets); ProtocolError says what to fix."""
+    gets; `max_inputs`: the most texts taken); ProtocolError says what to fix."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         raise ProtocolError(f"the body is not valid JSON ({e}): send an object like {EXAMPLE}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"the body must be a JSON object like {EXAMPLE}, not {_type_name(data)}")
-    unknown = [name for name in data if name not in FIELDS]
-    if unknown:
+    unknown = next((name for name in data if name not in FIELDS), None)  # the first: a body may hold millions
+    if unknown is not None:
         raise ProtocolError(
-            f"unknown field {shorten(unknown[0])}; this endpoint takes {', '.join(FIELDS)}", unknown[0][:ECHO_CHARS]
+            f"unknown field {shorten(unknown)}; this endpoint takes {', '.join(FIELDS)}", unknown[:ECHO_CHARS]
         )
-    texts = parse_input(data.get("input"))
+    texts = parse_input(data.get("input"), max_inputs)
     encoding_format = _optional(data, "encoding_format", str, "a string")
     raw_bytes = bool(_optional(data, "raw_bytes", bool, "true or false"))
     if raw_bytes and encoding_format != "base64":

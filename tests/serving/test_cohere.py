@@ -164,6 +164,14 @@ def test_bad_bodies_say_what_to_fix(body, words):
         parse_request(body)
 
 
+def test_counts_are_checked_before_each_value_is_read():
+    """As on OpenAI's route: a list over its limit is refused by its length, before its items are read."""
+    with pytest.raises(CohereError, match=r"5 inputs in one request; this server takes at most 4"):
+        parse_request(b'{"texts": ["a", "b", "c", "d", 5]}', max_inputs=4)
+    with pytest.raises(CohereError, match=r"lists each type once: 7 is too many"):
+        parse_request(b'{"texts": ["a"], "embedding_types": ["float", "int8", "int8", "int8", "int8", "int8", 1]}')
+
+
 def test_input_types_map_to_prompts_by_the_documented_rule():
     assert prompt_for("search_query", {}) is None  # a model without prompts: texts as they are
     assert prompt_for("search_query", {"query": "q: ", "document": "d: "}) == "query"

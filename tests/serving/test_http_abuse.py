@@ -214,3 +214,36 @@ def test_cohere_s_route_refuses_a_compressed_or_stalled_body_in_cohere_s_shape(t
     for _, _, body in replies:
         error = json.loads(body)
         assert set(error) == {"id", "message"}, error
+
+
+def test_a_body_of_millions_of_tiny_values_is_refused_while_health_keeps_answering(tiny_artifact):
+    """4 MiB of `{},` in `outputs` (1.4 million outputs; 8 are taken), of `"",` in `input` and Cohere's `texts`:
+    each item was read and checked before the count was, which held the event loop for seconds (16 MiB of
+    `outputs`: 13 s). Now they are counted first, and a probe in a process of its own sees health throughout."""
+    many = (4 << 20) // 3
+    bodies = [
+        ("/v1/embeddings", b'{"input": "a", "outputs": [' + b"{}," * many + b"{}]}", "ask for 1 to 8 outputs"),
+        ("/v1/embeddings", b'{"input": [' + b'"",' * many + b'""]}', "inputs in one request"),
+        ("/v2/embed", b'{"texts": [' + b'"",' * many + b'""]}', "inputs in one request"),
+    ]
+    served = Served(str(tiny_artifact), "--port", "0", "--http-port", "0")
+    try:
+        assert served.ready.wait(timeout=120) and served.proc.poll() is None, "".join(served.lines)
+        port = http_port(served)
+        probe = subprocess.Popen(
+            [sys.executable, "-c", PROBE, f"http://127.0.0.1:{port}/health", "12"], stdout=subprocess.PIPE, text=True
+        )
+        assert probe.stdout.readline().strip() == "probing"
+        time.sleep(1)
+        replies = []
+        for path, body, _ in bodies:
+            head = b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" % path.encode()
+            replies.append(raw_http(port, head + b"Content-Length: %d\r\n\r\n" % len(body) + body))
+            time.sleep(1)
+        probed = json.loads(probe.communicate(timeout=60)[0])
+    finally:
+        served.stop()
+    for (path, _, words), (status, _, body) in zip(bodies, replies, strict=True):
+        message = json.loads(body)["error"]["message"] if path == "/v1/embeddings" else json.loads(body)["message"]
+        assert status == 400 and words in message, (path, status, body[:300])
+    assert probed["seen"] and not probed["failed"], probed["failed"][:5]  # a 1 s stall would fail a probe

@@ -133,6 +133,19 @@ def test_bad_bodies_say_what_to_fix(body, param, words):
     assert status == 400 and error["param"] == param and error["type"] == "invalid_request_error"
 
 
+def test_counts_are_checked_before_each_value_is_read():
+    """A body may hold millions of tiny values: counting after reading each held the event loop for seconds, so
+    a list over its limit is refused by its length alone (here: its last item would be refused otherwise)."""
+    outputs = [{"dimensions": 8}] * 9 + [[]]
+    with pytest.raises(ProtocolError, match=r"ask for 1 to 8 outputs, not 10") as info:
+        parse_embeddings_request(json.dumps({"input": "a", "outputs": outputs}).encode())
+    assert info.value.param == "outputs"
+    with pytest.raises(ProtocolError, match=r"5 inputs in one request; this server takes at most 4") as info:
+        parse_embeddings_request(json.dumps({"input": ["a", "b", "c", "d", 5]}).encode(), max_inputs=4)
+    assert info.value.param == "input"
+    assert len(parse_embeddings_request(b'{"input": ["a", "b", "c", "d"]}', max_inputs=4).query.texts) == 4
+
+
 def test_echoed_values_are_cut_short():
     with pytest.raises(ProtocolError) as info:
         parse_embeddings_request(json.dumps({"input": "a", "x" * 5000: 1}).encode())
