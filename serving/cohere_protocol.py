@@ -23,6 +23,7 @@ from mrl.runtime.plan import EmbedOptions, OutputSpec
 from mrl.serving.core import EmbedQuery, too_many_inputs
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.http_errors import status_and_headers
+from mrl.serving.json_values import too_many_values
 from mrl.serving.model import EmbedResult
 
 FIELDS = (
@@ -87,6 +88,8 @@ def _texts(value: Any, max_inputs: int | None) -> list[str]:
 def parse_request(body: bytes, *, deadline: float | None = None, max_inputs: int | None = None) -> EmbedRequest:
     """A POST /v2/embed body as the core's query (`max_inputs`: the most texts taken); CohereError says what to
     fix."""
+    if max_inputs is not None and (message := too_many_values(body, max_inputs)):
+        raise CohereError(message)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -47,6 +48,10 @@ ROUTES = "POST /v1/embeddings, POST /v2/embed, GET /v1/models, GET /v1/models/NA
 IDENTITY = frozenset({"", "identity"})
 """Content-Encodings taken: none. A compressed body is refused, not inflated: 1 MB of gzip inflates to 1 GiB,
 and inflating it held the event loop (health included) for seconds."""
+LARGE_BODY_BYTES = 1 << 20
+"""Bodies this large are parsed in a worker thread: counting a 16 MiB body's values and parsing it take ~100 ms
+of C calls that hold the interpreter's lock, and from a thread the loop waits for one call at a time, not all."""
+Parsed = TypeVar("Parsed")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ErrorShape = Callable[[ErrorKind, str, str | None], tuple[int, dict[str, str], bytes]]
 """A door's error reply: (status, headers, body) for a failure of a kind, with the field at fault."""
@@ -68,6 +73,13 @@ def request_timeout(value: str | None) -> float | None:
     if not 0 < seconds < float("inf"):
         raise ProtocolError(f"{TIMEOUT_HEADER} must be a positive number of seconds like 5, not {shorten(value)}")
     return seconds
+
+
+async def parse_body(parse: Callable[..., Parsed], body: bytes, **options: Any) -> Parsed:
+    """`parse(body, **options)`, in a worker thread for a large body."""
+    if len(body) < LARGE_BODY_BYTES:
+        return parse(body, **options)
+    return await asyncio.to_thread(parse, body, **options)
 
 
 class SlowBodyError(Exception):
@@ -156,7 +168,8 @@ class HttpFrontEnd:
         """POST /v1/embeddings (OpenAI's API)."""
         try:
             body, timeout = await self._body(request)
-            parsed = parse_embeddings_request(
+            parsed = await parse_body(
+                parse_embeddings_request,
                 body,
                 deadline=deadline_after(timeout),
                 truncate_default=self._config.auto_truncate,
@@ -175,7 +188,7 @@ class HttpFrontEnd:
         try:
             body, timeout = await self._body(request)
             limit = self._config.limits.max_inputs_per_request
-            parsed = cohere.parse_request(body, deadline=deadline_after(timeout), max_inputs=limit)
+            parsed = await parse_body(cohere.parse_request, body, deadline=deadline_after(timeout), max_inputs=limit)
             prompts = self._core.resolve(parsed.query.model).embedder.manifest.prompts
             _, result = await self._embed(cohere.with_prompt(parsed, prompts), timeout)
         except SlowBodyError as e:

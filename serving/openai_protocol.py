@@ -18,6 +18,7 @@ from mrl.runtime.plan import MAX_OUTPUTS, EmbedOptions, OutputSpec
 from mrl.serving.core import EmbedQuery, too_many_inputs
 from mrl.serving.errors import ErrorKind, UnsupportedError, classify, public_message
 from mrl.serving.http_errors import status_and_headers
+from mrl.serving.json_values import too_many_values
 from mrl.serving.model import EmbedResult, ModelInfo
 
 FIELDS = (
@@ -202,6 +203,8 @@ def parse_embeddings_request(
 ) -> EmbeddingsRequest:
     """A POST /v1/embeddings body as the core's query (`truncate_default`: what a body without `truncate`
     gets; `max_inputs`: the most texts taken); ProtocolError says what to fix."""
+    if max_inputs is not None and (message := too_many_values(body, max_inputs)):
+        raise ProtocolError(message, "input")
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as e:

@@ -170,6 +170,8 @@ def test_counts_are_checked_before_each_value_is_read():
         parse_request(b'{"texts": ["a", "b", "c", "d", 5]}', max_inputs=4)
     with pytest.raises(CohereError, match=r"lists each type once: 7 is too many"):
         parse_request(b'{"texts": ["a"], "embedding_types": ["float", "int8", "int8", "int8", "int8", "int8", 1]}')
+    with pytest.raises(CohereError, match=r"more JSON values than a request of at most 4 texts"):
+        parse_request(b'{"texts": ["a"], "model": ' + b"[]," * 200 + b"[]}", max_inputs=4)
 
 
 def test_input_types_map_to_prompts_by_the_documented_rule():

@@ -217,21 +217,23 @@ def test_cohere_s_route_refuses_a_compressed_or_stalled_body_in_cohere_s_shape(t
 
 
 def test_a_body_of_millions_of_tiny_values_is_refused_while_health_keeps_answering(tiny_artifact):
-    """4 MiB of `{},` in `outputs` (1.4 million outputs; 8 are taken), of `"",` in `input` and Cohere's `texts`:
-    each item was read and checked before the count was, which held the event loop for seconds (16 MiB of
-    `outputs`: 13 s). Now they are counted first, and a probe in a process of its own sees health throughout."""
-    many = (4 << 20) // 3
+    """16 MiB of `{},` in `outputs` (5.6 million outputs; 8 are taken), of `"",` and `[],` in `input` and of `"",`
+    in Cohere's `texts`: each item was parsed and read before the count was checked, which held the event loop
+    for seconds (`outputs`: 13 s). Now the values are counted before parsing, and a probe in a process of its
+    own sees health answer throughout."""
+    many = (16 << 20) // 3 - 16
     bodies = [
-        ("/v1/embeddings", b'{"input": "a", "outputs": [' + b"{}," * many + b"{}]}", "ask for 1 to 8 outputs"),
-        ("/v1/embeddings", b'{"input": [' + b'"",' * many + b'""]}', "inputs in one request"),
-        ("/v2/embed", b'{"texts": [' + b'"",' * many + b'""]}', "inputs in one request"),
+        ("/v1/embeddings", b'{"input": "a", "outputs": [' + b"{}," * many + b"{}]}", "more JSON values"),
+        ("/v1/embeddings", b'{"input": [' + b'"",' * many + b'""]}', "more JSON values"),
+        ("/v1/embeddings", b'{"input": [' + b"[]," * many + b"[]]}", "more JSON values"),
+        ("/v2/embed", b'{"texts": [' + b'"",' * many + b'""]}', "more JSON values"),
     ]
     served = Served(str(tiny_artifact), "--port", "0", "--http-port", "0")
     try:
         assert served.ready.wait(timeout=120) and served.proc.poll() is None, "".join(served.lines)
         port = http_port(served)
         probe = subprocess.Popen(
-            [sys.executable, "-c", PROBE, f"http://127.0.0.1:{port}/health", "12"], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", PROBE, f"http://127.0.0.1:{port}/health", "14"], stdout=subprocess.PIPE, text=True
         )
         assert probe.stdout.readline().strip() == "probing"
         time.sleep(1)

@@ -146,6 +146,24 @@ def test_counts_are_checked_before_each_value_is_read():
     assert len(parse_embeddings_request(b'{"input": ["a", "b", "c", "d"]}', max_inputs=4).query.texts) == 4
 
 
+def test_a_body_of_more_values_than_a_request_holds_is_refused_before_it_is_parsed():
+    """16 MiB of `[],` is 5.6 million lists, about a second of the event loop to parse and free: a body holding
+    more values than --max-inputs texts and the fields can is refused by counting, not parsing."""
+    for body in (
+        b'{"input": [' + b"[]," * 3000 + b"[]]}",
+        b'{"input": [' + b'"",' * 3000 + b'""]}',
+        b'{"input": "a", "outputs": [' + b"{}," * 3000 + b"{}]}",
+        b'{"input": "a", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ):
+        with pytest.raises(ProtocolError, match=r"more JSON values than a request of at most 2048 texts") as info:
+            parse_embeddings_request(body, max_inputs=2048)
+        assert info.value.param == "input"
+    # Texts full of quotes, brackets, commas, colons and backslashes are counted as the strings they are.
+    texts = ['He said: "[a, {b: c}]", \\ and \\" then \\' * 50] * 2048
+    body = json.dumps({"input": texts, "outputs": [{"dimensions": 8, "output_dtype": "int8"}] * 8, "user": "u"})
+    assert parse_embeddings_request(body.encode(), max_inputs=2048).query.texts == texts
+
+
 def test_echoed_values_are_cut_short():
     with pytest.raises(ProtocolError) as info:
         parse_embeddings_request(json.dumps({"input": "a", "x" * 5000: 1}).encode())
