@@ -48,6 +48,10 @@ ROUTES = "POST /v1/embeddings, POST /v2/embed, GET /v1/models, GET /v1/models/NA
 IDENTITY = frozenset({"", "identity"})
 """Content-Encodings taken: none. A compressed body is refused, not inflated: 1 MB of gzip inflates to 1 GiB,
 and inflating it held the event loop (health included) for seconds."""
+LARGEST_BODIES_AT_ONCE = 8
+"""Bodies in handlers at once, counted in --max-message-bytes: past it a request is refused 429 before its body
+is read (a chunked body counts as the largest). Without it, a thousand connections sending 16 MiB each held
+16 GB (memory for bodies grew with connections: 24 unfinished 16 MiB bodies, +263 MB)."""
 LARGE_BODY_BYTES = 1 << 20
 """Bodies this large are parsed in a worker thread: counting a 16 MiB body's values and parsing it take ~100 ms
 of C calls that hold the interpreter's lock, and from a thread the loop waits for one call at a time, not all."""
@@ -60,6 +64,11 @@ ErrorShape = Callable[[ErrorKind, str, str | None], tuple[int, dict[str, str], b
 def json_reply(status: int, headers: dict[str, str], body: bytes) -> web.Response:
     """A JSON response."""
     return web.Response(status=status, headers=headers, body=body, content_type="application/json")
+
+
+def over_limit(limit: int) -> str:
+    """What a body over the size limit is told."""
+    return f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
 
 
 def request_timeout(value: str | None) -> float | None:
@@ -110,6 +119,8 @@ class HttpFrontEnd:
         self._runner: web.AppRunner | None = None
         self._listener: HttpListener | None = None
         self._created = int(time.time())
+        self._body_bytes = 0
+        """Bytes of the bodies whose requests are being handled (their Content-Length, or the limit)."""
 
     def app(self) -> web.Application:
         """The aiohttp application: routes, auth and JSON errors for everything."""
@@ -144,6 +155,21 @@ class HttpFrontEnd:
             response = json_reply(415, headers, body)
             response.force_close()  # the unread body is drained as is (never inflated), then the connection closes
             return response
+        size = self._body_size(request)
+        limit = self._config.limits.max_message_bytes
+        if size > limit or self._body_bytes + size > LARGEST_BODIES_AT_ONCE * limit:
+            too_large = size > limit
+            _, headers, body = reply(
+                ErrorKind.TOO_LARGE if too_large else ErrorKind.QUEUE_FULL,
+                over_limit(limit)
+                if too_large
+                else "this server is reading as many large request bodies as it holds at once: retry shortly",
+                None,
+            )
+            response = json_reply(413 if too_large else 429, headers, body)
+            response.force_close()  # its body is not read: refused before a byte of it is held
+            return response
+        self._body_bytes += size
         try:
             return await handler(request)
         except web.HTTPMethodNotAllowed as e:
@@ -153,6 +179,14 @@ class HttpFrontEnd:
             return json_reply(405, {**headers, "Allow": ",".join(sorted(e.allowed_methods))}, body)
         except web.HTTPNotFound:
             return json_reply(*error_reply(ErrorKind.NOT_FOUND, f"no route {shorten(request.path)}: use {ROUTES}"))
+        finally:
+            self._body_bytes -= size
+
+    def _body_size(self, request: web.Request) -> int:
+        """What the request's body may hold: its Content-Length, the limit for a chunked one, 0 for none."""
+        if request.content_length is not None:
+            return request.content_length
+        return self._config.limits.max_message_bytes if request.body_exists else 0
 
     def _authorized(self, request: web.Request) -> bool:
         token = self._config.auth_token
@@ -204,9 +238,7 @@ class HttpFrontEnd:
         try:
             return await asyncio.wait_for(request.read(), patience)
         except web.HTTPRequestEntityTooLarge:
-            raise RequestTooLargeError(
-                f"the body is over this server's limit of {limit} bytes: send fewer or shorter texts per request"
-            ) from None
+            raise RequestTooLargeError(over_limit(limit)) from None
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise SlowBodyError(
                 f"the body did not arrive within {patience:g} s (--idle-timeout-s): send it whole, promptly"

@@ -249,3 +249,42 @@ def test_a_body_of_millions_of_tiny_values_is_refused_while_health_keeps_answeri
         message = json.loads(body)["error"]["message"] if path == "/v1/embeddings" else json.loads(body)["message"]
         assert status == 400 and words in message, (path, status, body[:300])
     assert probed["seen"] and not probed["failed"], probed["failed"][:5]  # a 1 s stall would fail a probe
+
+
+def test_bodies_past_what_the_server_holds_at_once_are_refused_before_they_are_read(tiny_artifact):
+    """Connections that each send most of a body as large as allowed and then wait: their bodies were all held
+    in memory (a thousand 16 MiB bodies: 16 GB). Past 8 bodies of the largest size, a request is answered 429
+    with Retry-After before its body is read; one over the size limit gets 413 at once, not after its upload."""
+    model = GatedModel.open(tiny_artifact)
+    limit = 1 << 20
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+
+    def answer(s: socket.socket) -> bytes:
+        s.settimeout(1.5)
+        try:
+            return s.recv(65536)
+        except TimeoutError:
+            return b""  # still waiting for the rest of its body
+
+    async def scenario():
+        async with running([model], http_port=0, limits=RequestLimits(max_message_bytes=limit)) as server:
+
+            def attack() -> tuple[list[bytes], bytes]:
+                with contextlib.ExitStack() as stack:
+                    socks = []
+                    for _ in range(12):
+                        s = stack.enter_context(socket.create_connection(("127.0.0.1", server.http_port)))
+                        s.sendall(head % (limit - 10) + b" " * (limit - 100))
+                        socks.append(s)
+                        time.sleep(0.05)
+                    too_large = stack.enter_context(socket.create_connection(("127.0.0.1", server.http_port)))
+                    too_large.sendall(head % (limit + 1))
+                    return [answer(s) for s in socks], answer(too_large)
+
+            return await asyncio.to_thread(attack)
+
+    answers, too_large = run(scenario())
+    assert answers[:8] == [b""] * 8, [a[:60] for a in answers]
+    for reply in answers[8:]:
+        assert reply.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in reply and b"retry shortly" in reply, reply
+    assert too_large.startswith(b"HTTP/1.1 413") and b"over this server's limit" in too_large, too_large
