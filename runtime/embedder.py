@@ -91,6 +91,7 @@ class Embedder:
         if precision not in manifest.precisions:
             raise NotFoundError(f"{directory} has no {precision} profiles; it has: {', '.join(manifest.precisions)}")
         tokenizer = TextTokenizer.load(directory, manifest.tokenizer)
+        tokenizer.check_prompts(manifest.prompts)
         name = resolve_backend(backend, directory, manifest)
         log.info("backend %s for %s (asked for %s)", name, directory, backend)
         embedder = cls(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,17 @@ class TextTokenizer:
     def max_length(self) -> int:
         """The model's max input length in tokens."""
         return self.settings.max_length
+
+    def check_prompts(self, prompts: Mapping[str, str]) -> None:
+        """Refuse a prompt that fills the max length by itself, naming it: every text it is prepended to would
+        be refused, or, truncated, cut away whole (the model would embed the prompt alone)."""
+        for name, prompt in prompts.items():
+            (encoded,) = self.encode([prompt], truncate=True)
+            if encoded.truncated or encoded.n_tokens >= self.max_length:
+                raise ArtifactError(
+                    f"manifest.json: prompts.{name} fills tokenizer.max_length ({self.max_length} tokens) by itself, "
+                    "leaving no room for text: shorten the prompt"
+                )
 
     @property
     def first_cut_chars(self) -> int:

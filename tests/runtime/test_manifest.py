@@ -191,6 +191,10 @@ def test_calibration_ranges_must_be_finite_and_ordered(artifact):
         (lambda d: d["tokenizer"].update(max_length=2), r"tokenizer\.max_length 2 leaves no room for text"),
         (lambda d: d["tokenizer"].update(pad_token_id=10**9), r"tokenizer\.pad_token_id 1000000000 is outside the"),
         (lambda d: d["tokenizer"].update(pad_token_id=5), r"tokenizer\.pad_token_id 5 is not the id of its pad_token"),
+        # A prompt of 48 tokens or more leaves no room for text: texts were refused, or cut away whole (the model
+        # embedded the prompt alone), with the artifact served as if it were fine.
+        (lambda d: d["prompts"].update(query="query " * 60), r"prompts\.query fills tokenizer\.max_length \(48"),
+        (lambda d: d.update(prompts={"q": "q " * 10**6}, default_prompt="q"), r"prompts\.q fills tokenizer"),
     ],
 )
 def test_tokenizer_settings_are_checked_against_the_tokenizer_at_load(artifact, change, message):
