@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import ssl
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+GRPC_MAX_BYTES = 2**31 - 1
+"""gRPC's message size options are C ints: a larger --max-message-bytes failed at start with a traceback."""
+
 
 def _positive(name: str, value: float, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:  # NaN too
         raise ValueError(f"{name} must be a positive number, not {value!r}: {hint}")
+
+
+def _not_negative(name: str, value: float, hint: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:  # NaN too
+        raise ValueError(f"{name} must be 0 or more, not {value!r}: {hint}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,10 +53,7 @@ class BatcherConfig:
             raise ValueError(f"worker_niceness must be a whole number in 0..19, not {self.worker_niceness!r}")
         if not 0 <= self.worker_niceness <= 19:
             raise ValueError(f"worker_niceness must be in 0..19 (Unix nice values), not {self.worker_niceness}")
-        if isinstance(self.max_queue_delay_ms, bool) or not isinstance(self.max_queue_delay_ms, (int, float)):
-            raise ValueError(f"max_queue_delay_ms must be a number, not {self.max_queue_delay_ms!r}: try 5")
-        if self.max_queue_delay_ms < 0:
-            raise ValueError(f"max_queue_delay_ms must be 0 or more, not {self.max_queue_delay_ms}: try 5")
+        _not_negative("max_queue_delay_ms", self.max_queue_delay_ms, "try 5")
         if isinstance(self.max_padding, bool) or not isinstance(self.max_padding, (int, float)):
             raise ValueError(f"max_padding must be a number in 0..1, not {self.max_padding!r}: try 0.1")
         if not 0 <= self.max_padding <= 1:
@@ -163,6 +169,10 @@ class RequestLimits:
     def __post_init__(self) -> None:
         _positive("max_inputs_per_request", self.max_inputs_per_request, "try 2048")
         _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
+        if self.max_message_bytes > GRPC_MAX_BYTES:
+            raise ValueError(
+                f"max_message_bytes must be at most {GRPC_MAX_BYTES} (gRPC's limit), not {self.max_message_bytes}"
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,5 +227,4 @@ class ServerConfig:
         _positive("stream_window", self.stream_window, "try 32")
         _positive("max_connections", self.max_connections, "try 4096")
         _positive("idle_timeout_s", self.idle_timeout_s, "try 75")
-        if self.shutdown_grace_s < 0:
-            raise ValueError(f"shutdown_grace_s must be 0 or more, not {self.shutdown_grace_s}: try 30")
+        _not_negative("shutdown_grace_s", self.shutdown_grace_s, "try 30")

@@ -47,6 +47,10 @@ def test_cli_errors_are_one_readable_line_with_exit_code_2(tiny_artifact, tmp_pa
     assert_one_line_error(run_cli(str(tiny_artifact), "--auth-token-file", str(tmp_path / "empty-token")), "empty")
     assert_one_line_error(run_cli(str(tiny_artifact), "--auth-token-file", str(tmp_path / "nope")), "cannot read")
     assert_one_line_error(run_cli(str(tiny_artifact), "--max-batch-size", "0"), "max_batch_size")
+    # Both were a traceback (exit 1): gRPC's size options are C ints, and an infinite timeout is no int.
+    assert_one_line_error(run_cli(str(tiny_artifact), "--max-message-bytes", str(3 << 30)), "gRPC's limit")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--idle-timeout-s", "inf"), "idle_timeout_s", "inf")
+    assert_one_line_error(run_cli(str(tiny_artifact), "--max-queue-delay-ms", "nan"), "max_queue_delay_ms")  # served
     assert_one_line_error(
         run_cli(str(tiny_artifact), "--max-queue-tokens", "10", "--max-batch-tokens", "100"), "raise max_queue_tokens"
     )

@@ -34,6 +34,8 @@ from mrl.serving.grpc_protocol import status_for
         ({"max_batch_tokens": 0}, "max_batch_tokens must be a positive number.*try 16384"),
         ({"max_batch_size": -1}, "max_batch_size must be a positive number"),
         ({"max_queue_delay_ms": -1}, "max_queue_delay_ms must be 0 or more"),
+        ({"max_queue_delay_ms": float("nan")}, "max_queue_delay_ms must be 0 or more, not nan"),  # was served
+        ({"max_queue_delay_ms": float("inf")}, "max_queue_delay_ms must be 0 or more, not inf"),
         ({"max_queue_tokens": 100, "max_batch_tokens": 200}, "raise max_queue_tokens"),
         ({"max_batch_size": True}, "positive number"),
         ({"max_padding": 1.5}, "max_padding must be in 0..1"),
@@ -53,6 +55,9 @@ def test_batcher_config_refuses_bad_values(kwargs, message):
         ({"host": ""}, "host must be an address"),
         ({"auth_token": "two words"}, "no whitespace"),
         ({"shutdown_grace_s": -1}, "shutdown_grace_s must be 0 or more"),
+        ({"shutdown_grace_s": float("nan")}, "shutdown_grace_s must be 0 or more, not nan"),  # was served
+        ({"idle_timeout_s": float("nan")}, "idle_timeout_s must be a positive number, not nan"),  # a bare NaN error
+        ({"idle_timeout_s": float("inf")}, "idle_timeout_s must be a positive number, not inf"),  # a traceback
         ({"http_port": 70000}, "http_port must be an integer"),
         ({"http_port": 50051}, "give HTTP and gRPC different ports"),
         ({"http_metrics": True}, "set http_port too"),
@@ -68,6 +73,7 @@ def test_server_config_refuses_bad_values(kwargs, message):
     [
         ({"max_inputs_per_request": 0}, "max_inputs_per_request must be a positive number.*try 2048"),
         ({"max_message_bytes": -5}, "max_message_bytes must be a positive number"),
+        ({"max_message_bytes": 3 << 30}, r"max_message_bytes must be at most 2147483647 \(gRPC's limit\)"),
     ],
 )
 def test_request_limits_refuse_bad_values(kwargs, message):
