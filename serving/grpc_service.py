@@ -6,7 +6,7 @@ back; this module receives calls, awaits the core and runs the grpc.aio server's
 The grpc.aio server runs on an event loop of its own, in a thread of its own, and hands each request to the
 core on the server's main loop. grpc.aio takes several turns of its loop per call (accept one call, start its
 task, read the message, send the status); on the main loop each of those turns waited behind every other
-door's ready work, so under a retry storm of both doors a gRPC refusal took ~4x (p50) and ~6x (p99) an HTTP
+door's ready work, so under a retry storm of both doors a gRPC refusal took 4-6x (p50) and 5-8x (p99) an HTTP
 refusal (BENCHMARKS.md, issue 20). On its own loop those turns are short, and a refusal costs one hop to the
 main loop and back.
 """
