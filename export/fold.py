@@ -46,6 +46,7 @@ class GraphIndex:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.inits = {t.name: t for t in graph.initializer}
+        self.outputs = {o.name for o in graph.output}
         self.users: dict[str, list[int]] = {}
         self.producers: dict[str, int] = {}
         for i, node in enumerate(graph.node):
@@ -64,8 +65,8 @@ class GraphIndex:
 
 def plan(index: GraphIndex, x: str, products: Sequence[int], width: int) -> list[Target] | None:
     """The initializers to divide by s so that `x` comes out divided by s, or None where there are none."""
-    if index.readers(x) != sorted(products) or x not in index.producers:
-        return None  # something else reads x (a residual connection), which must keep seeing x itself
+    if index.readers(x) != sorted(products) or x not in index.producers or x in index.outputs:
+        return None  # something else reads x (a residual connection, the caller), which must keep seeing x itself
     at = index.producers[x]
     node = index.graph.node[at]
     if node.op_type in NORM_SCALES and node.output[0] == x:

@@ -31,6 +31,8 @@ class Int8Graph:
     def method(self) -> str:
         """What was done, in words, for the manifest."""
         s = self.smoothing
+        if s.dropped:
+            return f"{precision.INT8_METHOD}; unsmoothed (smoothing changed what the fp32 graph computes)"
         if not s.smoothed:
             return f"{precision.INT8_METHOD}; no product input needed smoothing"
         return (

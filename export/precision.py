@@ -47,6 +47,8 @@ def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
 # with saturation: 255 * 127 * 2 overflows, 255 * 64 * 2 = 32640 does not. With 7-bit weights every
 # x86 kernel path computes the same exact int32 sums, so parity checked on one CPU holds on all.
 INT8_METHOD = "dynamic: activations uint8 per tensor, weights int8 per channel in -64..64 (reduce_range)"
+REDUCE_RANGE = True
+"""7-bit weights (see above); recorded in the manifest's `quantization.reduce_range`."""
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -83,7 +85,7 @@ def to_int8(
                 op_types_to_quantize=list(op_types),
                 nodes_to_exclude=list(keep_fp32),
                 per_channel=True,
-                reduce_range=True,  # exact on every x86 kernel (see INT8_METHOD)
+                reduce_range=REDUCE_RANGE,  # exact on every x86 kernel (see INT8_METHOD)
                 weight_type=QuantType.QInt8,
                 use_external_data_format=True,
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},

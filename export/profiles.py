@@ -74,7 +74,7 @@ class Builder:
             method=result.method,
             kept_fp32=result.kept_fp32,
             reason=result.reason,
-            reduce_range=True,
+            reduce_range=precision.REDUCE_RANGE,
             smoothed=smoothing.smoothed,
             smoothing_muls=smoothing.inserted,
         )
@@ -112,11 +112,8 @@ class Builder:
         except int8.Int8ParityError as e:
             reason = f"the fused int8 graph fails parity ({e.failure.summary()})"
             return None, OrtCpuChoice(precision=prec, graph="portable", reason=reason, **note)
-        smoothing = result.smoothing
-        reason = (
-            f"{optimized.reason}; attention quantised too; smoothed {smoothing.smoothed} of {smoothing.inputs} "
-            f"product inputs ({smoothing.inserted} by a Mul node)" + (f"; {result.reason}" if result.reason else "")
-        )
+        reason = f"{optimized.reason}; attention quantised too; {result.method}"
+        reason += f"; {result.reason}" if result.reason else ""
         choice = OrtCpuChoice(precision=prec, graph="optimized", reason=reason, kept_fp32=result.kept_fp32, **note)
         return result.model, choice
 

@@ -51,6 +51,7 @@ class Smoothed:
     inputs: int  # activations read by quantisable products
     folded: int  # activations whose 1/s went into the norm or scale that makes them
     inserted: int  # activations given a Mul node by 1/s
+    dropped: bool = False  # smoothed, but the smoothed fp32 graph computed otherwise, so left unsmoothed
 
     @property
     def smoothed(self) -> int:
@@ -119,6 +120,8 @@ def smooth(
         if any(len(index.users[w]) != 1 for w in weights):
             continue
         arrays = [numpy_helper.to_array(index.inits[w]) for w in weights]
+        if any(a.ndim != 2 for a in arrays):  # a batched (rank-3) weight has no single row per input channel
+            continue
         w = np.concatenate([a.reshape(a.shape[0], -1) for a in arrays], axis=1)
         alpha, error, plain = choose_alpha(stats[x], w)
         targets = fold.plan(index, x, products, w.shape[0])
@@ -133,13 +136,12 @@ def smooth(
         else:
             inserts.append((x, products, s))
     # Last, so that the node indices above stay valid while the graph is read.
-    for x, products, s in sorted(inserts, key=lambda item: min(item[1]), reverse=True):
-        _insert_mul(smoothed.graph, x, products, s)
+    _insert_muls(smoothed.graph, inserts)
     result = Smoothed(model=smoothed, inputs=len(groups), folded=folded, inserted=len(inserts))
     if result.smoothed and not _same_function(model, smoothed, feeds[0], workdir):
         # A fold that was wrong for this graph: better unsmoothed (and said so) than a model that computes otherwise.
         log.warning("smoothing changed what the fp32 graph computes; int8 goes unsmoothed")
-        return Smoothed(model=model, inputs=len(groups), folded=0, inserted=0)
+        return Smoothed(model=model, inputs=len(groups), folded=0, inserted=0, dropped=True)
     return result
 
 
@@ -159,11 +161,20 @@ def _same_function(a: onnx.ModelProto, b: onnx.ModelProto, feed: dict[str, np.nd
     return True
 
 
-def _insert_mul(graph: onnx.GraphProto, x: str, products: list[int], s: np.ndarray) -> None:
-    """Put X * (1/s) between `x` and the nodes at `products`, just before the first of them."""
-    scaled, inverse = f"{x}_smoothed", f"{x}_smoothing_scale"
-    graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inverse))
-    for i in products:
-        graph.node[i].input[0] = scaled
-    mul = onnx.helper.make_node("Mul", [x, inverse], [scaled], name=f"{x}_smooth")
-    graph.node.insert(min(products), mul)
+def _insert_muls(graph: onnx.GraphProto, inserts: Sequence[tuple[str, list[int], np.ndarray]]) -> None:
+    """Put X * (1/s) between each `x` and the nodes at its `products`, just before the first of them."""
+    before: dict[int, onnx.NodeProto] = {}
+    # Every product is rewired by its index first, while the indices still hold: inserting as we went would
+    # shift the nodes after each insertion and rewire another group's products (their indices interleave).
+    for x, products, s in inserts:
+        scaled, inverse = f"{x}_smoothed", f"{x}_smoothing_scale"
+        graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inverse))
+        for i in products:
+            graph.node[i].input[0] = scaled
+        before[min(products)] = onnx.helper.make_node("Mul", [x, inverse], [scaled], name=f"{x}_smooth")
+    nodes = []
+    for i, node in enumerate(graph.node):
+        nodes += [before[i], node] if i in before else [node]
+    rebuilt = [copy.deepcopy(node) for node in nodes]  # copies: the originals go with the field they belong to
+    del graph.node[:]
+    graph.node.extend(rebuilt)

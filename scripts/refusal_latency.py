@@ -6,11 +6,14 @@ refused client waits before sending again, as retry policies do), and meanwhile 
 refused: dims 0 (INVALID_ARGUMENT / 400). With --http, half the clients and a second probe use the
 OpenAI-compatible HTTP door at the same time, so both doors' refusals are measured in the same storm. Prints
 the latency percentiles of each outcome as the client sees it. With --clients-process each door's clients run
-in a process of their own (so one door's client library does not delay the other's measurements).
+in a process of their own (so one door's client library does not delay the other's measurements). With
+--grpc-channels N the gRPC clients are spread over N channels of their own connection each (to tell whether one
+channel, or one client process, limits the gRPC side).
 
     python scripts/refusal_latency.py artifacts/minilm
     python scripts/refusal_latency.py artifacts/minilm --clients 128 --queue-tokens 2000 --http
     python scripts/refusal_latency.py artifacts/minilm --clients 128 --seconds 20 --backoff-ms 100
+    python scripts/refusal_latency.py artifacts/minilm --clients 128 --queue-tokens 2000 --http --grpc-channels 8
     python scripts/refusal_latency.py artifacts/minilm -- --worker-niceness 0   # flags after -- go to mrl-serve
 """
 
@@ -29,7 +32,8 @@ import aiohttp
 import grpc
 from serve_process import start_doors
 
-from mrl.serving.client import AsyncEmbedClient
+from mrl.proto import embedder_pb2_grpc as pb_grpc
+from mrl.serving.client import AsyncEmbedClient, build_request
 
 TEXT = "the quick brown fox jumps over a lazy dog while wizards judge every boxing match in the dark"
 WORDS = TEXT.split()
@@ -49,16 +53,25 @@ def texts(rng: random.Random) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(8)]
 
 
-async def grpc_door(port: int, clients: int, stop: float, backoff: float, seen: dict[str, list[float]]) -> None:
-    """`clients` closed-loop gRPC clients and a dims-0 probe until `stop`."""
+async def grpc_door(
+    port: int, clients: int, stop: float, backoff: float, seen: dict[str, list[float]], channels: int = 0
+) -> None:
+    """`clients` closed-loop gRPC clients and a dims-0 probe until `stop`; all on one AsyncEmbedClient, or
+    spread over `channels` channels, each with a connection of its own (gRPC shares one among like channels)."""
     rng = random.Random(0)
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    spread = [grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own) for _ in range(channels)]
+    stubs = [pb_grpc.EmbedderStub(c) for c in spread]
     async with AsyncEmbedClient(f"127.0.0.1:{port}") as client:
 
-        async def load() -> None:
+        async def load(i: int) -> None:
             while time.perf_counter() < stop:
                 start = time.perf_counter()
                 try:
-                    await client.embed(texts(rng), timeout=60)
+                    if stubs:
+                        await stubs[i % len(stubs)].Embed(build_request(texts(rng)), timeout=60)
+                    else:
+                        await client.embed(texts(rng), timeout=60)
                     seen.setdefault("grpc OK", []).append(time.perf_counter() - start)
                 except grpc.RpcError as e:
                     seen.setdefault(f"grpc {e.code().name}", []).append(time.perf_counter() - start)
@@ -74,11 +87,16 @@ async def grpc_door(port: int, clients: int, stop: float, backoff: float, seen: 
                     seen.setdefault(f"grpc {e.code().name} (dims 0 probe)", []).append(time.perf_counter() - start)
                 await asyncio.sleep(0.02)
 
-        await asyncio.gather(*(load() for _ in range(clients)), probe())
+        await asyncio.gather(*(load(i) for i in range(clients)), probe())
+    for channel in spread:
+        await channel.close()
 
 
-async def http_door(port: int, clients: int, stop: float, backoff: float, seen: dict[str, list[float]]) -> None:
-    """`clients` closed-loop HTTP clients (one connection each) and a dims-0 probe until `stop`."""
+async def http_door(
+    port: int, clients: int, stop: float, backoff: float, seen: dict[str, list[float]], channels: int = 0
+) -> None:
+    """`clients` closed-loop HTTP clients (one connection each) and a dims-0 probe until `stop`; `channels` is
+    gRPC's."""
     rng = random.Random(1)
     url = f"http://127.0.0.1:{port}/v1/embeddings"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
@@ -110,14 +128,16 @@ async def http_door(port: int, clients: int, stop: float, backoff: float, seen: 
 DOORS = {"grpc": grpc_door, "http": http_door}
 
 
-def door_process(door: str, port: int, clients: int, seconds: float, backoff: float, conn) -> None:
+def door_process(door: str, port: int, clients: int, seconds: float, backoff: float, channels: int, conn) -> None:
     """One door's storm in a process of its own; sends its latencies back."""
     seen: dict[str, list[float]] = {}
-    asyncio.run(DOORS[door](port, clients, time.perf_counter() + seconds, backoff, seen))
+    asyncio.run(DOORS[door](port, clients, time.perf_counter() + seconds, backoff, seen, channels))
     conn.send(seen)
 
 
-def storm(ports: dict[str, int], clients: int, seconds: float, backoff: float, own_process: bool) -> dict:
+def storm(
+    ports: dict[str, int], clients: int, seconds: float, backoff: float, own_process: bool, channels: int
+) -> dict:
     """Every door in `ports` stormed at once, `clients` shared among them; latencies by outcome."""
     per_door = clients // len(ports)
     if own_process:
@@ -125,7 +145,7 @@ def storm(ports: dict[str, int], clients: int, seconds: float, backoff: float, o
         pipes, procs = [], []
         for door, port in ports.items():
             ours, theirs = spawn.Pipe()
-            proc = spawn.Process(target=door_process, args=(door, port, per_door, seconds, backoff, theirs))
+            proc = spawn.Process(target=door_process, args=(door, port, per_door, seconds, backoff, channels, theirs))
             proc.start()
             pipes.append(ours)
             procs.append(proc)
@@ -138,7 +158,7 @@ def storm(ports: dict[str, int], clients: int, seconds: float, backoff: float, o
     async def together() -> dict[str, list[float]]:
         seen: dict[str, list[float]] = {}
         stop = time.perf_counter() + seconds
-        await asyncio.gather(*(DOORS[d](p, per_door, stop, backoff, seen) for d, p in ports.items()))
+        await asyncio.gather(*(DOORS[d](p, per_door, stop, backoff, seen, channels) for d, p in ports.items()))
         return seen
 
     return asyncio.run(together())
@@ -155,6 +175,7 @@ def main() -> int:
     p.add_argument("--backoff-ms", type=float, default=0.0, help="clients wait this long after a refusal (default 0)")
     p.add_argument("--http", action="store_true", help="storm the HTTP door too: half the clients on each")
     p.add_argument("--clients-process", action="store_true", help="each door's clients in a process of their own")
+    p.add_argument("--grpc-channels", type=int, default=0, help="spread gRPC clients over this many connections")
     p.add_argument("--json", help="also write the latencies (seconds, by outcome) to this file")
     ours, _, serve_args = " ".join(sys.argv[1:]).partition(" -- ")  # what follows -- goes to mrl-serve
     args = p.parse_args(ours.split())
@@ -163,7 +184,9 @@ def main() -> int:
     if not args.http:
         del ports["http"]
     try:
-        seen = storm(ports, args.clients, args.seconds, args.backoff_ms / 1000, args.clients_process)
+        seen = storm(
+            ports, args.clients, args.seconds, args.backoff_ms / 1000, args.clients_process, args.grpc_channels
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=120)

@@ -2,6 +2,13 @@
 
 Thin on purpose: `grpc_protocol` translates messages into the core's `EmbedQuery` and results and errors
 back; this module receives calls, awaits the core and runs the grpc.aio server's lifecycle.
+
+The grpc.aio server runs on an event loop of its own, in a thread of its own, and hands each request to the
+core on the server's main loop. grpc.aio takes several turns of its loop per call (accept one call, start its
+task, read the message, send the status); on the main loop each of those turns waited behind every other
+door's ready work, so under a retry storm of both doors a gRPC refusal took 4-6x (p50) and 5-8x (p99) an HTTP
+refusal (BENCHMARKS.md, issue 20). On its own loop those turns are short, and a refusal costs one hop to the
+main loop and back.
 """
 
 from __future__ import annotations
@@ -9,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,13 +49,22 @@ TRANSPORT = "grpc"
 MAX_STREAMS_PER_CONNECTION = 1024
 IN_BAND_METHODS = (f"/{SERVICE_NAME}/EmbedStream",)
 """Streams that answer a malformed request in band, as any failed request, and go on."""
+T = TypeVar("T")
+
+
+async def run_on(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T]) -> T:
+    """Await `coro` run on `loop` (another thread's); cancelling the wait cancels it there."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
     """Handles Embed, EmbedStream, ListModels and GetModel by calling the core."""
 
-    def __init__(self, core: EmbedCore, stream_window: int, truncate_default: bool = False) -> None:
+    def __init__(
+        self, core: EmbedCore, core_loop: asyncio.AbstractEventLoop, stream_window: int, truncate_default: bool
+    ) -> None:
         self._core = core
+        self._core_loop = core_loop
         self._stream_window = stream_window
         self._truncate_default = truncate_default
 
@@ -57,7 +75,7 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         start = time.perf_counter()
         try:
             query = to_query(request, deadline_after(context.time_remaining()), self._truncate_default)
-            model, result = await self._core.embed(query, TRANSPORT)
+            model, result = await run_on(self._core_loop, self._core.embed(query, TRANSPORT))
         except Exception as e:
             return None, *status_for(e)
         elapsed = time.perf_counter() - start
@@ -125,7 +143,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
 
 
 class GrpcFrontEnd:
-    """A grpc.aio server over the core: Embedder, health (fed by the core's readiness), reflection, auth, TLS."""
+    """A grpc.aio server over the core: Embedder, health (fed by the core's readiness), reflection, auth, TLS.
+
+    The server, its health servicer and every call live on the door's own loop (`_loop`, in its own thread);
+    the core stays on the main loop, which `start`, `stop` and the readiness listener are called from."""
 
     name = TRANSPORT
 
@@ -140,15 +161,34 @@ class GrpcFrontEnd:
         self.health = HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
         core.add_listener(self._on_readiness)
 
     async def _on_readiness(self, name: str, serving: bool) -> None:
+        if self._loop is not None:
+            await run_on(self._loop, self._set_health(name, serving))
+
+    async def _set_health(self, name: str, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
         for health_name in ("", SERVICE_NAME) if name == "" else (name,):
             await self.health.set(health_name, status)
 
     async def start(self) -> int:
         """Listen, reporting NOT_SERVING until the core is warm; returns the bound port."""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mrl-grpc", daemon=True)
+        self._thread.start()
+        try:
+            self.port = await run_on(self._loop, self._start(asyncio.get_running_loop()))
+        except BaseException:
+            await self._end_loop()
+            raise
+        mode = "TLS" if self._config.tls else "plaintext"
+        log.info("gRPC listening on %s:%d (%s)", self._config.host, self.port, mode)
+        return self.port
+
+    async def _start(self, core_loop: asyncio.AbstractEventLoop) -> int:
         for name in ("", SERVICE_NAME, *self._core.models):
             await self.health.set(name, NOT_SERVING)
         # First in the list, so it wraps whatever handler the rest choose (the auth refusal's included).
@@ -171,7 +211,7 @@ class GrpcFrontEnd:
                 ("grpc.max_connection_idle_ms", int(self._config.idle_timeout_s * 1000)),
             ],
         )
-        service = EmbedderService(self._core, self._config.stream_window, self._config.auto_truncate)
+        service = EmbedderService(self._core, core_loop, self._config.stream_window, self._config.auto_truncate)
         pb_grpc.add_EmbedderServicer_to_server(service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -180,20 +220,32 @@ class GrpcFrontEnd:
             if self._config.tls is not None:
                 tls = self._config.tls
                 credentials = grpc.ssl_server_credentials([(tls.private_key, tls.certificate_chain)])
-                self.port = server.add_secure_port(address, credentials)
+                port = server.add_secure_port(address, credentials)
             else:
-                self.port = server.add_insecure_port(address)
+                port = server.add_insecure_port(address)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address} ({e}): is the port in use?") from None
         await server.start()
         self._server = server
-        mode = "TLS" if self._config.tls else "plaintext"
-        log.info("gRPC listening on %s:%d (%s)", self._config.host, self.port, mode)
-        return self.port
+        return port
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls and let calls in flight finish, for up to `grace` seconds."""
+        if self._loop is not None:
+            await run_on(self._loop, self._stop(grace))
+            await self._end_loop()
+
+    async def _stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+
+    async def _end_loop(self) -> None:
+        """Stop the door's loop and wait for its thread (without blocking the main loop)."""
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            await asyncio.to_thread(thread.join)
+            loop.close()

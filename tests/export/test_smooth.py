@@ -186,5 +186,38 @@ def test_a_fold_that_would_change_the_function_is_caught_and_smoothing_dropped(t
 
     monkeypatch.setattr(fold, "plan", lambda index, x, products, width: [wrong] if x == "ln" else None)
     result = smooth.smooth(model, _feeds(), tmp_path)
-    assert result.smoothed == 0 and result.model is model, result
+    assert result.smoothed == 0 and result.dropped and result.model is model, result
     assert "smoothing changed what the fp32 graph computes" in caplog.text
+
+
+def test_mul_nodes_go_to_the_right_products_when_two_inputs_products_interleave(tmp_path):
+    """x's products come before and after r's: each inserted Mul must feed its own input's products."""
+    rng = np.random.default_rng(2)
+    boost = np.ones(WIDTH, np.float32)
+    boost[HOT] = 100.0
+    weights = [
+        numpy_helper.from_array((rng.standard_normal((WIDTH, 8)) / boost[:, None]).astype(np.float32), f"w{i}")
+        for i in range(3)
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("MatMul", ["x", "w0"], ["ya"]),
+        helper.make_node("MatMul", ["r", "w1"], ["yb"]),
+        helper.make_node("MatMul", ["x", "w2"], ["yc"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "interleaved",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, WIDTH])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("ya", "yb", "yc")],
+        weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = [{"x": (rng.standard_normal((4, 12, WIDTH)) * boost).astype(np.float32)} for _ in range(3)]
+    result = smooth.smooth(model, feeds, tmp_path)
+    assert (result.inserted, result.dropped) == (2, False), result
+    readers = {n.output[0]: n.input[0] for n in result.model.graph.node if n.op_type == "MatMul"}
+    assert readers == {"ya": "x_smoothed", "yb": "r_smoothed", "yc": "x_smoothed"}, readers
+    for feed in feeds:
+        for want, got in zip(_run(model, feed), _run(result.model, feed), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 import urllib.request
 
 import grpc
@@ -153,3 +155,28 @@ def test_metrics_endpoint_reports_requests_tokens_and_batches(tiny_artifact):
         assert line in text, line
     for family in ("mrl_request_latency_seconds_bucket", "mrl_queue_time_seconds_bucket", "mrl_inference_seconds"):
         assert family in text
+
+
+def test_grpc_health_answers_while_the_cores_event_loop_is_busy(tiny_artifact):
+    """The gRPC door runs on an event loop of its own (issue 20): its calls do not wait behind the core's loop,
+    which here is blocked outright for longer than the probe's deadline."""
+    model = GatedModel.open(tiny_artifact)
+    answers: list[object] = []
+
+    def probe(target: str) -> None:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=3)
+                answers.append(reply.status)
+            except grpc.RpcError as e:
+                answers.append(e.code())
+
+    async def scenario():
+        async with running([model]) as server:
+            prober = threading.Thread(target=probe, args=(f"127.0.0.1:{server.port}",))
+            prober.start()
+            time.sleep(5)  # blocks the loop the core (and, before, the gRPC door) runs on
+            prober.join()
+
+    run(scenario())
+    assert answers == [SERVING]
