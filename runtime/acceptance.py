@@ -24,7 +24,7 @@ import numpy as np
 from mrl.runtime.errors import AcceptanceError, ArtifactError
 from mrl.runtime.machine import Machine, this_machine
 from mrl.runtime.manifest import AcceptanceFile, Parity, sha256_file
-from mrl.runtime.plan import EmbedOptions, OutputSpec, truncate_normalize
+from mrl.runtime.plan import MAX_OUTPUTS, EmbedOptions, OutputSpec, truncate_normalize
 
 if TYPE_CHECKING:
     from mrl.runtime.embedder import Embedder
@@ -35,7 +35,6 @@ ACCEPTANCE_NAME = "acceptance.npz"
 FORMAT = 1
 STATISTICS = ("min_cosine", "mean_cosine")
 BATCH_SIZE = 8  # as export's parity batches (parity.batches)
-MAX_OUTPUTS_PER_PLAN = 8  # Embedder.plan's limit (MAX_OUTPUTS); more dims at one depth take several plans
 
 
 def depth_key(layers: int | None) -> str:
@@ -278,8 +277,8 @@ def _check_depth(
     )
     profiles = sorted((p for p in embedder.profiles if p.layers == layers), key=lambda p: -p.dims)
     checks = []
-    for start in range(0, len(profiles), MAX_OUTPUTS_PER_PLAN):
-        chunk = profiles[start : start + MAX_OUTPUTS_PER_PLAN]
+    for start in range(0, len(profiles), MAX_OUTPUTS):
+        chunk = profiles[start : start + MAX_OUTPUTS]
         outputs = tuple(OutputSpec(dims=p.dims) for p in chunk)
         plan = embedder.plan(EmbedOptions(outputs=outputs, layers=depth, truncate=True))
         for profile, vectors in zip(chunk, plan.finish(rows), strict=True):

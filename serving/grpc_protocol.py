@@ -12,8 +12,8 @@ from grpc_health.v1 import health_pb2
 from mrl.proto import embedder_pb2 as pb
 from mrl.runtime.encodings import little_endian
 from mrl.runtime.errors import InvalidInputError
-from mrl.runtime.plan import EmbedOptions, OutputSpec
-from mrl.serving.core import EmbedQuery
+from mrl.runtime.plan import MAX_OUTPUTS, EmbedOptions, OutputSpec
+from mrl.serving.core import EmbedQuery, too_many_inputs
 from mrl.serving.errors import ErrorKind, classify, public_message
 from mrl.serving.model import EmbedResult, ModelInfo
 
@@ -66,9 +66,18 @@ def output_spec(message: pb.EmbedRequest | pb.OutputSpec) -> OutputSpec:
     return OutputSpec(dims=dims, encoding=encoding_name(message.encoding))
 
 
-def to_query(request: pb.EmbedRequest, deadline: float | None, truncate_default: bool = False) -> EmbedQuery:
+def to_query(
+    request: pb.EmbedRequest, deadline: float | None, *, truncate_default: bool = False, max_inputs: int | None = None
+) -> EmbedQuery:
     """The core's view of an EmbedRequest (unset optional fields: the model's defaults; `truncate_default`: the
-    server's, which `truncate: true` cannot be told apart from, since a proto3 bool has no presence)."""
+    server's, which `truncate: true` cannot be told apart from, since a proto3 bool has no presence; more than
+    `max_inputs` texts are refused)."""
+    # Counted before any is read: 16 MiB holds 8 million empty outputs or inputs, and reading each into Python
+    # took the door's event loop 16 s.
+    if len(request.outputs) > MAX_OUTPUTS:
+        raise InvalidInputError(f"ask for 1 to {MAX_OUTPUTS} outputs, not {len(request.outputs)}", "outputs")
+    if message := too_many_inputs(len(request.inputs), max_inputs):
+        raise InvalidInputError(message, "inputs")
     if request.outputs and (request.HasField("dimensions") or request.encoding != pb.ENCODING_UNSPECIFIED):
         raise InvalidInputError(
             "set either outputs or dimensions/encoding, not both: with outputs, give each output its own", "outputs"

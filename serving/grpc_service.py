@@ -74,7 +74,12 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         """Run one request; returns the response, or None with the status code and message to send."""
         start = time.perf_counter()
         try:
-            query = to_query(request, deadline_after(context.time_remaining()), self._truncate_default)
+            query = to_query(
+                request,
+                deadline_after(context.time_remaining()),
+                truncate_default=self._truncate_default,
+                max_inputs=self._core.limits.max_inputs_per_request,
+            )
             model, result = await run_on(self._core_loop, self._core.embed(query, TRANSPORT))
         except Exception as e:
             return None, *status_for(e)

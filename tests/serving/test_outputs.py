@@ -15,7 +15,9 @@ from serving_helpers import GatedModel, running, wait_until
 
 from mrl.proto import embedder_pb2 as pb
 from mrl.runtime import Embedder, EmbedOptions, OutputSpec
+from mrl.runtime.errors import InvalidInputError
 from mrl.serving.client import AsyncEmbedClient, build_request, to_arrays
+from mrl.serving.grpc_protocol import to_query
 
 TEXTS = ["how do I reset my password?", "the weather is lovely in spring", "ok"]
 # The index code (8 dims packed in one byte), a calibrated int8 vector, and the full float vector.
@@ -190,3 +192,13 @@ def test_the_openai_sdk_reads_outputs_from_model_extra_and_never_misreads_them_a
     got = [item.model_extra["embeddings"] for item in as_floats.data]
     assert [g[0] for g in got] == codes.tolist() and [g[1] for g in got] == vectors.tolist()
     assert all(item.embedding is None for item in as_default.data)  # nothing misread as float32
+
+
+def test_grpc_counts_outputs_and_inputs_before_reading_any():
+    """16 MiB holds 8 million empty outputs: refused by their count, before each became a Python object (16 s)."""
+    with pytest.raises(InvalidInputError, match="1 to 8 outputs, not 100000") as refused:
+        to_query(pb.EmbedRequest(inputs=["a"], outputs=[pb.OutputSpec()] * 100_000), None)
+    assert refused.value.field == "outputs"
+    with pytest.raises(InvalidInputError, match="3000 inputs in one request") as refused:
+        to_query(pb.EmbedRequest(inputs=[""] * 3000), None, max_inputs=2048)
+    assert refused.value.field == "inputs"
