@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GRPC_MAX_BYTES = 2**31 - 1
-"""gRPC's message size options are C ints: a larger --max-message-bytes failed at start with a traceback."""
+"""gRPC's options are C ints: a larger --max-message-bytes failed at start with a traceback."""
 
 
 def _positive(name: str, value: float, hint: str) -> None:
@@ -227,4 +227,10 @@ class ServerConfig:
         _positive("stream_window", self.stream_window, "try 32")
         _positive("max_connections", self.max_connections, "try 4096")
         _positive("idle_timeout_s", self.idle_timeout_s, "try 75")
+        # gRPC takes both as C ints (the timeout in ms): larger ones failed at start with a traceback.
+        if self.max_connections > GRPC_MAX_BYTES or self.idle_timeout_s * 1000 > GRPC_MAX_BYTES:
+            raise ValueError(
+                f"max_connections must be at most {GRPC_MAX_BYTES} and idle_timeout_s at most "
+                f"{GRPC_MAX_BYTES // 1000} (gRPC's limits), not {self.max_connections} and {self.idle_timeout_s:g}"
+            )
         _not_negative("shutdown_grace_s", self.shutdown_grace_s, "try 30")

@@ -57,6 +57,8 @@ LARGE_BODY_BYTES = 1 << 20
 of C calls that hold the interpreter's lock, and from a thread the loop waits for one call at a time, not all."""
 Parsed = TypeVar("Parsed")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RESERVED = "mrl.body_bytes"
+"""The request's key for what its body counts against the bodies held at once (`LARGEST_BODIES_AT_ONCE`)."""
 ErrorShape = Callable[[ErrorKind, str, str | None], tuple[int, dict[str, str], bytes]]
 """A door's error reply: (status, headers, body) for a failure of a kind, with the field at fault."""
 
@@ -170,6 +172,7 @@ class HttpFrontEnd:
             response.force_close()  # its body is not read: refused before a byte of it is held
             return response
         self._body_bytes += size
+        request[RESERVED] = size
         try:
             return await handler(request)
         except web.HTTPMethodNotAllowed as e:
@@ -180,7 +183,7 @@ class HttpFrontEnd:
         except web.HTTPNotFound:
             return json_reply(*error_reply(ErrorKind.NOT_FOUND, f"no route {shorten(request.path)}: use {ROUTES}"))
         finally:
-            self._body_bytes -= size
+            self._body_bytes -= request[RESERVED]
 
     def _body_size(self, request: web.Request) -> int:
         """What the request's body may hold: its Content-Length, the limit for a chunked one, 0 for none."""
@@ -236,13 +239,17 @@ class HttpFrontEnd:
         hold the connection and its handler for ever: the idle timeout applies only between requests)."""
         limit, patience = self._config.limits.max_message_bytes, self._config.idle_timeout_s
         try:
-            return await asyncio.wait_for(request.read(), patience)
+            body = await asyncio.wait_for(request.read(), patience)
         except web.HTTPRequestEntityTooLarge:
             raise RequestTooLargeError(over_limit(limit)) from None
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise SlowBodyError(
                 f"the body did not arrive within {patience:g} s (--idle-timeout-s): send it whole, promptly"
             ) from None
+        # A chunked body was counted at the limit until read: from now on it holds only its own size.
+        self._body_bytes -= request[RESERVED] - len(body)
+        request[RESERVED] = len(body)
+        return body
 
     async def _embed(self, query: EmbedQuery, timeout: float | None) -> tuple[ServedModel, EmbedResult]:
         """The core's answer, bounded by the caller's timeout."""

@@ -34,10 +34,13 @@ none stalls the event loop by more than about a millisecond; smaller ones are to
 thread hop would cost more than the tokenising."""
 CHARS_PER_TOKEN_ESTIMATE = 6
 """For refusing a request at once when the queue has no room for it: a text counts as one token per this
-many characters (at most max length), times what this model's texts turned out to hold (`ServedModel.
-estimate`), until it is tokenised and counted exactly."""
-SCALE_DECAY = 0.9
-"""Per tokenised request, the share of the estimate's excess scale kept (it rises at once, falls slowly)."""
+many ASCII characters and one per other character (CJK, emoji), at most max length, times what this model's
+recent texts held against that (`ServedModel._learn`), until it is tokenised and counted exactly."""
+SCALE_DECAY = 0.5
+"""Per tokenised request, the share of the estimate's excess scale kept (it rises at once, falls fast)."""
+MAX_SCALE = 3.0
+"""The most the scale reaches: one odd request (a byte-fallback emoji text) must not make the queue refuse
+every later request that would fit."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -98,11 +101,24 @@ def backend_options(spec: ModelSpec, backend: str) -> dict[str, Any]:
     return options
 
 
+def _other_chars(text: str, longest: int) -> int:
+    """About how many of `text`'s characters are not ASCII (0 where the text is too long to matter)."""
+    if text.isascii() or len(text) >= longest * CHARS_PER_TOKEN_ESTIMATE:
+        return 0
+    # Such a character takes 2-4 bytes in UTF-8: CJK 3, so its 2 extra bytes count it once.
+    return (len(text.encode("utf-8", "surrogatepass")) - len(text)) // 2
+
+
 def estimate_tokens(texts: Sequence[str], prefix_chars: int, longest: int, scale: float = 1.0) -> int:
-    """Tokens `texts` hold by their characters (one per `CHARS_PER_TOKEN_ESTIMATE`, times `scale`), at most
-    `longest` a text."""
+    """Tokens `texts` hold by their characters (one per `CHARS_PER_TOKEN_ESTIMATE` ASCII ones, one per other
+    one, times `scale`), at most `longest` a text."""
     per_char = 1 / CHARS_PER_TOKEN_ESTIMATE
-    return sum(min(longest, math.ceil(scale * (1 + (prefix_chars + len(t)) * per_char))) for t in texts)
+    total = 0
+    for t in texts:
+        other = _other_chars(t, longest)
+        chars = prefix_chars + len(t) - other
+        total += min(longest, math.ceil(scale * (1 + chars * per_char + other)))
+    return total
 
 
 def check_texts(texts: Sequence[str]) -> None:
@@ -306,9 +322,10 @@ class ServedModel:
         return plan
 
     def _learn(self, plan: Plan, texts: Sequence[str], tokens: int) -> None:
-        """Raise the estimate's scale at once to what `texts` held against it; let it fall back slowly."""
+        """Raise the estimate's scale at once to what `texts` held against it (at most `MAX_SCALE`); let it fall
+        back by half its excess per request."""
         seen = tokens / max(1, estimate_tokens(texts, len(plan.prompt), self.embedder.tokenizer.max_length))
-        self._tokens_per_estimate = max(seen, 1 + (self._tokens_per_estimate - 1) * SCALE_DECAY, 1.0)
+        self._tokens_per_estimate = min(MAX_SCALE, max(seen, 1 + (self._tokens_per_estimate - 1) * SCALE_DECAY, 1.0))
 
     async def tokenize(self, plan: Plan, texts: Sequence[str]) -> list[Encoded]:
         """The plan's prompt applied and the texts tokenised (raises InputTooLongError), off the event loop when

@@ -211,6 +211,28 @@ def test_a_request_the_full_queue_cannot_take_is_refused_before_tokenising_once_
     assert refused_untokenised, "the refused request was tokenised first"
 
 
+def test_one_dense_request_does_not_make_the_queue_refuse_later_ones_that_fit(tiny_artifact):
+    """30 CJK characters are 32 tokens, 5x the old one-per-6-characters estimate: the learned scale jumped to
+    5.3 and fell 10% per request, so English requests that fitted were refused (429) for a long while after."""
+    model = GatedModel.open(tiny_artifact, BatcherConfig(max_queue_tokens=64, max_batch_tokens=64, workers=1))
+
+    async def scenario():
+        async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:
+            await c.embed(["漢" * 30], timeout=60)
+            model.gate.clear()
+            first = asyncio.ensure_future(c.embed(["hold the only worker"], timeout=60))
+            await wait_until(lambda: model.batches, "the first batch")
+            queued = asyncio.ensure_future(c.embed(["hello world " * 10], timeout=60))  # 22 tokens
+            await wait_until(lambda: model.batcher.queued_tokens == 22, "22 tokens queued")
+            fits = asyncio.ensure_future(c.embed(["hello world " * 11], timeout=60))  # 24 tokens: 46 of 64
+            await wait_until(lambda: model.batcher.queued_tokens == 46 or fits.done(), "the second request queued")
+            model.gate.set()
+            return await asyncio.gather(first, queued, fits, return_exceptions=True)
+
+    results = run(scenario())
+    assert not [r for r in results if isinstance(r, BaseException)], results
+
+
 def test_a_huge_text_without_spaces_never_stalls_health(tiny_artifact):
     """WordPiece reads a run of 4 MiB without a space as one word, so the whole text is tokenised (the prefix
     never reaches max length); tokenizers' single `encode` held the GIL throughout, so the event loop, health

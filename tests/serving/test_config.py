@@ -58,6 +58,8 @@ def test_batcher_config_refuses_bad_values(kwargs, message):
         ({"shutdown_grace_s": float("nan")}, "shutdown_grace_s must be 0 or more, not nan"),  # was served
         ({"idle_timeout_s": float("nan")}, "idle_timeout_s must be a positive number, not nan"),  # a bare NaN error
         ({"idle_timeout_s": float("inf")}, "idle_timeout_s must be a positive number, not inf"),  # a traceback
+        ({"idle_timeout_s": 3e6}, "idle_timeout_s at most 2147483 .gRPC's limits"),  # 35 days: gRPC's OverflowError
+        ({"max_connections": 2**31}, "max_connections must be at most 2147483647"),
         ({"http_port": 70000}, "http_port must be an integer"),
         ({"http_port": 50051}, "give HTTP and gRPC different ports"),
         ({"http_metrics": True}, "set http_port too"),

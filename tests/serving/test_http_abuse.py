@@ -4,6 +4,7 @@ OpenAI's shape with the field at fault."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import re
@@ -14,7 +15,7 @@ import time
 import zlib
 
 import aiohttp
-from serving_helpers import GatedModel, Served, running
+from serving_helpers import GatedModel, Served, running, wait_until
 
 from mrl.serving.config import RequestLimits
 
@@ -288,3 +289,31 @@ def test_bodies_past_what_the_server_holds_at_once_are_refused_before_they_are_r
     for reply in answers[8:]:
         assert reply.startswith(b"HTTP/1.1 429") and b"Retry-After: 1" in reply and b"retry shortly" in reply, reply
     assert too_large.startswith(b"HTTP/1.1 413") and b"over this server's limit" in too_large, too_large
+
+
+def test_small_chunked_bodies_hold_only_their_size_once_read(tiny_artifact):
+    """A chunked body counts as the largest allowed until it is read; it held that through the whole embed, so
+    nine small chunked requests waiting on a busy model got a 429 (streaming clients, proxies that do not buffer)."""
+    model = GatedModel.open(tiny_artifact)
+    payload = b'{"input": ["hello"]}'
+    chunked = (
+        b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n0\r\n\r\n" % (len(payload), payload)
+    )
+
+    async def scenario():
+        async with running([model], http_port=0) as server:
+            model.gate.clear()
+            loop = asyncio.get_running_loop()
+            with concurrent.futures.ThreadPoolExecutor(9) as pool:  # the default pool has too few threads here
+                calls = []
+                for _ in range(9):  # one after another: each is read, then waits on the model
+                    calls.append(loop.run_in_executor(pool, raw_http, server.http_port, chunked, 60))
+                    await asyncio.sleep(0.2)
+                await wait_until(lambda: model.batches or all(c.done() for c in calls), "a batch")
+                await asyncio.sleep(1.0)  # the other eight have been read and wait on the model
+                model.gate.set()
+                return await asyncio.gather(*calls)
+
+    statuses = [status for status, _, _ in run(scenario())]
+    assert statuses == [200] * 9, statuses
