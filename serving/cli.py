@@ -129,6 +129,13 @@ def parse_args(argv: list[str] | None, environ: Mapping[str, str] | None = None)
         help="close a connection with no call in progress for this long (default %(default)s)",
     )
     net.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=server.max_connection_age_s,
+        help="ask a gRPC connection older than this to close once its calls finish, so that clients reconnect "
+        "and reach pods added since (default: never; Kubernetes: 300)",
+    )
+    net.add_argument(
         "--shutdown-grace-s",
         type=float,
         default=server.shutdown_grace_s,
@@ -374,6 +381,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         shutdown_grace_s=args.shutdown_grace_s,
         max_connections=args.max_connections,
         idle_timeout_s=args.idle_timeout_s,
+        max_connection_age_s=args.max_connection_age_s,
         auto_truncate=args.auto_truncate,
         batcher=BatcherConfig(
             max_batch_tokens=args.max_batch_tokens,

@@ -132,12 +132,15 @@ class _Client:
         token: str | None,
         root_certificates: bytes | None,
         timeout: float | None,
+        load_balancing: str | None,
     ) -> None:
+        # round_robin spreads calls over every address the target resolves to (a headless Service's pods).
+        options = _CHANNEL_OPTIONS + ([("grpc.lb_policy_name", load_balancing)] if load_balancing else [])
         if root_certificates is None:
-            self._channel = channels.insecure_channel(target, options=_CHANNEL_OPTIONS)
+            self._channel = channels.insecure_channel(target, options=options)
         else:
             credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-            self._channel = channels.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+            self._channel = channels.secure_channel(target, credentials, options=options)
         self._stub = pb_grpc.EmbedderStub(self._channel)
         self._metadata = None if token is None else (("authorization", f"Bearer {token}"),)
         self._timeout = timeout
@@ -148,7 +151,9 @@ class _Client:
 
 
 class EmbedClient(_Client):
-    """A blocking client: `EmbedClient("localhost:50051").embed(["a text"], dims=256)`."""
+    """A blocking client: `EmbedClient("localhost:50051").embed(["a text"], dims=256)`; in Kubernetes,
+    `EmbedClient("dns:///mrl-embed-grpc.NS.svc.cluster.local:50051", load_balancing="round_robin")` spreads
+    calls over every pod of the headless Service."""
 
     def __init__(
         self,
@@ -157,8 +162,16 @@ class EmbedClient(_Client):
         token: str | None = None,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        load_balancing: str | None = None,
     ) -> None:
-        super().__init__(target, grpc, token=token, root_certificates=root_certificates, timeout=timeout)
+        super().__init__(
+            target,
+            grpc,
+            token=token,
+            root_certificates=root_certificates,
+            timeout=timeout,
+            load_balancing=load_balancing,
+        )
 
     def embed_response(
         self, texts: Sequence[str], *, timeout: float | None = None, **options: Unpack[RequestOptions]
@@ -222,8 +235,16 @@ class AsyncEmbedClient(_Client):
         token: str | None = None,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        load_balancing: str | None = None,
     ) -> None:
-        super().__init__(target, grpc.aio, token=token, root_certificates=root_certificates, timeout=timeout)
+        super().__init__(
+            target,
+            grpc.aio,
+            token=token,
+            root_certificates=root_certificates,
+            timeout=timeout,
+            load_balancing=load_balancing,
+        )
 
     async def embed_response(
         self, texts: Sequence[str], *, timeout: float | None = None, **options: Unpack[RequestOptions]

@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-GRPC_MAX_BYTES = 2**31 - 1
+GRPC_MAX_INT = 2**31 - 1
 """gRPC's options are C ints: a larger --max-message-bytes failed at start with a traceback."""
 
 
@@ -169,9 +169,9 @@ class RequestLimits:
     def __post_init__(self) -> None:
         _positive("max_inputs_per_request", self.max_inputs_per_request, "try 2048")
         _positive("max_message_bytes", self.max_message_bytes, "try 16777216 (16 MiB)")
-        if self.max_message_bytes > GRPC_MAX_BYTES:
+        if self.max_message_bytes > GRPC_MAX_INT:
             raise ValueError(
-                f"max_message_bytes must be at most {GRPC_MAX_BYTES} (gRPC's limit), not {self.max_message_bytes}"
+                f"max_message_bytes must be at most {GRPC_MAX_INT} (gRPC's limit), not {self.max_message_bytes}"
             )
 
 
@@ -201,6 +201,9 @@ class ServerConfig:
     """Open connections per door (gRPC, HTTP); past it a new one is refused (HTTP: 503 in JSON)."""
     idle_timeout_s: float = 75.0
     """A connection with no call in progress for this long is closed (gRPC clients reconnect by themselves)."""
+    max_connection_age_s: float | None = None
+    """A gRPC connection older than this is asked to close once its calls finish (None: never), so that
+    long-lived clients re-resolve DNS and reach pods the autoscaler added."""
     model_aliases: dict[str, str] = field(default_factory=dict)
     """Other names a served model answers to (alias -> model name), such as the OpenAI names gateways send."""
     auto_truncate: bool = False
@@ -227,10 +230,15 @@ class ServerConfig:
         _positive("stream_window", self.stream_window, "try 32")
         _positive("max_connections", self.max_connections, "try 4096")
         _positive("idle_timeout_s", self.idle_timeout_s, "try 75")
-        # gRPC takes both as C ints (the timeout in ms): larger ones failed at start with a traceback.
-        if self.max_connections > GRPC_MAX_BYTES or self.idle_timeout_s * 1000 > GRPC_MAX_BYTES:
+        if self.max_connection_age_s is not None:
+            _positive("max_connection_age_s", self.max_connection_age_s, "try 300, or leave it unset")
+        # gRPC takes these as C ints (times in ms): larger ones failed at start with a traceback.
+        age_ms = (self.max_connection_age_s or 0) * 1000
+        if age_ms > GRPC_MAX_INT:
+            raise ValueError(f"max_connection_age_s must be at most {GRPC_MAX_INT // 1000} (gRPC's limit)")
+        if self.max_connections > GRPC_MAX_INT or self.idle_timeout_s * 1000 > GRPC_MAX_INT:
             raise ValueError(
-                f"max_connections must be at most {GRPC_MAX_BYTES} and idle_timeout_s at most "
-                f"{GRPC_MAX_BYTES // 1000} (gRPC's limits), not {self.max_connections} and {self.idle_timeout_s:g}"
+                f"max_connections must be at most {GRPC_MAX_INT} and idle_timeout_s at most "
+                f"{GRPC_MAX_INT // 1000} (gRPC's limits), not {self.max_connections} and {self.idle_timeout_s:g}"
             )
         _not_negative("shutdown_grace_s", self.shutdown_grace_s, "try 30")

@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mrl.proto import embedder_pb2 as pb
 from mrl.proto import embedder_pb2_grpc as pb_grpc
-from mrl.serving.config import ServerConfig
+from mrl.serving.config import GRPC_MAX_INT, ServerConfig
 from mrl.serving.core import EmbedCore, deadline_after
 from mrl.serving.grpc_interceptors import BearerTokenInterceptor, Malformed, MalformedRequestInterceptor
 from mrl.serving.grpc_protocol import (
@@ -214,6 +214,7 @@ class GrpcFrontEnd:
                 # Calls open at once on one connection (an idle EmbedStream costs a task): more wait at the client.
                 ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
                 ("grpc.max_connection_idle_ms", int(self._config.idle_timeout_s * 1000)),
+                *self._age_options(),
             ],
         )
         service = EmbedderService(self._core, core_loop, self._config.stream_window, self._config.auto_truncate)
@@ -233,6 +234,14 @@ class GrpcFrontEnd:
         await server.start()
         self._server = server
         return port
+
+    def _age_options(self) -> list[tuple[str, int]]:
+        """gRPC's connection-age settings: a connection past the age gets GOAWAY and its calls the shutdown grace."""
+        age = self._config.max_connection_age_s
+        if age is None:
+            return []
+        grace_ms = int(min(self._config.shutdown_grace_s * 1000, GRPC_MAX_INT))
+        return [("grpc.max_connection_age_ms", int(age * 1000)), ("grpc.max_connection_age_grace_ms", grace_ms)]
 
     async def stop(self, grace: float) -> None:
         """Refuse new calls and let calls in flight finish, for up to `grace` seconds."""

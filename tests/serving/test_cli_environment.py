@@ -31,6 +31,7 @@ SAMPLES = {
     "--max-inputs": ("64", 64),
     "--max-connections": ("512", 512),
     "--idle-timeout-s": ("30", 30.0),
+    "--max-connection-age-s": ("300", 300.0),
     "--shutdown-grace-s": ("12.5", 12.5),
     "--precision": ("big=fp16, small=int8", ["big=fp16", "small=int8"]),
     "--model-alias": ("big=text-embedding-3-small", ["big=text-embedding-3-small"]),
