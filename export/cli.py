@@ -60,8 +60,9 @@ def _trained_layers(text: str) -> tuple[int, ...]:
     return _int_list(text, "trained layers")
 
 
-def _precisions(text: str) -> tuple[str, ...]:
-    values = tuple(p.strip() for p in text.split(","))
+def precision_list(text: str) -> tuple[str, ...]:
+    """A --precision value: comma-separated precisions, each once, each one this toolkit knows."""
+    values = tuple(dict.fromkeys(p.strip() for p in text.split(",")))
     for p in values:
         if p not in PRECISIONS:
             raise argparse.ArgumentTypeError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dims", type=_dims, required=True, help="output dims, comma-separated: 64,128,256")
     parser.add_argument(
         "--precision",
-        type=_precisions,
+        type=precision_list,
         default=("fp32",),
         help="fp32, fp16, int8; comma-separated (default fp32)",
     )

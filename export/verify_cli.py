@@ -11,12 +11,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mrl.cli import OneLineParser
+from mrl.export.cli import precision_list
 from mrl.runtime.acceptance import ProfileCheck, Verdict, check
 from mrl.runtime.backends import backend_names
 from mrl.runtime.embedder import Embedder
 from mrl.runtime.errors import BackendUnavailableError, MrlError
 from mrl.runtime.machine import this_machine
-from mrl.runtime.manifest import PRECISIONS, load_manifest
+from mrl.runtime.manifest import load_manifest
 
 PROG = "mrl-export verify"
 EXAMPLES = """\
@@ -31,14 +32,6 @@ thresholds; written by mrl-export) runs through the graph each depth serves on t
 served dims is compared with the source model's vectors cut to it. Exit 0: every profile holds its
 thresholds; 2: one does not (one line each on stderr), or nothing can be checked.
 """
-
-
-def _precisions(text: str) -> tuple[str, ...]:
-    values = tuple(dict.fromkeys(p.strip() for p in text.split(",")))
-    for p in values:
-        if p not in PRECISIONS:
-            raise argparse.ArgumentTypeError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
-    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="runtime backend to check (default auto: what Embedder.load and mrl-serve pick here)",
     )
     parser.add_argument(
-        "--precision", type=_precisions, help="precisions to check, comma-separated (default: all the artifact has)"
+        "--precision", type=precision_list, help="precisions to check, comma-separated (default: all the artifact has)"
     )
     return parser
 

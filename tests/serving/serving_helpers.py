@@ -116,6 +116,16 @@ async def running(models: Sequence[ServedModel], *, warm: bool = True, **config:
         await server.stop(grace=5)
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    """mrl-serve exited 2 with one readable line (no traceback) holding every one of `words`."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mrl-serve: error: "), result.stderr
+    for word in words:
+        assert word in last, last
+
+
 def sample(server: EmbedServer, name: str, labels: dict[str, str]) -> float:
     """A metric's value (0 when never recorded)."""
     return server.metrics.registry.get_sample_value(name, labels) or 0.0

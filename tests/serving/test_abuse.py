@@ -118,13 +118,19 @@ def test_huge_texts_never_stall_health_or_other_callers(tiny_artifact):
     assert max(seen["health"]) < 1.0 and max(seen["embed"]) < 2.0, seen
 
 
+def count_tokenising(model: GatedModel) -> list[int]:
+    """A list that gets the number of texts of each tokenising call `model` makes from now on."""
+    tokenised: list[int] = []
+    tokenize = model.embedder.tokenize
+    model.embedder.tokenize = lambda plan, texts: tokenised.append(len(texts)) or tokenize(plan, texts)
+    return tokenised
+
+
 def test_a_refusal_needs_no_tokenising_and_no_room_in_the_queue(tiny_artifact):
     model = GatedModel.open(tiny_artifact, BatcherConfig(max_queue_tokens=64, max_batch_tokens=64, workers=1))
     # As if exported without calibration ranges: int8 outputs are then a caller's mistake.
     model.embedder.manifest = dataclasses.replace(model.embedder.manifest, calibration=None)
-    tokenised: list[int] = []
-    tokenize = model.embedder.tokenize
-    model.embedder.tokenize = lambda plan, texts: tokenised.append(len(texts)) or tokenize(plan, texts)
+    tokenised = count_tokenising(model)
 
     async def scenario():
         async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:
@@ -187,9 +193,7 @@ def test_a_request_the_full_queue_cannot_take_is_refused_before_tokenising_once_
     of the loop, and gRPC refusals took seconds. The estimate now learns what this model's texts hold."""
     model = GatedModel.open(tiny_artifact, BatcherConfig(max_queue_tokens=64, max_batch_tokens=64, workers=1))
     dense = "a " * 20  # 20 one-letter words: 22 tokens with [CLS] and [SEP]
-    tokenised: list[int] = []
-    tokenize = model.embedder.tokenize
-    model.embedder.tokenize = lambda plan, texts: tokenised.append(len(texts)) or tokenize(plan, texts)
+    tokenised = count_tokenising(model)
 
     async def scenario():
         async with running([model]) as server, AsyncEmbedClient(f"127.0.0.1:{server.port}") as c:

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from serving_helpers import SERVE, Served, self_signed
+from serving_helpers import SERVE, Served, assert_one_line_error, self_signed
 
 from mrl.serving.cli import serve
 from mrl.serving.client import AsyncEmbedClient
@@ -29,15 +29,6 @@ from mrl.serving.model import ServedModel
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("mrl-serve: error: "), result.stderr
-    for word in words:
-        assert word in last, last
 
 
 def test_cli_errors_are_one_readable_line_with_exit_code_2(tiny_artifact, tmp_path):

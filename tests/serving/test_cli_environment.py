@@ -11,7 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving_helpers import SERVE, Served
+from serving_helpers import SERVE, Served, assert_one_line_error
 
 from mrl.serving.cli import parse_args
 from mrl.serving.client import AsyncEmbedClient
@@ -61,15 +61,6 @@ def variable(flag: str) -> str:
 def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MRL_SERVE_")}
     return subprocess.run([*SERVE, *args], capture_output=True, text=True, timeout=120, env={**clean, **env})
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("mrl-serve: error: "), result.stderr
-    for word in words:
-        assert word in last, last
 
 
 def test_every_flag_in_help_reads_its_variable_by_one_rule():
